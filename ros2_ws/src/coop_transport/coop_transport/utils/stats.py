@@ -1,0 +1,24 @@
+"""Small statistics used in evaluation reports."""
+
+from __future__ import annotations
+
+import math
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default), as fractions in [0, 1]."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n], got {successes} of {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_rate(successes: int, n: int) -> str:
+    """'73.0% [63.6, 80.7] (73/100)'."""
+    lo, hi = wilson_interval(successes, n)
+    return f"{100 * successes / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({successes}/{n})"
