@@ -83,11 +83,16 @@ def robosuite_env_kwargs(config: SimConfig) -> dict:
     )
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def _quiet_robosuite() -> None:
-    # robosuite logs a page of warnings per env (macros file, unused controller parts); keep real errors only.
-    logging.getLogger("robosuite").setLevel(logging.ERROR)
-    for handler in logging.getLogger("robosuite").handlers:
-        handler.setLevel(logging.ERROR)
+    """Keep robosuite's real errors, drop its import-time and per-env warnings (private macro file, optional
+    robot packages, controller parts a Panda does not have). Must run before robosuite is imported."""
+    logger = logging.getLogger("robosuite_logs")
+    if _errors_only not in logger.filters:
+        logger.addFilter(_errors_only)
 
 
 class TransportSim:
@@ -95,17 +100,16 @@ class TransportSim:
 
     def __init__(self, config: SimConfig = SimConfig()):
         configure_gl()
+        _quiet_robosuite()
         import robosuite
         from robosuite.controllers import load_composite_controller_config
 
-        _quiet_robosuite()
         self.config = config
         controller = load_composite_controller_config(controller="BASIC")
         # Only the arm part applies to Panda; dropping the others avoids robosuite's per-part warnings.
         controller["body_parts"] = {"right": controller["body_parts"]["right"]}
         self.env_kwargs = robosuite_env_kwargs(config)
         self.rs_env = robosuite.make(ENV_NAME, controller_configs=controller, seed=0, **self.env_kwargs)
-        _quiet_robosuite()
         self.controller_config = controller
         self._renderer: CameraRenderer | None = None
         self._extra_renderers: dict[tuple[int, int], CameraRenderer] = {}
