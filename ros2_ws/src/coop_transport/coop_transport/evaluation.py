@@ -1,0 +1,303 @@
+"""Closed-loop evaluation: n episodes from fixed reset seeds, in parallel worker processes, with Wilson CIs.
+
+The evaluated thing is a *controller*: anything that turns the simulation's current observation into the joint
+(14,) action (the scripted expert, two per-arm policies under the recipe, one joint policy, a residual policy).
+Controllers are described by a picklable ``ControllerSpec`` so that each worker process builds its own copy
+(its own simulator, its own model) — the runner never ships live objects between processes.
+
+Results are written as ``summary.json`` and ``summary.md``: success rate with the Wilson 95% interval, mean
+episode length, clip activation rate, and every seed's outcome; ``--video K`` saves K rollouts as mp4.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from coop_transport.utils.stats import format_rate, wilson_interval
+
+
+class Controller(Protocol):
+    """Maps the simulation's state to a joint action, one control step at a time."""
+
+    def reset(self, sim, seed: int) -> None: ...
+
+    def act(self, sim) -> np.ndarray: ...  # (14,) in [-1, 1]
+
+    def stats(self) -> dict: ...  # e.g. clip counters; merged across episodes by the runner
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """A picklable recipe for building a controller in a worker: a registered kind and its arguments."""
+
+    kind: str
+    args: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.kind
+
+
+# kind -> (args -> (Controller, SimConfig overrides)). Modules register their kinds at import.
+_CONTROLLERS: dict[str, Callable[..., tuple[Controller, dict]]] = {}
+
+
+def register_controller(kind: str):
+    def wrap(factory):
+        _CONTROLLERS[kind] = factory
+        return factory
+    return wrap
+
+
+def build_controller(spec: ControllerSpec) -> tuple[Controller, dict]:
+    _import_builtin_controllers()
+    if spec.kind not in _CONTROLLERS:
+        raise ValueError(f"unknown controller kind {spec.kind!r}; known: {sorted(_CONTROLLERS)}")
+    return _CONTROLLERS[spec.kind](**spec.args)
+
+
+def _import_builtin_controllers() -> None:
+    # Importing registers them; done lazily so that the runner itself needs no model code.
+    import coop_transport.controllers  # noqa: F401
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate."""
+
+    episodes: int = 100
+    """Number of episodes; episode i runs from reset seed first_seed + i."""
+    first_seed: int = 1
+    """Reset seed of the first episode (the paper evaluates seeds 1-100)."""
+    workers: int = 2
+    """Worker processes (each builds its own simulator and controller)."""
+    videos: int = 0
+    """Save this many rollouts (the first seeds) as mp4 under out/videos/."""
+    video_camera: str = "frontview"
+    """Camera shown in the videos, beside the arms' wrist views when rendered."""
+    video_size: int = 256
+    """Video frame height and width in pixels."""
+    horizon: int = 500
+    """Control steps per episode."""
+
+    def __post_init__(self):
+        if self.episodes < 1 or self.workers < 1:
+            raise ValueError(f"episodes and workers must be >= 1, got {self.episodes}, {self.workers}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.episodes))
+
+
+def run_episode(sim, controller: Controller, seed: int, video_path: Path | None = None,
+                video_camera: str = "frontview", video_size: int = 256) -> dict:
+    """One closed-loop episode; returns {seed, success, length, wall_s}."""
+    from coop_transport.constants import ARMS, WRIST_CAMERA, image_key
+    from coop_transport.utils.video import VideoWriter
+
+    start = time.perf_counter()
+    obs = sim.reset(seed)
+    controller.reset(sim, seed)
+    writer = VideoWriter(video_path, fps=sim.config.control_freq) if video_path else None
+
+    def frame():
+        main = sim.render(video_camera, video_size, video_size)
+        wrists = [obs[image_key(WRIST_CAMERA[a])] for a in ARMS if image_key(WRIST_CAMERA[a]) in obs]
+        if wrists:  # wrist views stacked at the right, scaled to the frame height
+            import numpy as _np
+
+            col = _np.concatenate(wrists, axis=0)
+            reps = max(1, video_size // col.shape[0])
+            col = col.repeat(reps, 0).repeat(reps, 1)[:video_size]
+            pad = video_size - col.shape[0]
+            col = _np.pad(col, ((0, pad), (0, 0), (0, 0)))
+            return _np.concatenate([main, col], axis=1)
+        return main
+
+    if writer:
+        writer.add(frame())
+    success, done, t = False, False, 0
+    while not done:
+        action = controller.act(sim)
+        obs, _, done, info = sim.step(action)
+        success = success or info["success"]
+        t += 1
+        if writer:
+            writer.add(frame())
+    if writer:
+        writer.close()
+    return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------- worker processes
+_WORKER: dict = {}
+
+
+def _worker_init(spec: ControllerSpec, horizon: int) -> None:
+    from coop_transport.sim import SimConfig, TransportSim
+
+    controller, sim_overrides = build_controller(spec)
+    _WORKER["controller"] = controller
+    _WORKER["sim"] = TransportSim(SimConfig(horizon=horizon, **sim_overrides))
+
+
+def _worker_run(job: tuple[int, str | None, str, int]) -> dict:
+    seed, video, camera, size = job
+    controller = _WORKER["controller"]
+    before = controller.stats()
+    result = run_episode(_WORKER["sim"], controller, seed, Path(video) if video else None, camera, size)
+    result["stats"] = _stats_delta(before, controller.stats())
+    return result
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    """Per-episode counter increments (controllers keep running totals)."""
+    out = {}
+    for key, value in after.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in before:
+            out[key] = value - before[key]
+        elif isinstance(value, list) and key in before and len(before[key]) == len(value):
+            out[key] = [a - b for a, b in zip(value, before[key])]
+        else:
+            out[key] = value
+    return out
+
+
+def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, progress: bool = True) -> dict:
+    """Run ``config.episodes`` episodes of ``spec`` from fixed seeds; write summary.json/.md under ``out``."""
+    from tqdm import tqdm
+
+    out = Path(out) if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i, seed in enumerate(config.seeds):
+        video = str(out / "videos" / f"seed_{seed:04d}.mp4") if out and i < config.videos else None
+        jobs.append((seed, video, config.video_camera, config.video_size))
+    start = time.perf_counter()
+    results = []
+    bar = tqdm(total=len(jobs), desc=f"eval {spec.name}", disable=not progress, dynamic_ncols=True)
+    if config.workers == 1:
+        _worker_init(spec, config.horizon)
+        for job in jobs:
+            results.append(_worker_run(job))
+            _update_bar(bar, results)
+        _WORKER["sim"].close()
+        _WORKER.clear()
+    else:
+        ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL contexts or torch threads
+        with ctx.Pool(min(config.workers, len(jobs)), initializer=_worker_init,
+                      initargs=(spec, config.horizon)) as pool:
+            for result in pool.imap_unordered(_worker_run, jobs):
+                results.append(result)
+                _update_bar(bar, results)
+    bar.close()
+    results.sort(key=lambda r: r["seed"])
+    summary = summarize(spec, config, results, time.perf_counter() - start)
+    if out:
+        write_summary(summary, out)
+    return summary
+
+
+def _update_bar(bar, results):
+    wins = sum(r["success"] for r in results)
+    bar.set_postfix(success=f"{wins}/{len(results)}")
+    bar.update(1)
+
+
+def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wall_s: float) -> dict:
+    n = len(results)
+    wins = sum(r["success"] for r in results)
+    lo, hi = wilson_interval(wins, n)
+    clip_actions = sum(r["stats"].get("clip_actions", 0) for r in results)
+    clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
+    return {
+        "controller": {"kind": spec.kind, "label": spec.name, "args": _jsonable(spec.args)},
+        "config": asdict(config),
+        "episodes": n,
+        "successes": wins,
+        "success_rate": wins / n,
+        "wilson95": [lo, hi],
+        "mean_length": float(np.mean([r["length"] for r in results])),
+        "mean_length_success": float(np.mean([r["length"] for r in results if r["success"]])) if wins else None,
+        "clip_activation_rate": clipped / clip_actions if clip_actions else None,
+        "wall_s": wall_s,
+        "per_seed": results,
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable(asdict(value))
+    return str(value)
+
+
+def markdown_summary(summary: dict) -> str:
+    rate = format_rate(summary["successes"], summary["episodes"])
+    clip = summary["clip_activation_rate"]
+    lines = [
+        f"# Evaluation: {summary['controller']['label']}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| success (Wilson 95% CI) | {rate} |",
+        f"| reset seeds | {summary['config']['first_seed']}–{summary['config']['first_seed'] + summary['episodes'] - 1} |",
+        f"| mean episode length | {summary['mean_length']:.1f} steps |",
+        f"| clip activation rate | {'—' if clip is None else f'{100 * clip:.1f}% of executed actions'} |",
+        f"| wall time | {summary['wall_s']:.0f} s ({summary['config']['workers']} workers) |",
+        "",
+        "| seed | success | length |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['seed']} | {'yes' if r['success'] else 'no'} | {r['length']} |" for r in summary["per_seed"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("summary.json", json.dumps(summary, indent=2)), ("summary.md", markdown_summary(summary))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def plot_success_vs_step(rows: list[dict], path: Path) -> Path:
+    """Success rate (with Wilson CI) against training step: the paper's non-monotonic curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    rate = [100 * r["success_rate"] for r in rows]
+    lo = [100 * r["wilson95"][0] for r in rows]
+    hi = [100 * r["wilson95"][1] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, rate, "o-", label="closed-loop success")
+    ax.fill_between(steps, lo, hi, alpha=0.2, label="Wilson 95% CI")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

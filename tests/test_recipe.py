@@ -1,0 +1,83 @@
+"""The inference recipe's three switches: chunk length, mean-of-N, ±kσ clipping (and its counters)."""
+
+import numpy as np
+import pytest
+
+from coop_transport.recipe import ABLATION_LADDER, ChunkedActor, ClipCounters, RecipeConfig, reduce_chunk
+from coop_transport.utils.stats import wilson_interval
+
+
+class RecordingSampler:
+    """Returns chunk k filled with k (plus a per-sample offset), and records each call's N."""
+
+    def __init__(self, horizon=16, dim=7):
+        self.calls = []
+        self.horizon, self.dim = horizon, dim
+
+    def __call__(self, obs, n):
+        self.calls.append(n)
+        k = len(self.calls)
+        offsets = np.arange(n, dtype=float)[:, None, None]  # sample i is k + i
+        return np.full((n, self.horizon, self.dim), float(k)) + offsets
+
+
+def test_chunk_length_replans_every_c_steps():
+    sampler = RecordingSampler()
+    actor = ChunkedActor(sampler, RecipeConfig(execute_steps=5, num_samples=1, clip_sigma=None))
+    actions = [actor.act({}) for _ in range(12)]
+    assert len(sampler.calls) == 3  # steps 0, 5, 10
+    assert [a[0] for a in actions] == [1.0] * 5 + [2.0] * 5 + [3.0] * 2
+    actor.reset()
+    actor.act({})
+    assert len(sampler.calls) == 4  # reset drops the rest of the chunk
+
+
+def test_mean_of_n_averages_one_batched_call():
+    sampler = RecordingSampler()
+    actor = ChunkedActor(sampler, RecipeConfig(execute_steps=10, num_samples=4, clip_sigma=None))
+    a = actor.act({})
+    assert sampler.calls == [4]  # one call for all four samples
+    assert a[0] == pytest.approx(1.0 + np.mean([0, 1, 2, 3]))
+
+
+def test_clipping_to_k_sigma_and_counters():
+    mean, std = np.zeros(3), np.array([1.0, 0.5, 2.0])
+    samples = np.array([[[3.0, 0.2, -5.0], [0.1, -2.0, 1.0]]])  # (N=1, H=2, D=3)
+    counters = ClipCounters()
+    out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=2.0), mean, std, counters)
+    np.testing.assert_allclose(out, [[2.0, 0.2, -4.0], [0.1, -1.0, 1.0]])
+    assert counters.actions == 2 and counters.clipped_actions == 2
+    assert counters.clipped_values == 3 and counters.per_dim == [1, 1, 1]
+    assert counters.action_rate == 1.0
+    # Switched off: values pass through untouched, counters still count executed actions.
+    off = ClipCounters()
+    out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=None), mean, std, off)
+    np.testing.assert_allclose(out, samples[0])
+    assert off.actions == 2 and off.clipped_actions == 0
+
+
+def test_recipe_refuses_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        reduce_chunk(np.full((1, 4, 7), np.nan), RecipeConfig(execute_steps=2), np.zeros(7), np.ones(7))
+    with pytest.raises(ValueError, match="horizon"):
+        reduce_chunk(np.zeros((1, 4, 7)), RecipeConfig(execute_steps=8), np.zeros(7), np.ones(7))
+    with pytest.raises(ValueError, match="mean and std"):
+        reduce_chunk(np.zeros((1, 4, 7)), RecipeConfig(execute_steps=2), None, None)
+    for bad in (dict(execute_steps=0), dict(num_samples=0), dict(clip_sigma=-1.0)):
+        with pytest.raises(ValueError):
+            RecipeConfig(**bad)
+
+
+def test_defaults_are_the_papers_final_recipe():
+    assert RecipeConfig() == RecipeConfig.per_arm() == RecipeConfig(10, 4, 2.0)
+    assert RecipeConfig.joint().execute_steps == 25
+    ladder = list(ABLATION_LADDER.values())
+    assert ladder[0] == RecipeConfig.baseline() and ladder[-1].execute_steps == 25
+
+
+def test_wilson_interval_matches_the_papers_table():
+    lo, hi = wilson_interval(30, 100)
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (21.9, 39.6)  # B1 in the seed paper's Table 1
+    lo, hi = wilson_interval(32, 100)
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (23.7, 41.7)  # B2
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
