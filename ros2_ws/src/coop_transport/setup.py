@@ -1,10 +1,23 @@
-"""ament_python package of coop_transport; ``pip install -e ros2_ws/src/coop_transport`` installs the library too."""
+"""ament_python package of coop_transport; ``pip install -e ros2_ws/src/coop_transport`` installs the library too.
+
+``launch`` and ``config`` here are symbolic links to the repository root's ``launch/`` and ``config/`` (one copy
+of each file, edited at the root): colcon, ``pip install`` and ``setup.py`` builds all follow them and install the
+files into ``share/coop_transport/``. An editable install (``pip install -e``) installs no data files; the bringup
+registers the source tree in the ament index instead (``coop_transport.ros.paths``).
+"""
 
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "coop_transport"
+
+NODES = {  # console script -> module (each module has main())
+    "policy_node": "coop_transport.ros.policy_node",
+    "sim_bridge_node": "coop_transport.ros.sim_bridge_node",
+    "franka_bridge_node": "coop_transport.ros.franka_bridge_node",
+    "replay_node": "coop_transport.ros.replay_node",
+}
 
 setup(
     name=PACKAGE,
@@ -14,9 +27,9 @@ setup(
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
-        (f"share/{PACKAGE}", ["package.xml"]),
-        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}", ["package.xml", "TOPICS.md"]),
+        (f"share/{PACKAGE}/launch", sorted(glob("launch/*.launch.py"))),
+        (f"share/{PACKAGE}/config", sorted(glob("config/*.yaml"))),
     ],
     install_requires=["setuptools"],
     zip_safe=False,
@@ -24,5 +37,8 @@ setup(
     maintainer_email="coop-transport@example.org",
     description="Cooperative π0-style VLA control of two Franka Panda arms on TwoArmTransport, sim to ROS 2.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [f"{name} = {module}:main" for name, module in NODES.items()]
+        + ["coop_transport_bringup = coop_transport.bringup:main"],
+    },
 )

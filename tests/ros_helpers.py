@@ -1,0 +1,268 @@
+"""Helpers for the ROS 2 tests and the latency bench: a development stand-in policy, an isolated DDS environment,
+process handling and a listener node that records topics.
+
+``ConstantChunkPolicy`` is a *development* implementation of ``coop_transport.deploy``'s ``ArmPolicy`` interface,
+for tests only: node processes load it with ``-p policy_factory:=ros_helpers:constant_chunk_policy`` and ``tests/``
+on ``PYTHONPATH``. The shipped node's default path calls ``coop_transport.deploy.load_arm_policy``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from coop_transport.constants import ARM_ACTION_DIM, ARMS, PROPRIO_DIM
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+TEST_POLICY_FACTORY = "ros_helpers:constant_chunk_policy"
+
+
+# ------------------------------------------------------------------------------------------ stand-in policy
+class ConstantChunkPolicy:
+    """Plans a fixed, slowly oscillating chunk; sends a 16-D message (arm index, plan count, whether the partner's
+    message was present, proprio[:13]); checks that every observation has ``arm_observation``'s format."""
+
+    architecture = "V5"
+    message_dim = 16
+
+    def __init__(self, arm: str, recipe, image_size: int = 64, sleep_s: float = 0.0, agentview: bool = False,
+                 messages: bool = True):
+        self.arm, self.recipe, self.image_size, self.sleep_s = arm, recipe, image_size, sleep_s
+        self.uses_agentview, self.accepts_message = agentview, messages
+        self.plans = 0
+        self.partner_seen = 0
+        self.resets = 0
+
+    def _check(self, obs: dict) -> None:
+        assert obs["proprio"].shape == (PROPRIO_DIM,) and obs["proprio"].dtype == np.float32, obs["proprio"].shape
+        assert obs["wrist_image"].shape == (self.image_size, self.image_size, 3), obs["wrist_image"].shape
+        assert obs["wrist_image"].dtype == np.uint8
+        if self.uses_agentview:
+            assert obs["agentview_image"].shape == (self.image_size, self.image_size, 3)
+
+    def plan(self, obs: dict) -> np.ndarray:
+        self._check(obs)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        self.plans += 1
+        self.partner_seen += int("partner_message" in obs)
+        c = self.recipe.execute_steps
+        chunk = np.zeros((c, ARM_ACTION_DIM))
+        chunk[:, 0] = 0.3 * np.sin(2 * np.pi * self.plans / 8)  # back and forth along the base x axis
+        chunk[:, 6] = 1.0 if self.plans % 4 >= 2 else -1.0  # gripper closes and opens every other chunk
+        return chunk
+
+    def message(self, obs: dict) -> np.ndarray | None:
+        if not self.accepts_message:
+            return None
+        out = np.zeros(self.message_dim)
+        out[0], out[1], out[2] = ARMS.index(self.arm), self.plans, float("partner_message" in obs)
+        out[3:] = obs["proprio"][:13]
+        return out
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def stats(self) -> dict:
+        return {"plans": self.plans, "partner_seen": self.partner_seen, "resets": self.resets}
+
+
+def constant_chunk_policy(path: str | None, arm: str, recipe, backend: str = "torch") -> ConstantChunkPolicy:
+    """Factory with ``load_arm_policy``'s signature; ``path`` carries options as ``key=value;...``
+    (image_size, sleep_s, agentview, messages)."""
+    options = dict(kv.split("=", 1) for kv in (path or "").split(";") if kv)
+    return ConstantChunkPolicy(arm, recipe, image_size=int(options.get("image_size", 64)),
+                               sleep_s=float(options.get("sleep_s", 0.0)),
+                               agentview=options.get("agentview", "0") in ("1", "true"),
+                               messages=options.get("messages", "1") in ("1", "true"))
+
+
+# ------------------------------------------------------------------------------------- isolated DDS setup
+def isolated_ros_env(base: dict | None = None) -> dict:
+    """Environment for this test run's ROS 2 processes: a domain of its own (from the pid), loopback only,
+    ``tests/`` importable (for the stand-in policy)."""
+    env = dict(os.environ if base is None else base)
+    env["ROS_DOMAIN_ID"] = str(os.environ.get("COOP_TEST_DOMAIN_ID") or 1 + os.getpid() % 100)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env.pop("ROS_LOCALHOST_ONLY", None)  # deprecated since Jazzy in favour of the range above
+    env["ROS_STATIC_PEERS"] = ""
+    env["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("MUJOCO_GL", "egl")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def use_isolated_ros_env() -> dict:
+    """Apply ``isolated_ros_env`` to this process (before rclpy.init) and return it."""
+    env = isolated_ros_env()
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS",
+                                           "RMW_IMPLEMENTATION", "PYTHONPATH")})
+    os.environ.pop("ROS_LOCALHOST_ONLY", None)
+    if str(TESTS_DIR) not in sys.path:
+        sys.path.insert(0, str(TESTS_DIR))
+    return env
+
+
+def start_node(module: str, ros_args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """``python -m coop_transport.ros.<module> --ros-args ...`` in its own process group, output to ``log``."""
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", f"coop_transport.ros.{module}", "--ros-args", *ros_args],
+                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
+    """SIGINT, then SIGKILL after ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {message}")
+
+
+# ------------------------------------------------------------------------------------------ listener node
+class Listener:
+    """An rclpy node in this process that records messages of the given topics (with receive times) and the
+    latest diagnostics status per name; spun in a background thread."""
+
+    def __init__(self, name: str = "test_listener"):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.messages: dict[str, list] = defaultdict(list)
+        self.diagnostics: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def start(self) -> "Listener":
+        """Start spinning (create the subscriptions first)."""
+        self._thread.start()
+        return self
+
+    def _spin(self) -> None:
+        while not self._stop.is_set() and self.context.ok():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def record(self, msg_type, topic: str, qos=None) -> None:
+        from rclpy.qos import QoSProfile
+
+        def cb(msg, topic=topic):
+            with self.lock:
+                self.messages[topic].append((time.time(), msg))
+
+        self.node.create_subscription(msg_type, topic, cb, qos or QoSProfile(depth=100))
+
+    def record_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import QoSProfile
+
+        def cb(msg):
+            with self.lock:
+                for status in msg.status:
+                    self.diagnostics[status.name] = {"level": status.level[0], "message": status.message,
+                                                     **{kv.key: kv.value for kv in status.values}}
+
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", cb, QoSProfile(depth=50))
+
+    def call(self, srv_type, name: str, request, timeout: float = 10.0):
+        """Call a service from this node (the spin thread completes the future)."""
+        client = self.node.create_client(srv_type, name)
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f"service {name} not available")
+        future = client.call_async(request)
+        wait_until(future.done, timeout, message=f"{name} response")
+        return future.result()
+
+    def get(self, topic: str) -> list:
+        with self.lock:
+            return list(self.messages[topic])
+
+    def diag(self, name: str) -> dict:
+        with self.lock:
+            return dict(self.diagnostics.get(name, {}))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        self.context.try_shutdown()
+
+
+# ---------------------------------------------------------------------------------- fake franka_ros2 arm
+class FakeFranka:
+    """What franka_ros2 shows a client of one arm, on real topics in ``namespace``: best-effort ``joint_states``
+    (7 arm + 2 finger joints, ``fr3_`` names) and ``franka_robot_state_broadcaster/current_pose`` at 50 Hz; the
+    Cartesian impedance controller's ``equilibrium_pose`` input, which the fake pose follows (first order, like a
+    stiff impedance controller)."""
+
+    def __init__(self, node, namespace: str, start_pos=(0.5, 0.0, 0.3), follow: float = 0.5,
+                 controller: str = "cartesian_impedance_example_controller"):
+        from geometry_msgs.msg import PoseStamped
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import JointState
+
+        best_effort = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+        self.node, self.ns, self.follow = node, namespace.strip("/"), follow
+        self.pos = np.array(start_pos, dtype=float)
+        self.quat = np.array([1.0, 0.0, 0.0, 0.0])  # xyzw: hand pointing down (x-axis rotation by pi)
+        self.q = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+        self.equilibrium: list = []  # received PoseStamped
+        self.pub_joints = node.create_publisher(JointState, f"/{self.ns}/joint_states", best_effort)
+        self.pub_pose = node.create_publisher(PoseStamped, f"/{self.ns}/franka_robot_state_broadcaster/current_pose",
+                                              best_effort)
+        node.create_subscription(PoseStamped, f"/{self.ns}/{controller}/equilibrium_pose", self._on_equilibrium,
+                                 QoSProfile(depth=50))
+        self._JointState, self._PoseStamped = JointState, PoseStamped
+        self.timer = node.create_timer(0.02, self._publish)
+
+    def _on_equilibrium(self, msg) -> None:
+        self.equilibrium.append(msg)
+
+    def _publish(self) -> None:
+        if self.equilibrium:  # follow the latest target
+            p = self.equilibrium[-1].pose.position
+            self.pos += self.follow * (np.array([p.x, p.y, p.z]) - self.pos)
+        stamp = self.node.get_clock().now().to_msg()
+        js = self._JointState(name=[f"fr3_joint{i}" for i in range(1, 8)] + ["fr3_finger_joint1", "fr3_finger_joint2"],
+                              position=[*map(float, self.q), 0.04, 0.04])
+        js.header.stamp = stamp
+        self.pub_joints.publish(js)
+        pose = self._PoseStamped()
+        pose.header.stamp, pose.header.frame_id = stamp, "fr3_link0"
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = map(float, self.pos)
+        o = pose.pose.orientation
+        o.x, o.y, o.z, o.w = map(float, self.quat)
+        self.pub_pose.publish(pose)
