@@ -1,0 +1,75 @@
+"""Policies as deployed robots use them: one arm, its own observations, the recipe applied, chunks out.
+
+``load_arm_policy`` is the one call the ROS policy node (and any other deployment client) makes; it hides which
+checkpoint, architecture and inference backend sit behind it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coop_transport.recipe import ChunkedActor, RecipeConfig
+
+BACKENDS = ("torch",)
+
+
+class ArmPolicy:
+    """One arm's policy under the inference recipe.
+
+    ``plan(arm_obs)`` returns the (C, 7) actions to execute next (mean-of-N and clipping applied); ``arm_obs`` is
+    ``coop_transport.sim.env.arm_observation``'s format: ``proprio`` (18,), ``wrist_image`` and ``agentview_image``
+    (S, S, 3) uint8, and ``partner_message`` where the architecture has one.
+    """
+
+    uses_agentview = True
+    accepts_message = False
+    architecture = "B1"  # per-arm imitation policy, no residual, no message
+
+    # Threading: plan, message and reset are called from one worker thread of the policy node, never concurrently.
+    # A missing or stale partner message is an absent ``partner_message`` key (the no-message input).
+
+    def __init__(self, policy, arm: str, recipe: RecipeConfig):
+        self.policy = policy
+        self.arm = arm
+        self.recipe = recipe
+        self._actor = ChunkedActor(lambda obs, n: policy.sample_arm(obs, arm, n), recipe, policy.action_mean,
+                                   policy.action_std)
+
+    @property
+    def image_size(self) -> int:
+        return self.policy.image_size
+
+    def plan(self, arm_obs: dict) -> np.ndarray:
+        return self._actor.plan(arm_obs)
+
+    def message(self, arm_obs: dict) -> np.ndarray | None:
+        """The outgoing message to the partner (none for imitation-only per-arm policies)."""
+        return None
+
+    def reset(self) -> None:
+        self._actor.reset()
+
+    def stats(self) -> dict:
+        c = self._actor.counters
+        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions}
+
+
+def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeConfig(), backend: str = "torch",
+                    device: str = "auto", threads: int | None = None) -> ArmPolicy:
+    """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty)."""
+    from coop_transport.constants import ARMS
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r}; available: {BACKENDS}")
+    import torch
+
+    from coop_transport.pi0_policy import Pi0Policy
+
+    if threads:
+        torch.set_num_threads(threads)
+    policy = Pi0Policy.load(path or None, device=device)
+    if policy.variant != "per-arm":
+        raise ValueError(f"{path}: a per-arm policy is needed for one arm's node, this one is {policy.variant!r}")
+    return ArmPolicy(policy, arm, recipe)

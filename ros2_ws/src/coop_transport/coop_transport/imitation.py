@@ -1,0 +1,448 @@
+"""π0 imitation fine-tuning on TwoArmTransport demonstrations (seed paper, phase 1): per-arm and joint variants.
+
+    per-arm: 7-D chunks from one arm's wrist camera, agentview, its proprioception and its prompt;
+             200 cooperative demonstrations -> 400 single-arm trajectories, one network for both arms.
+    joint:   14-D chunks from both wrist cameras, agentview and both arms' proprioception.
+
+The whole training set lives on the training device as tensors (a few GB of uint8 frames at the small default's
+96 px), so a step is one gather plus the model: no data-loader processes to feed. The loop is the plain one:
+sample a batch, augment, flow-matching loss, AdamW with warm-up and cosine decay, gradient clipping, EMA.
+Every ``save_every`` steps it writes an inference checkpoint (safetensors + JSON with config, normalization
+statistics, variant and prompts) for success-based selection, and a resumable training state.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT, variant_spec
+from coop_transport.constants import ARMS
+
+STATE_STD_FLOOR = 1e-2  # proprio dims that barely vary in the demos must not blow up when z-scored
+ACTION_STD_FLOOR = 1e-3
+
+
+@dataclass
+class ImitationConfig:
+    """π0 imitation fine-tuning settings (defaults: the small per-arm policy)."""
+
+    variant: Literal["per-arm", "joint"] = "per-arm"
+    """per-arm: one arm's 7-D chunks (both arms' trajectories); joint: 14-D chunks of both arms."""
+    model: str = "small"
+    """Named model configuration (coop_transport.policy.config): small | pi0-3b | tiny."""
+    data: Path = Path("data/transport_scripted.hdf5")
+    """Demonstration file with images (ours or robomimic's Transport)."""
+    out: Path | None = None
+    """Run directory (default runs/imitation/<variant>-<model>)."""
+    weights: Path | None = None
+    """Local π0 weights (openpi or LeRobot PyTorch checkpoint directory) for pi0-3b; None: random init."""
+    steps: int = 30_000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Samples per step."""
+    action_horizon: int | None = 32
+    """Predicted chunk length H (must cover the recipe's chunk: 10 per-arm, 25 joint); None keeps the config's."""
+    lr: float | None = None
+    """Peak learning rate (default: 3e-4 from scratch, 2.5e-5 for π0 fine-tuning as openpi)."""
+    warmup_steps: int = 1_000
+    """Linear warm-up steps."""
+    final_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak."""
+    weight_decay: float = 1e-10
+    """AdamW weight decay (openpi's default)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    augment: bool = True
+    """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
+    demos: int | None = None
+    """Use only the first K training demonstrations (1 for the single-trajectory overfit probe)."""
+    demo_names: tuple[str, ...] = ()
+    """Use exactly these demonstrations (overrides --demos)."""
+    save_every: int = 2_500
+    """Steps between inference checkpoints (all kept, for success-based selection)."""
+    log_every: int = 100
+    """Steps between loss-log rows."""
+    seed: int = 0
+    """Seed of initialization, batch sampling, augmentation and flow noise."""
+    device: str = "auto"
+    """cuda | cpu | auto."""
+    compile: bool = False
+    """torch.compile the loss (GPU)."""
+    resume: bool = True
+    """Continue from the run directory's training state if it exists."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        variant_spec(self.variant)
+        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError(f"steps, batch_size and save_every must be >= 1 "
+                             f"(got {self.steps}, {self.batch_size}, {self.save_every})")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out or Path("runs/imitation") / f"{self.variant}-{self.model}"
+
+
+# ------------------------------------------------------------------------------------------------------ data
+@dataclass
+class StepTable:
+    """Every demonstration step of one variant, as tensors on the training device.
+
+    ``sample`` draws π0 training samples: the observation at step t and the action chunk t..t+H-1; steps past the
+    end of a trajectory repeat its last action and are masked out of the loss (``action_pad_mask``).
+    """
+
+    images: dict[str, torch.Tensor]  # slot -> (N, S, S, 3) uint8
+    state: torch.Tensor  # (N, state_dim) float32, z-scored
+    actions: torch.Tensor  # (N, action_dim) float32, z-scored
+    traj_end: torch.Tensor  # (N,) int64: one past the last step of the step's trajectory
+    prompt_id: torch.Tensor  # (N,) int64 into prompt_tokens
+    prompt_tokens: torch.Tensor  # (P, L) int64
+    prompt_mask: torch.Tensor  # (P, L) bool
+    horizon: int
+    num_trajectories: int = 0
+
+    def __len__(self) -> int:
+        return self.state.shape[0]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict:
+        device = self.state.device
+        idx = torch.randint(len(self), (batch_size,), generator=generator).to(device)  # (B,)
+        steps = idx[:, None] + torch.arange(self.horizon, device=device)[None]  # (B, H)
+        end = self.traj_end[idx][:, None]
+        pad = steps >= end
+        steps = torch.minimum(steps, end - 1)
+        prompt = self.prompt_id[idx]
+        return {
+            "images": {slot: frames[idx] for slot, frames in self.images.items()},
+            "state": self.state[idx],
+            "actions": self.actions[steps],  # (B, H, D)
+            "action_pad_mask": ~pad,
+            "prompt_tokens": self.prompt_tokens[prompt],
+            "prompt_mask": self.prompt_mask[prompt],
+        }
+
+
+def floored_stats(stats, floor: float) -> dict:
+    d = stats.to_dict()
+    d["std"] = np.maximum(np.asarray(d["std"]), floor).tolist()
+    d["std_floor"] = floor
+    return d
+
+
+def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device):
+    """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names)."""
+    from coop_transport.data.dataset import load_demonstrations
+
+    spec = variant_spec(config.variant)
+    with load_demonstrations(config.data) as demos:
+        names = demos.demo_names("train") or demos.demo_names()
+        if config.demo_names:
+            unknown = sorted(set(config.demo_names) - set(demos.demo_names()))
+            if unknown:
+                raise ValueError(f"{config.data} has no demonstrations {unknown}")
+            names = list(config.demo_names)
+        elif config.demos is not None:
+            names = names[: config.demos]
+        stats_variant = "arm" if config.variant == "per-arm" else "joint"
+        if config.demos is None and not config.demo_names:
+            stats = demos.norm_stats(stats_variant, split="train")
+        else:  # statistics of exactly the data trained on (single-trajectory overfit probe)
+            from coop_transport.data.dataset import compute_norm_stats
+
+            sel = set(names)
+            trajs = (demos.arm_trajectories(None, images="none") if config.variant == "per-arm"
+                     else demos.joint_trajectories(None, images="none"))
+            stats = compute_norm_stats([t for t in trajs if t.demo in sel])
+        norm = {"state": floored_stats(stats["proprio"], STATE_STD_FLOOR),
+                "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
+        mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
+        mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
+
+        trajs = demos.arm_trajectories(None, images="memory") if config.variant == "per-arm" \
+            else demos.joint_trajectories(None, images="memory")
+        trajs = [t for t in trajs if t.demo in set(names)]
+        if not trajs:
+            raise ValueError(f"no trajectories selected from {config.data}")
+        if config.variant == "per-arm":
+            prompts = [ARM_PROMPTS[a] for a in ARMS]
+            prompt_of = lambda t: ARMS.index(t.arm)  # noqa: E731
+            slot_frames = lambda t: {"wrist": t.wrist_image, "agentview": t.agentview_image}  # noqa: E731
+        else:
+            prompts = [JOINT_PROMPT]
+            prompt_of = lambda t: 0  # noqa: E731
+            slot_frames = lambda t: {"robot0_wrist": t.images.get("robot0_eye_in_hand_image"),  # noqa: E731
+                                     "robot1_wrist": t.images.get("robot1_eye_in_hand_image"),
+                                     "agentview": t.images.get("agentview_image")}
+        images = {slot: [] for slot in spec.slots}
+        states, actions, ends, prompt_ids, total = [], [], [], [], 0
+        for t in trajs:
+            frames = slot_frames(t)
+            for slot in spec.slots:
+                if frames[slot] is None:
+                    raise ValueError(f"{config.data}: demonstration {t.demo} has no images for slot {slot!r}; "
+                                     "render them first (python training/demos.py render ...)")
+                images[slot].append(np.asarray(frames[slot]))
+            states.append((t.proprio - mean_s) / std_s)
+            actions.append((t.actions - mean_a) / std_a)
+            total += len(t)
+            ends.append(np.full(len(t), total, dtype=np.int64))
+            prompt_ids.append(np.full(len(t), prompt_of(t), dtype=np.int64))
+    tokens, masks = tokenizer.encode_batch(prompts)
+    as_t = lambda a, dt=None: torch.as_tensor(np.concatenate(a), dtype=dt).to(device)  # noqa: E731
+    table = StepTable(
+        images={slot: as_t(frames) for slot, frames in images.items()},
+        state=as_t(states, torch.float32), actions=as_t(actions, torch.float32), traj_end=as_t(ends),
+        prompt_id=as_t(prompt_ids), prompt_tokens=torch.as_tensor(tokens, device=device),
+        prompt_mask=torch.as_tensor(masks, device=device), horizon=model_config.action_horizon,
+        num_trajectories=len(trajs),
+    )
+    return table, norm, names, prompts
+
+
+# --------------------------------------------------------------------------------------------- optimization
+def lr_at(step: int, peak: float, warmup: int, total: int, final_ratio: float) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``final_ratio * peak`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
+    """Flatten AdamW state into safetensors-ready tensors + JSON scalars (never pickle)."""
+    tensors, scalars = {}, {}
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"opt/{name}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{name}/{key}"] = float(value)
+    return tensors, scalars
+
+
+def save_train_state(path: Path, model, optimizer, ema, step: int, generator: torch.Generator,
+                     log_rows: list) -> None:
+    """Resumable training state: raw weights, AdamW moments, EMA shadow (safetensors) + step and RNG (JSON)."""
+    from safetensors.torch import save_file
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_tensors, opt_scalars = _optimizer_tensors(optimizer, names)
+    tensors.update(opt_tensors)
+    if ema is not None:
+        tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"step": step, "optimizer_scalars": opt_scalars,
+            "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+            "log_rows": log_rows[-2000:]}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generator) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "state.safetensors"))
+    meta = json.loads((path / "state.json").read_text())
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if not param.requires_grad:
+            continue
+        state = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"opt/{name}/{key}")
+            if t is not None:
+                state[key] = t.to(param.device)
+        step_value = meta["optimizer_scalars"].get(f"{name}/step")
+        if state and step_value is not None:
+            state["step"] = torch.tensor(step_value)
+            optimizer.state[param] = state
+    if ema is not None:
+        ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
+    generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    return int(meta["step"]), list(meta.get("log_rows", []))
+
+
+# -------------------------------------------------------------------------------------------------- training
+def train(config: ImitationConfig) -> dict:
+    """Train (or resume) one imitation run; returns a summary dict (also written to <run>/train_summary.json)."""
+    from tqdm import tqdm
+
+    from coop_transport.pi0_policy import resolve_device
+    from coop_transport.policy.checkpoint import save_checkpoint
+    from coop_transport.policy.config import config_to_dict, get_config
+    from coop_transport.policy.ema import EMA
+    from coop_transport.policy.image_transforms import augment_images
+    from coop_transport.policy.model import build_model
+    from coop_transport.policy.tokenizer import make_tokenizer
+
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    spec = variant_spec(config.variant)
+    overrides = {"action_horizon": config.action_horizon} if config.action_horizon else {}
+    model_config = get_config(config.model, setting=spec.model_setting, **overrides)
+    run = config.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "imitation_config.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2))
+
+    tokenizer = make_tokenizer(model_config, config.weights)
+    table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device)
+    model = build_model(model_config, weights=str(config.weights) if config.weights else None, device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = config.lr or (2.5e-5 if model_config.lora or config.weights else 3e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=peak_lr, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=config.weight_decay)
+    ema = EMA(model, model_config.ema_decay) if model_config.ema_decay else None
+    generator = torch.Generator().manual_seed(config.seed)
+
+    state_dir = run / "train_state"
+    step, log_rows = 0, []
+    if config.resume and (state_dir / "state.json").exists():
+        step, log_rows = load_train_state(state_dir, model, optimizer, ema, generator)
+        print(f"resuming {run} at step {step}")
+
+    extra = {"variant": config.variant, "prompts": dict(zip(ARMS, prompts)) if config.variant == "per-arm"
+             else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
+             "data": str(config.data), "imitation_config": _jsonable(asdict(config)),
+             "weights_dir": str(config.weights) if config.weights else None}
+    loss_fn = torch.compile(model.compute_loss) if config.compile else model.compute_loss
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=step, desc=f"imitation {config.variant}", disable=not config.progress,
+               dynamic_ncols=True)
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    while step < config.steps:
+        lr = lr_at(step, peak_lr, config.warmup_steps, config.steps, config.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = table.sample(config.batch_size, generator)
+        if config.augment:
+            batch["images"] = augment_images(batch["images"], generator)
+        with autocast:
+            loss, info = loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; last good state is in {state_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        window_loss += loss.item()
+        window_steps += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - window_start
+            row = {"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": float(grad_norm),
+                   "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9)}
+            log_rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if step % config.save_every == 0 or step == config.steps:
+            _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config, norm,
+                                       step, extra, save_checkpoint)
+            save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
+            _write_log(run, log_rows)
+    bar.close()
+    summary = {
+        "run": str(run), "steps": step, "variant": config.variant, "model": config.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "samples_per_s_median": float(np.median([r["samples_per_s"] for r in log_rows[1:]] or [0.0])),
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "trajectories": table.num_trajectories, "steps_in_table": len(table),
+    }
+    (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    _write_log(run, log_rows)
+    return summary
+
+
+def _save_inference_checkpoint(path, model, ema, model_config, norm, step, extra, save_checkpoint):
+    """Inference weights are the EMA weights where training keeps an EMA (openpi evaluates those)."""
+    if ema is None:
+        save_checkpoint(path, model, model_config, norm, step, extra)
+        return
+    averaged = copy.deepcopy(model)
+    ema.copy_to(averaged)
+    save_checkpoint(path, averaged, model_config, norm, step, extra)
+    del averaged
+
+
+def _write_log(run: Path, rows: list) -> None:
+    if not rows:
+        return
+    with open(run / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("flow-matching loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run / "loss.png", dpi=110)
+        plt.close(fig)
+    except Exception as exc:  # a plot must never cost a training run
+        print(f"warning: loss plot not written: {exc}")
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,140 @@
+"""A trained π0 policy at inference time: checkpoint -> observations in, action chunks out (environment units).
+
+``Pi0Policy.load(dir)`` rebuilds the model from its checkpoint directory alone (weights, config, normalization
+statistics, variant and prompts are all in it) and offers the chunk samplers that the recipe, the evaluator, the ROS
+nodes and the residual-RL pipeline use:
+
+    policy = Pi0Policy.load()                                 # the shipped default (per-arm, small)
+    chunks = policy.sample_arm(arm_obs, "robot0", num_samples=4)   # (4, H, 7)
+    chunks, prefix = policy.sample_arm(arm_obs, "robot0", 4, return_prefix=True)  # + prefix embeddings for RL
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coop_transport.adapters import (ARM_PROMPTS, JOINT_PROMPT, arm_images, check_image, check_state, joint_images,
+                                     joint_proprio, variant_spec)
+
+DEFAULT_POLICY_NAME = "per_arm_small"
+
+
+def default_policy_dir() -> Path:
+    """The per-arm small policy shipped inside the package (``coop_transport/assets/policies/per_arm_small``)."""
+    return Path(str(resources.files("coop_transport") / "assets" / "policies" / DEFAULT_POLICY_NAME))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Pi0Policy:
+    """A π0 checkpoint with its robot adapter: numpy observations in, unnormalized action chunks out."""
+
+    def __init__(self, model, config, norm_stats: dict, extra: dict, device: torch.device, step: int = 0):
+        self.model = model.eval()
+        self.config = config
+        self.extra = extra
+        self.step = step
+        self.device = device
+        self.variant = extra.get("variant", "per-arm")
+        self.spec = variant_spec(self.variant)
+        if config.action_dim != self.spec.action_dim:
+            raise ValueError(f"checkpoint variant {self.variant!r} needs {self.spec.action_dim}-D actions, "
+                             f"its model has {config.action_dim}")
+        self.prompts = dict(extra.get("prompts") or ({**ARM_PROMPTS} if self.variant == "per-arm"
+                                                     else {"joint": JOINT_PROMPT}))
+        self.state_mean = np.asarray(norm_stats["state"]["mean"], dtype=np.float32)
+        self.state_std = np.asarray(norm_stats["state"]["std"], dtype=np.float32)
+        self.action_mean = np.asarray(norm_stats["actions"]["mean"], dtype=np.float32)
+        self.action_std = np.asarray(norm_stats["actions"]["std"], dtype=np.float32)
+        from coop_transport.policy.tokenizer import make_tokenizer
+
+        self.tokenizer = make_tokenizer(config, extra.get("weights_dir"))
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> "Pi0Policy":
+        from coop_transport.policy.checkpoint import load_checkpoint
+
+        path = Path(path) if path else default_policy_dir()
+        dev = resolve_device(device)
+        ckpt = load_checkpoint(path, device=dev)
+        return cls(ckpt.model, ckpt.config, ckpt.norm_stats, ckpt.extra, dev, ckpt.step)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def horizon(self) -> int:
+        return self.config.action_horizon
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def _prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt not in self._prompt_cache:
+            tokens, mask = self.tokenizer.encode(prompt)
+            self._prompt_cache[prompt] = (torch.as_tensor(tokens, device=self.device),
+                                          torch.as_tensor(mask, device=self.device))
+        return self._prompt_cache[prompt]
+
+    def make_batch(self, images: list[dict[str, np.ndarray]], states: list[np.ndarray], prompts: list[str]) -> dict:
+        """Model batch from B observations: images per slot (uint8), raw states, prompts."""
+        batch_images = {}
+        for slot in self.spec.slots:
+            arrays = [check_image(slot, im[slot], None) for im in images]
+            batch_images[slot] = torch.as_tensor(np.stack(arrays), device=self.device)  # (B, H, W, 3) uint8
+        state = np.stack([check_state(s, self.spec.state_dim) for s in states])
+        state = (state - self.state_mean) / self.state_std
+        tokens, masks = zip(*(self._prompt(p) for p in prompts))
+        return {
+            "images": batch_images,
+            "prompt_tokens": torch.stack(tokens),
+            "prompt_mask": torch.stack(masks),
+            "state": torch.as_tensor(state, dtype=torch.float32, device=self.device),
+        }
+
+    @torch.no_grad()
+    def sample_batch(self, batch: dict, num_samples: int, noise: torch.Tensor | None = None,
+                     return_prefix: bool = False):
+        """(B, N, H, D) unnormalized actions (numpy) for a model batch; optionally the prefix cache too."""
+        out = self.model.sample_actions(batch, noise=noise, num_samples=num_samples, return_prefix=return_prefix)
+        actions, cache = out if return_prefix else (out, None)
+        b = batch["state"].shape[0]
+        actions = actions.float().view(b, num_samples, self.horizon, -1).cpu().numpy()
+        actions = actions * self.action_std + self.action_mean
+        if not np.all(np.isfinite(actions)):
+            raise ValueError("policy produced NaN or inf actions")
+        return (actions, cache) if return_prefix else actions
+
+    # ------------------------------------------------------------------------------------------ per-variant
+    def sample_arm(self, arm_obs: dict, arm: str, num_samples: int = 1, noise: torch.Tensor | None = None,
+                   return_prefix: bool = False):
+        """(N, H, 7) chunks for one arm from its ``arm_observation``."""
+        if self.variant != "per-arm":
+            raise ValueError(f"sample_arm needs a per-arm policy, this one is {self.variant!r}")
+        batch = self.make_batch([arm_images(arm_obs)], [arm_obs["proprio"]], [self.prompts[arm]])
+        out = self.sample_batch(batch, num_samples, noise, return_prefix)
+        return (out[0][0], out[1]) if return_prefix else out[0]
+
+    def sample_arms(self, arm_obs: dict[str, dict], num_samples: int = 1) -> dict[str, np.ndarray]:
+        """Both arms in one batched forward pass: {arm: (N, H, 7)}."""
+        arms = list(arm_obs)
+        batch = self.make_batch([arm_images(arm_obs[a]) for a in arms], [arm_obs[a]["proprio"] for a in arms],
+                                [self.prompts[a] for a in arms])
+        actions = self.sample_batch(batch, num_samples)
+        return {a: actions[i] for i, a in enumerate(arms)}
+
+    def sample_joint(self, obs: dict, num_samples: int = 1, noise: torch.Tensor | None = None) -> np.ndarray:
+        """(N, H, 14) chunks from a full simulation observation."""
+        if self.variant != "joint":
+            raise ValueError(f"sample_joint needs a joint policy, this one is {self.variant!r}")
+        batch = self.make_batch([joint_images(obs)], [joint_proprio(obs)], [self.prompts["joint"]])
+        return self.sample_batch(batch, num_samples, noise)[0]
