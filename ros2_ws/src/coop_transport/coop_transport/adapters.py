@@ -24,11 +24,13 @@ from coop_transport.constants import AGENTVIEW_CAMERA, ARM_ACTION_DIM, ARMS, JOI
     WRIST_CAMERA, image_key
 from coop_transport.sim.frames import arm_proprio
 
+# Short on purpose: the small default tokenizes bytes into 32 tokens (BOS and a newline included), and the prompt
+# only has to tell the shared per-arm network which arm it drives.
 ARM_PROMPTS = {
-    "robot0": "left arm: take the lid off the start bin, lift the hammer and hand it to the right arm",
-    "robot1": "right arm: drop the trash in the trash bin, take the hammer and place it in the target bin",
+    "robot0": "left: open bin, hand hammer",
+    "robot1": "right: bin trash, place hammer",
 }
-JOINT_PROMPT = "both arms: move the trash to the trash bin and the hammer from the start bin into the target bin"
+JOINT_PROMPT = "transport hammer, bin trash"
 
 VARIANTS = ("per-arm", "joint")
 

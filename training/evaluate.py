@@ -1,0 +1,141 @@
+"""Closed-loop evaluation of policies on TwoArmTransport from fixed reset seeds, with Wilson 95% CIs.
+
+Usage:
+    python training/evaluate.py --episodes 100 --out runs/eval/default           # the shipped default policy
+    python training/evaluate.py --policy runs/imitation/per-arm-small/checkpoints/step_010000 --out runs/eval/x
+    python training/evaluate.py --policy runs/imitation/per-arm-small/checkpoints --select-best --out runs/eval/sel
+    python training/evaluate.py --controller expert --episodes 100 --out runs/eval/expert
+    python training/evaluate.py --recipe-ablation --out runs/eval/ablation       # the paper's Table 2 ladder
+
+``--policy`` may name one checkpoint directory or a run's ``checkpoints/`` folder: every checkpoint in it is
+evaluated on the same seeds, a success-versus-step plot is written, and (with ``--select-best``) the best one by
+simulated success — not by loss — is reported and copied to ``<out>/best``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tyro
+
+from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate, plot_success_vs_step
+from coop_transport.recipe import ABLATION_LADDER
+
+
+@dataclass
+class Config:
+    controller: str = "pi0"
+    """pi0 (a π0 checkpoint) | expert (the scripted demonstrator)."""
+    policy: Path | None = None
+    """Checkpoint directory, or a folder of step_* checkpoints; default: the shipped per-arm policy."""
+    out: Path = Path("runs/eval")
+    """Where summary.json / summary.md (and videos, plots) go."""
+    episodes: int = 100
+    """Episodes, from reset seeds first_seed .. first_seed + episodes - 1."""
+    first_seed: int = 1
+    """First reset seed (the paper: 1-100)."""
+    workers: int = 2
+    """Parallel worker processes."""
+    video: int = 0
+    """Save this many rollouts as mp4."""
+    chunk: int | None = None
+    """Recipe: actions executed per chunk (default 10 per-arm, 25 joint)."""
+    samples: int | None = None
+    """Recipe: mean-of-N samples (default 4)."""
+    clip_sigma: float | None = None
+    """Recipe: ±k·sigma clipping (default 2)."""
+    no_clip: bool = False
+    """Recipe: switch clipping off."""
+    recipe_ablation: bool = False
+    """Evaluate the paper's Table 2 ladder (baseline, +mean-of-4, +clipping, +chunk 25) instead of one recipe."""
+    select_best: bool = False
+    """With a folder of checkpoints: copy the best by success to <out>/best."""
+    device: str = "cpu"
+    """Device for the policy in each worker (cpu keeps many workers cheap; cuda for big models)."""
+    horizon: int = 500
+    """Control steps per episode."""
+
+
+def recipe_overrides(cfg: Config) -> dict:
+    recipe = {}
+    if cfg.chunk is not None:
+        recipe["execute_steps"] = cfg.chunk
+    if cfg.samples is not None:
+        recipe["num_samples"] = cfg.samples
+    if cfg.clip_sigma is not None:
+        recipe["clip_sigma"] = cfg.clip_sigma
+    if cfg.no_clip:
+        recipe["clip_sigma"] = None
+    return recipe
+
+
+def checkpoints_in(path: Path) -> list[Path]:
+    """One checkpoint directory, or the step_* checkpoints inside a folder (sorted by step)."""
+    if (path / "config.json").exists():
+        return [path]
+    found = sorted(p for p in path.glob("step_*") if (p / "config.json").exists())
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no config.json) nor a folder of step_* checkpoints")
+    return found
+
+
+def main(cfg: Config) -> dict:
+    eval_config = EvalConfig(episodes=cfg.episodes, first_seed=cfg.first_seed, workers=cfg.workers, videos=cfg.video,
+                             horizon=cfg.horizon)
+    if cfg.controller == "expert":
+        summary = evaluate(ControllerSpec("expert"), eval_config, cfg.out)
+        print(f"expert: {summary['successes']}/{summary['episodes']} -> {cfg.out / 'summary.md'}")
+        return summary
+    if cfg.controller != "pi0":
+        raise ValueError(f"unknown controller {cfg.controller!r}; use pi0 or expert")
+
+    policies = checkpoints_in(cfg.policy) if cfg.policy else [None]
+    if cfg.recipe_ablation:
+        recipes = {name: {k: v for k, v in asdict(r).items()} for name, r in ABLATION_LADDER.items()}
+    else:
+        recipes = {"recipe": recipe_overrides(cfg)}
+    rows = []
+    for policy in policies:
+        for recipe_name, recipe in recipes.items():
+            name = (policy.name if policy else "default") + ("" if len(recipes) == 1 else f" | {recipe_name}")
+            spec = ControllerSpec("pi0", {"policy": str(policy) if policy else None, "recipe": recipe,
+                                          "device": cfg.device}, label=name)
+            out = cfg.out / (policy.name if policy and len(policies) > 1 else "") / (
+                "" if len(recipes) == 1 else recipe_name.split(" (")[0].replace(" ", "_").replace("±", "pm"))
+            summary = evaluate(spec, eval_config, out)
+            step = json.loads((policy / "config.json").read_text()).get("step", 0) if policy else 0
+            rows.append({"name": name, "policy": str(policy) if policy else "default", "recipe": recipe_name,
+                         "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],
+                         "successes": summary["successes"], "episodes": summary["episodes"],
+                         "mean_length": summary["mean_length"], "clip_activation_rate": summary["clip_activation_rate"]})
+            print(f"{name}: {summary['successes']}/{summary['episodes']} "
+                  f"[{100 * summary['wilson95'][0]:.1f}, {100 * summary['wilson95'][1]:.1f}]")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    table = ["| policy | recipe | step | success | Wilson 95% CI | mean length | clip rate |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        clip = "—" if r["clip_activation_rate"] is None else f"{100 * r['clip_activation_rate']:.1f}%"
+        table.append(f"| {r['policy']} | {r['recipe']} | {r['step']} | {100 * r['success_rate']:.1f}% "
+                     f"({r['successes']}/{r['episodes']}) | [{100 * r['wilson95'][0]:.1f}, {100 * r['wilson95'][1]:.1f}] "
+                     f"| {r['mean_length']:.0f} | {clip} |")
+    (cfg.out / "results.md").write_text("\n".join(table) + "\n")
+    result = {"rows": rows}
+    if len(policies) > 1 and len(recipes) == 1:
+        plot_success_vs_step(rows, cfg.out / "success_vs_step.png")
+        best = max(rows, key=lambda r: (r["success_rate"], -r["step"]))
+        result["best"] = best
+        print(f"best by simulated success: {best['policy']} ({100 * best['success_rate']:.1f}%)")
+        if cfg.select_best:
+            target = cfg.out / "best"
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(best["policy"], target)
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    print("\n".join(table))
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
