@@ -57,6 +57,13 @@ def _clip_stats(actors) -> dict:
             "clip_per_dim": total.per_dim, "chunks": sum(a.chunks_planned for a in actors)}
 
 
+def _reset_noise(policy, seed: int) -> None:
+    """Restart a seeded flow-noise stream (export.runtime.EpisodeNoise) at each episode: paired backends."""
+    source = getattr(policy, "noise_source", None)
+    if hasattr(source, "reset"):
+        source.reset(seed)
+
+
 class PerArmPi0Controller:
     """B1: the per-arm π0 policy run independently for each arm under the recipe (decentralized: each arm plans
     from its own wrist camera, the agentview camera and its own proprioception)."""
@@ -73,6 +80,7 @@ class PerArmPi0Controller:
         }
 
     def reset(self, sim, seed: int) -> None:
+        _reset_noise(self.policy, seed)
         for actor in self.actors.values():
             actor.reset()
 
@@ -96,6 +104,7 @@ class JointPi0Controller:
                                   policy.action_std)
 
     def reset(self, sim, seed: int) -> None:
+        _reset_noise(self.policy, seed)
         self.actor.reset()
 
     def act(self, sim) -> np.ndarray:
@@ -107,17 +116,40 @@ class JointPi0Controller:
 
 @register_controller("pi0")
 def make_pi0(policy: str | None = None, recipe: dict | None = None, device: str = "auto", threads: int = 1,
-             seed: int = 0):
-    """A π0 checkpoint (the shipped default when ``policy`` is None), per-arm or joint as the checkpoint says."""
+             seed: int = 0, backend: str = "torch", export: str | None = None, noise_seed: int | None = None):
+    """A π0 checkpoint (the shipped default when ``policy`` is None), per-arm or joint as the checkpoint says.
+
+    backend: an inference backend of ``coop_transport.export.backends`` (torch, onnxruntime, tensorrt, ...);
+    exported backends read ``export`` (an export directory of this checkpoint; ``policy`` may also be the export
+    directory itself). noise_seed: draw the flow noise from a stream restarted at every episode (same noise for
+    every backend on the same reset seeds: paired closed-loop parity); None keeps torch's RNG, seeded by ``seed``.
+    """
     import torch
 
+    from coop_transport.export.backends import canonical_backend
+    from coop_transport.export.runtime import EpisodeNoise, is_export_dir, load_backend_policy
     from coop_transport.pi0_policy import Pi0Policy
 
     torch.set_num_threads(threads)  # one thread per worker process: workers, not threads, scale evaluation
     torch.manual_seed(seed)
-    loaded = Pi0Policy.load(policy, device=device)
+    backend = canonical_backend(backend)
+    if backend == "torch" and not is_export_dir(policy):
+        loaded = Pi0Policy.load(policy, device=device)
+    else:
+        loaded = load_backend_policy(policy, backend, device=device, threads=threads, export_dir=export)
+    if noise_seed is not None:
+        loaded.noise_source = EpisodeNoise(noise_seed)
     overrides = {"wrist_cameras": True, "agentview": True, "image_size": loaded.image_size}
     config = _recipe(recipe, loaded.variant)
     if loaded.variant == "per-arm":
         return PerArmPi0Controller(loaded, config), overrides
     return JointPi0Controller(loaded, config), overrides
+
+
+@register_controller("residual")
+def make_residual(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None):
+    """A residual-RL policy (V3-V6) from a checkpoint or a run directory (its best checkpoint); see
+    ``coop_transport.residual.policy``. ``recipe`` overrides fields of the trained recipe (e.g. num_samples)."""
+    from coop_transport.residual.policy import make_residual_controller
+
+    return make_residual_controller(checkpoint, device=device, threads=threads, recipe=recipe)

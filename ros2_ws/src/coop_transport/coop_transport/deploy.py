@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from coop_transport.export.backends import BACKENDS, canonical_backend  # noqa: F401  (numpy-only import)
 from coop_transport.recipe import ChunkedActor, RecipeConfig
-
-BACKENDS = ("torch",)
 
 
 class ArmPolicy:
@@ -51,25 +50,41 @@ class ArmPolicy:
 
     def stats(self) -> dict:
         c = self._actor.counters
-        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions}
+        backend = getattr(getattr(self.policy, "backend", None), "name", "torch")
+        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions,
+                "backend": backend}
 
 
 def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeConfig(), backend: str = "torch",
-                    device: str = "auto", threads: int | None = None) -> ArmPolicy:
-    """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty)."""
+                    device: str = "auto", threads: int | None = None, export: str | None = None) -> ArmPolicy:
+    """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty) or an export
+    directory (``python export/export.py --out DIR``), run by ``backend`` (``coop_transport.export.backends``:
+    torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt; alias onnx). Exported
+    backends given a checkpoint use ``export`` (default ``<checkpoint>/export``) and refuse an export made from
+    another checkpoint."""
     from coop_transport.constants import ARMS
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown inference backend {backend!r}; available: {BACKENDS}")
-    import torch
+    backend = canonical_backend(backend)  # ValueError naming the available backends
+    from coop_transport.residual.checkpoint import is_residual_checkpoint
 
-    from coop_transport.pi0_policy import Pi0Policy
+    if is_residual_checkpoint(path):  # a residual-RL checkpoint or run (V4, V5, V6): coop_transport.residual.policy
+        from coop_transport.residual.policy import load_residual_arm_policy
 
-    if threads:
-        torch.set_num_threads(threads)
-    policy = Pi0Policy.load(path or None, device=device)
+        return load_residual_arm_policy(path, arm, recipe, device=device, threads=threads)
+    from coop_transport.export.runtime import is_export_dir, load_backend_policy
+
+    if backend == "torch" and not is_export_dir(path):
+        import torch
+
+        from coop_transport.pi0_policy import Pi0Policy
+
+        if threads:
+            torch.set_num_threads(threads)
+        policy = Pi0Policy.load(path or None, device=device)
+    else:
+        policy = load_backend_policy(path or None, backend, device=device, threads=threads, export_dir=export)
     if policy.variant != "per-arm":
         raise ValueError(f"{path}: a per-arm policy is needed for one arm's node, this one is {policy.variant!r}")
     return ArmPolicy(policy, arm, recipe)

@@ -278,7 +278,11 @@ def write_summary(summary: dict, out: Path) -> None:
 
 def plot_success_vs_step(rows: list[dict], path: Path) -> Path:
     """Success rate (with Wilson CI) against training step: the paper's non-monotonic curve."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not written")
+        return path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -83,6 +83,8 @@ class ImitationConfig:
     """Continue from the run directory's training state if it exists."""
     progress: bool = True
     """Show a progress bar."""
+    time_budget_s: float | None = None
+    """Wall-clock budget: after 50 steps the run shortens ``steps`` (and its LR schedule) to what fits."""
 
     def __post_init__(self):
         variant_spec(self.variant)
@@ -344,8 +346,18 @@ def train(config: ImitationConfig) -> dict:
     bar = tqdm(total=config.steps, initial=step, desc=f"imitation {config.variant}", disable=not config.progress,
                dynamic_ncols=True)
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    while step < config.steps:
-        lr = lr_at(step, peak_lr, config.warmup_steps, config.steps, config.final_lr_ratio)
+    total_steps, run_start, start_step = config.steps, time.perf_counter(), step
+    while step < total_steps:
+        if config.time_budget_s and step == start_step + 50:
+            # Fit the schedule to the budget: measured seconds per step, 10% kept back for checkpoints.
+            per_step = (time.perf_counter() - run_start) / 50
+            fit = step + int((0.9 * config.time_budget_s - (time.perf_counter() - run_start)) / per_step)
+            if fit < total_steps:
+                total_steps = max(step + 1, fit)
+                bar.total = total_steps
+                print(f"time budget {config.time_budget_s:.0f} s: training {total_steps} steps "
+                      f"({1e3 * per_step:.1f} ms/step)")
+        lr = lr_at(step, peak_lr, config.warmup_steps, total_steps, config.final_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = table.sample(config.batch_size, generator)
@@ -365,14 +377,14 @@ def train(config: ImitationConfig) -> dict:
         window_loss += loss.item()
         window_steps += 1
         bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
+        if step % config.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             row = {"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": float(grad_norm),
                    "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9)}
             log_rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if step % config.save_every == 0 or step == config.steps:
+        if step % config.save_every == 0 or step == total_steps:
             _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config, norm,
                                        step, extra, save_checkpoint)
             save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)

@@ -58,6 +58,9 @@ class Pi0Policy:
 
         self.tokenizer = make_tokenizer(config, extra.get("weights_dir"))
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Optional flow-noise source, callable(shape) -> numpy standard normal (e.g. export.runtime.EpisodeNoise):
+        # set, every backend can be fed the same noise (parity); None keeps torch's own RNG.
+        self.noise_source = None
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -105,6 +108,9 @@ class Pi0Policy:
     def sample_batch(self, batch: dict, num_samples: int, noise: torch.Tensor | None = None,
                      return_prefix: bool = False):
         """(B, N, H, D) unnormalized actions (numpy) for a model batch; optionally the prefix cache too."""
+        if noise is None and self.noise_source is not None:
+            shape = (batch["state"].shape[0] * num_samples, self.horizon, self.config.action_pad_dim)
+            noise = torch.as_tensor(self.noise_source(shape), dtype=torch.float32, device=self.device)
         out = self.model.sample_actions(batch, noise=noise, num_samples=num_samples, return_prefix=return_prefix)
         actions, cache = out if return_prefix else (out, None)
         b = batch["state"].shape[0]
