@@ -177,7 +177,13 @@ class TransportSim:
         return np.array(self.rs_env.sim.get_state().flatten())
 
     def set_state(self, state: np.ndarray) -> dict:
-        """Restore a flattened MuJoCo state (ours or robomimic's) and return the observation there."""
+        """Restore a flattened MuJoCo state (ours or robomimic's) and return the observation there.
+
+        The state itself is exact (replaying stored actions from it reproduces every later state bit for bit), but
+        the returned observation is recomputed from it: robosuite's live observations during a rollout are sampled
+        one physics substep (2 ms) apart from the stored state, so positions differ by up to ~1e-3, and joint
+        accelerations (not part of the state) differ entirely. Demonstration files therefore store the live
+        observations rather than recomputing them."""
         state = np.asarray(state, dtype=np.float64)
         expected = 1 + self.rs_env.sim.model.nq + self.rs_env.sim.model.nv
         if state.shape != (expected,):
