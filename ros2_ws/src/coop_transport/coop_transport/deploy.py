@@ -51,8 +51,8 @@ class ArmPolicy:
     def stats(self) -> dict:
         c = self._actor.counters
         backend = getattr(getattr(self.policy, "backend", None), "name", "torch")
-        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions,
-                "backend": backend}
+        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate,
+                "clipped_actions": c.clipped_actions, "backend": backend}
 
 
 def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeConfig(), backend: str = "torch",

@@ -1,0 +1,354 @@
+"""Export of the π0 policy: ONNX graphs of the small config, ONNX Runtime parity with PyTorch on fresh inputs and the
+same noise, refusal of a manifest from another checkpoint and of corrupt / truncated / missing files and wrong
+inputs, backends through deploy.load_arm_policy and the pi0 controller, the residual-RL networks of a V5 run.
+CPU only; random weights."""
+
+import json
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+
+from coop_transport.adapters import ARM_PROMPTS
+from coop_transport.export import ExportError, ExportFileMissing, canonical_backend, make_backend, read_manifest
+from coop_transport.export.exporter import ExportConfig, main
+from coop_transport.export.manifest import MANIFEST_FILE, sha256_file, write_manifest
+from coop_transport.export.runtime import EpisodeNoise, load_backend_policy
+from coop_transport.export.spec import fake_inputs
+from coop_transport.policy import build_model, get_config, load_checkpoint, save_checkpoint
+
+TOL = 1e-4  # float32 backends, z-scored action units
+
+
+def make_checkpoint(path, name="small", seed=0):
+    config = get_config(name)
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    rng = np.random.default_rng(seed)
+    norm = {"state": {"mean": rng.normal(size=config.state_dim), "std": rng.uniform(0.5, 2.0, config.state_dim)},
+            "actions": {"mean": 0.1 * rng.normal(size=config.action_dim), "std": rng.uniform(0.1, 1.0, config.action_dim)}}
+    prompts = dict(ARM_PROMPTS) if name != "tiny" else {"robot0": "left", "robot1": "right"}  # tiny: 8 tokens
+    return save_checkpoint(path, model, config, norm, step=7, extra={"variant": "per-arm", "prompts": prompts})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the project's 2-core machines are shared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The small config at random init, exported for N=1 and N=4 (what `python export/export.py` does)."""
+    root = tmp_path_factory.mktemp("export")
+    checkpoint = make_checkpoint(root / "ckpt")
+    lines = []
+    manifest = main(ExportConfig(out=root / "onnx", checkpoint=checkpoint, samples=(1, 4), parity_trials=2,
+                                 parity_backends=("onnxruntime-cpu",)), log=lines.append)
+    return {"root": root, "checkpoint": checkpoint, "out": root / "onnx", "manifest": manifest, "log": "\n".join(lines)}
+
+
+@pytest.fixture(scope="module")
+def torch_backend(exported):
+    return make_backend("torch", model=load_checkpoint(exported["checkpoint"]).model)
+
+
+def arm_observation(size, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"proprio": rng.normal(size=18).astype(np.float32),
+            "wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "agentview_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)}
+
+
+# ---- the export itself ---------------------------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_export(exported):
+    out, manifest = exported["out"], read_manifest(exported["out"])
+    checkpoint_meta = json.loads((exported["checkpoint"] / "config.json").read_text())
+    assert manifest["source_checkpoint"]["weights_sha256"] == checkpoint_meta["weights_sha256"]
+    assert manifest["source_checkpoint"]["config_sha256"] == sha256_file(exported["checkpoint"] / "config.json")
+    assert set(manifest["graphs"]) == {"pi0_chunk_b1_n1", "pi0_chunk_b1_n4"}
+    config = get_config("small")
+    graph = manifest["graphs"]["pi0_chunk_b1_n4"]
+    assert [(i["name"], tuple(i["shape"]), i["dtype"]) for i in graph["inputs"]] == [
+        ("image_wrist", (1, 96, 96, 3), "uint8"), ("image_agentview", (1, 96, 96, 3), "uint8"),
+        ("prompt_tokens", (1, config.max_token_len), "int64"), ("prompt_mask", (1, config.max_token_len), "bool"),
+        ("state", (1, 18), "float32"), ("noise", (4, config.action_horizon, config.action_pad_dim), "float32")]
+    assert [(o["name"], tuple(o["shape"])) for o in graph["outputs"]] == [("actions", (4, config.action_horizon, 7))]
+    assert graph["settings"]["num_flow_steps"] == 10 and graph["opset"] == 17
+    for name, record in manifest["files"].items():  # every file hashed
+        assert sha256_file(out / name) == record["sha256"] and (out / name).stat().st_size == record["bytes"]
+    assert manifest["prompts"]["robot0"]["text"] == ARM_PROMPTS["robot0"]
+    assert manifest["recipe_defaults"]["num_samples"] == 4
+    assert len(manifest["norm_stats"]["actions"]["std"]) == 7
+    parity = manifest["parity"]["backends"]["onnxruntime-cpu"]
+    assert parity["pass"] and parity["max_abs"] < TOL
+    assert len(parity["shapes"]["B1_N4"]["max_abs_per_dim"]) == 7
+    # The command prints its parity figures.
+    assert "parity onnxruntime-cpu: max abs error" in exported["log"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert manifest["tensorrt"]["status"] == "skipped" and "TensorRT is not installed" in manifest["tensorrt"]["reason"]
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_onnxruntime_matches_pytorch_on_fresh_inputs(exported, torch_backend, num_samples):
+    ort = make_backend("onnxruntime-cpu", export_dir=exported["out"], threads=1)
+    for seed in (101, 202):  # inputs never seen at export time; the same noise for both
+        inputs = fake_inputs(ort.input_specs(1, num_samples), seed=seed, vocab_size=get_config("small").vocab_size)
+        expected = torch_backend.sample(inputs, num_samples)
+        actual = ort.sample(inputs, num_samples)
+        per_dim = np.abs(actual - expected).reshape(-1, 7).max(axis=0)
+        assert actual.shape == (num_samples, 16, 7) and np.all(np.isfinite(actual))
+        assert per_dim.max() < TOL, per_dim
+        assert np.abs(expected).mean() > 0.1  # not trivially zero
+
+
+def test_verify_mode_checks_stored_reference(exported):
+    report = main(ExportConfig(out=exported["out"], mode="verify", parity_backends=("onnxruntime-cpu",)),
+                  log=lambda *_: None)
+    assert report["onnxruntime-cpu"]["pass"] and set(report["onnxruntime-cpu"]["shapes"]) == {"B1_N1", "B1_N4"}
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------------
+
+
+def test_refuses_export_of_another_checkpoint(exported, tmp_path):
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(ExportError, match="another checkpoint"):
+        load_backend_policy(other, "onnxruntime", export_dir=exported["out"])
+    from coop_transport.deploy import load_arm_policy
+
+    with pytest.raises(ExportError, match="another checkpoint"):
+        load_arm_policy(str(other), "robot0", backend="onnxruntime", export=str(exported["out"]))
+    with pytest.raises(ExportFileMissing, match="export/export.py"):  # no export beside this checkpoint
+        load_backend_policy(other, "onnxruntime")
+
+
+@pytest.fixture
+def copy_of_export(exported, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(exported["out"], target)
+    return target
+
+
+def test_refuses_corrupt_onnx(copy_of_export):
+    onnx_file = copy_of_export / "pi0_chunk_b1_n4.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, different content
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256 .* does not match"):
+        make_backend("onnxruntime", export_dir=copy_of_export)
+
+
+def test_refuses_truncated_onnx(copy_of_export):
+    onnx_file = copy_of_export / "pi0_chunk_b1_n1.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    with pytest.raises(ExportError, match="truncated"):
+        make_backend("onnxruntime", export_dir=copy_of_export)
+
+
+def test_refuses_unloadable_onnx_even_with_matching_hash(copy_of_export):
+    onnx_file = copy_of_export / "pi0_chunk_b1_n1.onnx"
+    onnx_file.write_bytes(b"not an onnx graph")
+    manifest = read_manifest(copy_of_export)
+    manifest["files"]["pi0_chunk_b1_n1.onnx"] = {"sha256": sha256_file(onnx_file), "bytes": onnx_file.stat().st_size}
+    write_manifest(copy_of_export, manifest)
+    with pytest.raises(ExportError, match="not a loadable ONNX graph"):
+        make_backend("onnxruntime", export_dir=copy_of_export)
+
+
+def test_refuses_missing_files(copy_of_export):
+    (copy_of_export / "pi0_chunk_b1_n4.onnx").unlink()
+    with pytest.raises(ExportFileMissing, match="missing"):
+        make_backend("onnxruntime", export_dir=copy_of_export)
+    (copy_of_export / MANIFEST_FILE).unlink()
+    with pytest.raises(ExportFileMissing, match="no manifest.json"):
+        make_backend("onnxruntime", export_dir=copy_of_export)
+
+
+def test_refuses_wrong_inputs(exported):
+    ort = make_backend("onnxruntime", export_dir=exported["out"], threads=1)
+    good = fake_inputs(ort.input_specs(1, 4), seed=5)
+    with pytest.raises(ExportError, match="'state' .* dtype float64"):
+        ort.sample({**good, "state": good["state"].astype(np.float64)}, 4)
+    with pytest.raises(ExportError, match="'image_wrist' .* shape"):
+        ort.sample({**good, "image_wrist": good["image_wrist"][:, :64, :64]}, 4)
+    with pytest.raises(ExportError, match="missing \\['noise'\\]"):
+        ort.sample({k: v for k, v in good.items() if k != "noise"}, 4)
+    with pytest.raises(ExportError, match="no graph for B=1, N=2"):
+        ort.sample(good, 2)
+    policy = load_backend_policy(exported["out"], "onnxruntime")
+    with pytest.raises(ValueError, match="expects 96x96"):
+        policy.sample_arm(arm_observation(64), "robot0", 4)
+
+
+def test_exported_policy_runs_without_pytorch(exported):
+    """A robot needs onnxruntime and numpy only: loading and running an export directory never imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from coop_transport.export.runtime import load_backend_policy\n"
+            f"policy = load_backend_policy({str(exported['out'])!r}, 'onnxruntime', threads=1)\n"
+            "obs = {'proprio': np.zeros(18, np.float32), 'wrist_image': np.zeros((96, 96, 3), np.uint8),\n"
+            "       'agentview_image': np.zeros((96, 96, 3), np.uint8)}\n"
+            "assert policy.sample_arms({'robot0': obs, 'robot1': obs}, 4)['robot1'].shape == (4, 16, 7)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_backend_names():
+    assert canonical_backend("onnx") == "onnxruntime" and canonical_backend("eager") == "torch"
+    with pytest.raises(ValueError, match="unknown inference backend 'onnxruntme'.*Did you mean"):
+        canonical_backend("onnxruntme")
+
+
+def test_tensorrt_build_skipped_with_a_clear_message(exported):
+    pytest.importorskip("onnxruntime")
+    from coop_transport.export.tensorrt_build import build_engines, tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT is installed here")
+    section = build_engines(exported["out"], read_manifest(exported["out"]), log=lambda *_: None)
+    assert section["status"] == "skipped" and "import tensorrt" in section["reason"] and not section["engines"]
+    with pytest.raises(ExportError, match="TensorRT is not installed"):
+        make_backend("tensorrt", export_dir=exported["out"])
+
+
+# ---- the deployment hooks ----------------------------------------------------------------------------------------
+
+
+def test_arm_policy_onnxruntime_plans_the_torch_chunk(exported):
+    from coop_transport.deploy import load_arm_policy
+
+    obs = arm_observation(96, seed=3)
+    plans = {}
+    for name, path, backend, export in [("torch", exported["checkpoint"], "torch", None),
+                                        ("ort", exported["checkpoint"], "onnxruntime", exported["out"]),
+                                        ("ort-dir", exported["out"], "onnx", None)]:
+        policy = load_arm_policy(str(path), "robot1", backend=backend, export=export and str(export), threads=1)
+        policy.policy.noise_source = EpisodeNoise(11)  # the same flow noise for every backend
+        plans[name] = policy.plan(obs)
+        assert policy.stats()["backend"] == {"torch": "torch", "ort": "onnxruntime-cpu", "ort-dir": "onnxruntime-cpu"}[name]
+    assert plans["torch"].shape == (10, 7)
+    assert np.abs(plans["ort"] - plans["torch"]).max() < TOL
+    assert np.array_equal(plans["ort"], plans["ort-dir"])
+
+
+def test_pi0_controller_runs_a_backend_with_paired_noise(exported):
+    from coop_transport.evaluation import ControllerSpec, build_controller
+
+    obs = {arm: arm_observation(96, seed=i) for i, arm in enumerate(("robot0", "robot1"))}
+    chunks = {}
+    for backend in ("torch", "onnxruntime"):
+        args = {"policy": str(exported["checkpoint"]), "backend": backend, "noise_seed": 0, "threads": 1}
+        if backend != "torch":
+            args["export"] = str(exported["out"])
+        controller, overrides = build_controller(ControllerSpec("pi0", args))
+        assert overrides["image_size"] == 96
+        controller.reset(None, seed=5)  # restarts the noise stream for episode seed 5
+        chunks[backend] = {arm: actor.plan(obs[arm]) for arm, actor in controller.actors.items()}
+    for arm in ("robot0", "robot1"):
+        assert np.abs(chunks["onnxruntime"][arm] - chunks["torch"][arm]).max() < TOL
+
+
+@pytest.mark.ros
+def test_policy_node_loads_an_exported_policy(exported):
+    """The ROS policy node's `backend` and `policy_path` parameters reach deploy.load_arm_policy (default factory)."""
+    pytest.importorskip("rclpy")
+    from ros_helpers import use_isolated_ros_env
+
+    use_isolated_ros_env()
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from coop_transport.ros.policy_node import PolicyNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = PolicyNode(context=context, parameter_overrides=[
+            Parameter("arm", value="robot1"), Parameter("policy_path", value=str(exported["out"])),
+            Parameter("backend", value="onnx"), Parameter("inference_threads", value=1)])
+        try:
+            assert node.policy.stats()["backend"] == "onnxruntime-cpu" and node.image_size == 96
+            plan = node.policy.plan(arm_observation(96))
+            assert plan.shape == (node.recipe.execute_steps, 7) and np.all(np.isfinite(plan))
+        finally:
+            node.close()
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_residual(tmp_path_factory):
+    """The tiny config with a V5 residual run (RL token encoders, communication heads, residual actors), its weights
+    forced into .onnx.data files (the path π0-3B's >2 GB graphs take)."""
+    from coop_transport.pi0_policy import Pi0Policy
+    from coop_transport.residual.checkpoint import save_policy
+    from coop_transport.residual.config import ResidualConfig
+    from coop_transport.residual.system import ResidualSystem, make_agents
+
+    root = tmp_path_factory.mktemp("residual")
+    checkpoint = make_checkpoint(root / "ckpt", name="tiny")
+    vla = Pi0Policy.load(checkpoint, device="cpu")
+    config = ResidualConfig(arch="V5", vla=checkpoint, chunk=4, latent_dim=32, encoder_width=16, encoder_heads=2,
+                            encoder_layers=1, hidden_dim=32)
+    torch.manual_seed(0)
+    agents = make_agents(config.spec, config, vla)
+    for p in agents.parameters():  # move zero-initialized layers (FiLM, actor output) off zero
+        p.data += 0.05 * torch.randn_like(p)
+    run = save_policy(root / "v5", ResidualSystem(config.spec, config, vla, agents, "cpu"), config, 0)
+    manifest = main(ExportConfig(out=root / "onnx", checkpoint=checkpoint, samples=(4,), residual=run,
+                                 external_data=True, parity_trials=1, parity_backends=("onnxruntime-cpu",)),
+                    log=lambda *_: None)
+    return {"root": root, "checkpoint": checkpoint, "run": run, "out": root / "onnx", "manifest": manifest}
+
+
+def test_residual_networks_exported_with_parity(tiny_with_residual):
+    manifest = tiny_with_residual["manifest"]
+    kinds = {name: g["kind"] for name, g in manifest["graphs"].items()}
+    assert kinds == {"pi0_chunk_b1_n4": "pi0_chunk_sampler", "pi0_chunk_prefix_b1_n4": "pi0_chunk_sampler_prefix",
+                     **{f"{k}_{a}": k for k in ("rl_token_encoder", "communication_head", "residual_actor")
+                        for a in ("robot0", "robot1")}}
+    actor = manifest["graphs"]["residual_actor_robot0"]
+    assert [i["name"] for i in actor["inputs"]] == ["latent", "proprio", "reference", "message"]
+    assert actor["outputs"][0]["shape"] == [1, 4, 7]
+    assert manifest["residual"]["architecture"] == "V5"
+    assert manifest["residual"]["vla"]["weights_sha256"] == manifest["source_checkpoint"]["weights_sha256"]
+    graphs = manifest["parity"]["graphs"]
+    assert set(graphs) == set(kinds) - {"pi0_chunk_b1_n4"}
+    assert all(r["pass"] and r["max_abs"] < TOL for r in graphs.values()), graphs
+    report = main(ExportConfig(out=tiny_with_residual["out"], mode="verify", parity_backends=("onnxruntime-cpu",)),
+                  log=lambda *_: None)  # against the stored PyTorch outputs
+    assert all(r["pass"] for r in report["graphs"].values()) and report["onnxruntime-cpu"]["pass"]
+
+
+def test_residual_run_of_another_checkpoint_is_refused(tiny_with_residual, tmp_path):
+    other = make_checkpoint(tmp_path / "other", name="tiny", seed=3)
+    with pytest.raises(ExportError, match="not the one .* was trained on"):
+        main(ExportConfig(out=tmp_path / "onnx", checkpoint=other, residual=tiny_with_residual["run"], samples=(4,)),
+             log=lambda *_: None)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_external_data_graph(tiny_with_residual):
+    """π0-3B's graphs exceed protobuf's 2 GB: their weights go to one .onnx.data file per graph (forced here)."""
+    out, manifest = tiny_with_residual["out"], tiny_with_residual["manifest"]
+    graph = manifest["graphs"]["pi0_chunk_b1_n4"]
+    assert graph["external_data"] == "pi0_chunk_b1_n4.onnx.data" and graph["external_data"] in manifest["files"]
+    assert manifest["parity"]["backends"]["onnxruntime-cpu"]["max_abs"] < TOL
+    (out / graph["external_data"]).write_bytes(b"\0" * 16)
+    with pytest.raises(ExportError, match="truncated"):
+        make_backend("onnxruntime", export_dir=out)
