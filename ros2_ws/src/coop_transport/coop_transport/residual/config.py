@@ -1,0 +1,211 @@
+"""Settings of cooperative residual RL (seed paper §3.3): one frozen dataclass, a docstring on every field.
+
+Defaults are the paper's: C = 10, 2048-D latent, 16-D message, radius ≤ 0.10 starting at 0.05, IQL with τ = 0.6,
+AWR with β = 3 and weights capped at 100, Polyak 0.005, clipping 1.0 / 5.0, RLPD batches of 256 (50/50), a ≈10k
+demonstration buffer and a 10k FIFO online buffer, λ_sup = 0.1, KL weight 1e-4, 3,000 chunks per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from coop_transport.residual.architectures import ARCHS, get_arch
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """Cooperative residual RL on top of frozen π0 policies (seed paper §3.3-3.4)."""
+
+    arch: Literal["B1", "B2", "V3", "V4", "V5", "V6"]
+    """Architecture: B1 B2 (π0 only, evaluation) V3 (centralized residual) V4 (per-arm, no message) V5 (+ learned
+    16-D message) V6 (+ partner's raw reference chunk)."""
+    chunks: int = 3000
+    """Chunk transitions collected per seed (all environments together; one chunk = C control steps)."""
+    out: Path | None = None
+    """Run directory (default runs/residual/<arch>); seeds go to <out>/seed_<k>."""
+    seed: int = 0
+    """First seed (network init, π0 sampling noise, exploration, training episodes)."""
+    seeds: int = 1
+    """Number of seeds to run one after the other: seed, seed+1, ... (the paper: 4)."""
+    vla: Path | None = None
+    """Per-arm π0 checkpoint directory (default: the shipped per-arm policy, pi0_policy.default_policy_dir())."""
+    vla_joint: Path | None = None
+    """Joint π0 checkpoint directory (needed by B2 and V3)."""
+    data: Path = Path("data/transport_scripted.hdf5")
+    """Demonstrations with images for the demonstration buffer (ours or robomimic's Transport, rendered)."""
+    envs: int = 8
+    """Parallel simulations (one worker process each; 0 runs one simulation inside the learner process)."""
+    ray_address: str | None = None
+    """Ray cluster address ('auto' or host:port): the simulations run as Ray actors there instead of local
+    processes (same results for the same seeds)."""
+    device: str = "auto"
+    """Device of π0 and of the RL networks: cuda | cpu | auto."""
+    threads: int = 0
+    """torch CPU threads in the learner (0: torch's default)."""
+
+    # ---- chunks, recipe, episodes
+    chunk: int = 10
+    """C: control steps per chunk; the residual is a C x 7 (V3: C x 14) delta on the π0 reference chunk."""
+    baseline_chunk: int | None = None
+    """B1/B2: executed chunk length (default the recipe's: 10 for the per-arm π0, 25 for the joint one)."""
+    num_samples: int = 4
+    """Recipe N: π0 samples averaged into the reference chunk (mean-of-N)."""
+    clip_sigma: float | None = 2.0
+    """Recipe k: clip the reference to mean ± k·std of the demonstration actions (None: off)."""
+    horizon: int = 500
+    """Control steps per episode."""
+    gamma: float = 0.99
+    """Per-step discount; a k-step chunk transition bootstraps with gamma**k (also the shaping discount)."""
+    shaped_reward: bool = True
+    """Add the potential-based shaping term to the sparse reward during training (never in evaluation)."""
+
+    # ---- networks
+    latent_dim: int = 2048
+    """Width of the RL token z (the encoder's output)."""
+    encoder_width: int = 256
+    """Token width inside the RL token encoder."""
+    encoder_layers: int = 2
+    """Transformer layers of the RL token encoder."""
+    encoder_heads: int = 4
+    """Attention heads of the RL token encoder."""
+    prefix_source: Literal["embeddings", "hidden"] = "embeddings"
+    """π0 prefix the encoder reads: the prefix input embeddings, or the VLM's final prefix hidden states."""
+    hidden_dim: int = 512
+    """Width of the actor, critic and value MLPs."""
+    message_dim: int = 16
+    """Width of the learned message (V5)."""
+    max_radius: float = 0.10
+    """Upper bound of the learned residual scale s = max_radius·sigmoid(ρ) (per action dimension)."""
+    init_radius: float = 0.05
+    """Initial residual scale (ρ0 = logit(init_radius / max_radius); 0.05 of 0.10 gives ρ0 = 0)."""
+    explore_std: float = 0.5
+    """Exploration noise added to Δ before the tanh while collecting (the bound still holds); 0 disables."""
+
+    # ---- objective
+    expectile: float = 0.6
+    """IQL expectile τ of the value loss."""
+    beta: float = 3.0
+    """AWR inverse temperature β: weights min(exp(β·A), max_weight)."""
+    max_weight: float = 100.0
+    """Cap of the AWR weights."""
+    polyak: float = 0.005
+    """Target critic update rate."""
+    lr: float = 3e-4
+    """Adam learning rate of every network."""
+    critic_grad_clip: float = 1.0
+    """Gradient-norm clip of the critics and the value."""
+    actor_grad_clip: float = 5.0
+    """Gradient-norm clip of the actor."""
+    lambda_sup: float = 0.1
+    """V5: weight of the message supervision (sender's phase CE, gripper BCE, readiness BCE, pose MSE)."""
+    kl_weight: float = 1e-4
+    """V5: weight of KL(m || N(0, I)) on the message distribution."""
+
+    # ---- data
+    batch_size: int = 256
+    """Transitions per update."""
+    demo_fraction: float = 0.5
+    """Share of each batch from the demonstration buffer (RLPD: 0.5)."""
+    online_capacity: int = 10_000
+    """FIFO online buffer size in chunk transitions."""
+    demo_capacity: int = 10_000
+    """Most demonstration chunk transitions kept (the paper: ≈10k)."""
+    demo_stride: int | None = None
+    """Steps between demonstration chunk starts (default C: non-overlapping chunks)."""
+    updates_per_chunk: float = 1.0
+    """Gradient updates per collected chunk transition (update-to-data ratio)."""
+    learning_starts: int = 256
+    """Online chunk transitions collected before updates begin."""
+    pretrain_updates: int = 0
+    """Updates on demonstration-only batches before collection (IQL offline warm start; 0: none)."""
+    encoder_steps: int = 1000
+    """Steps of RL-token encoder pre-training (reconstruction of the π0 prefix) before RL; then frozen."""
+    encoder_batch: int = 64
+    """Batch size of the encoder pre-training."""
+    encoder_pool: int = 8192
+    """π0 prefixes (per agent) kept in memory for encoder pre-training (reservoir sample of the demos)."""
+    inference_batch: int = 128
+    """Observations per π0 call while building the demonstration buffer."""
+
+    # ---- evaluation and checkpoints
+    eval_every: int = 1000
+    """Chunks between evaluations; each writes a policy checkpoint, the best by success is kept (0: final only)."""
+    eval_episodes: int = 100
+    """Episodes per evaluation, from reset seeds 1..eval_episodes."""
+    save_every: int = 250
+    """Chunks between resumable training-state saves."""
+    log_every: int = 50
+    """Chunks between rows of the training log."""
+    resume: bool = True
+    """Continue from <run>/train_state if it exists."""
+    mode: Literal["train", "eval", "ablation", "probes"] = "train"
+    """train (then evaluate), eval (the best checkpoint again), ablation (Table 2 recipe ladder on the best
+    checkpoint), probes (communication probes, V5/V6)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        get_arch(self.arch)  # clear error listing the six
+        bad = []
+        for name in ("chunks", "chunk", "num_samples", "horizon", "latent_dim", "encoder_width", "encoder_layers",
+                     "encoder_heads", "hidden_dim", "message_dim", "batch_size", "online_capacity", "demo_capacity",
+                     "encoder_batch", "encoder_pool", "inference_batch", "eval_episodes", "save_every", "log_every",
+                     "seeds"):
+            if getattr(self, name) < 1:
+                bad.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if not 0 < self.init_radius < self.max_radius:
+            bad.append(f"init_radius={self.init_radius} (must lie in (0, max_radius={self.max_radius}))")
+        if not 0.0 < self.expectile < 1.0:
+            bad.append(f"expectile={self.expectile} (must lie in (0, 1))")
+        if not 0.0 <= self.demo_fraction <= 1.0:
+            bad.append(f"demo_fraction={self.demo_fraction} (must lie in [0, 1])")
+        if not 0.0 < self.gamma <= 1.0:
+            bad.append(f"gamma={self.gamma} (must lie in (0, 1])")
+        if self.envs < 0 or self.updates_per_chunk < 0 or self.eval_every < 0 or self.explore_std < 0:
+            bad.append("envs, updates_per_chunk, eval_every and explore_std must be >= 0")
+        if self.encoder_width % self.encoder_heads:
+            bad.append(f"encoder_width={self.encoder_width} is not divisible by encoder_heads={self.encoder_heads}")
+        if self.clip_sigma is not None and self.clip_sigma <= 0:
+            bad.append(f"clip_sigma={self.clip_sigma} (must be positive or None)")
+        if bad:
+            raise ValueError("invalid ResidualConfig: " + "; ".join(bad))
+
+    @property
+    def spec(self):
+        return get_arch(self.arch)
+
+    @property
+    def run_root(self) -> Path:
+        return self.out or Path("runs/residual") / self.arch
+
+    def run_dir(self, seed: int) -> Path:
+        return self.run_root / f"seed_{seed}"
+
+    @property
+    def stride(self) -> int:
+        return self.demo_stride or self.chunk
+
+    def replace(self, **changes) -> "ResidualConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_to_json(config: ResidualConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_json(data: dict) -> ResidualConfig:
+    fields = {f.name: f for f in dataclasses.fields(ResidualConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown ResidualConfig fields {unknown}")
+    values = dict(data)
+    for key in ("out", "vla", "vla_joint", "data"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    return ResidualConfig(**values)
+
+
+__all__ = ["ARCHS", "ResidualConfig", "config_from_json", "config_to_json"]

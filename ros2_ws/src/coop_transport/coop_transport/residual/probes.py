@@ -1,0 +1,219 @@
+"""Communication probes on a trained V5 or V6 (seed paper §4): is the channel used, and what does it carry?
+
+Interventions replace what each agent *receives* at every chunk boundary, with everything else unchanged, and
+report closed-loop success on the same reset seeds:
+
+    none          the trained channel (also the recording pass for the others)
+    zeros         the zero message (FiLM's identity: the V4 behaviour)
+    gaussian      noise: N(0, I) for V5 (its prior), the recorded per-dimension mean/std for V6
+    shuffle_time  the partner's message from another boundary of the same episode (recorded pass)
+    shuffle_episode  the partner's message at the same boundary index of another episode (recorded pass)
+    oracle        the partner's full π0 reference chunk (C x 7): V6's own channel; for V5 mapped into message
+                  space by least squares fitted on the recorded pass
+    compression   matched compression: the partner chunk through a 16-D PCA bottleneck (V6: reconstructed to C x 7;
+                  V5: the 16 PCA codes mapped into message space by least squares)
+
+The linear probe fits, on the messages each agent *sent* in the recorded pass, linear/logistic read-outs of the
+sender's phase (5-way), gripper, readiness and 6-D pose (train/test split by episode), and reports test accuracy
+against chance (the majority class of the test set) and the pose R² (chance 0).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+PROBES = ("none", "zeros", "gaussian", "shuffle_time", "shuffle_episode", "oracle", "compression")
+PCA_DIM = 16
+
+
+class Recording:
+    """What the recorded pass saw: per (seed, boundary, agent) the received message; per sample the sent message,
+    the partner's chunk and the sender's labels."""
+
+    def __init__(self, system):
+        self.system = system
+        self.received: dict[tuple[int, int, int], np.ndarray] = {}
+        self.lengths: dict[int, int] = {}
+        self.sent, self.partner_chunk, self.received_rows, self.labels, self.seeds, self.agent = [], [], [], [], [], []
+
+    def __call__(self, b, ctx) -> None:
+        names = self.system.agent_names
+        sent, received = b.sent.cpu().numpy(), b.received.cpu().numpy()
+        for row, (seed, k, labels) in enumerate(zip(ctx["seeds"], ctx["boundary_index"], ctx["labels"])):
+            self.lengths[seed] = max(self.lengths.get(seed, 0), k + 1)
+            for i, name in enumerate(names):
+                j = names.index(self.system.spec.partner(name))
+                self.received[(seed, k, i)] = received[row, i]
+                self.received_rows.append(received[row, i])
+                self.partner_chunk.append(b.ref[row, j].flatten().cpu().numpy())
+                self.sent.append(sent[row, i])
+                self.labels.append({"phase": int(labels[f"{name}_phase"]),
+                                    "gripper": int(labels[f"{name}_gripper_closed"]),
+                                    "ready": int(labels[f"{name}_ready"]), "pose": np.asarray(labels[f"{name}_pose"])})
+                self.seeds.append(seed)
+                self.agent.append(i)
+
+
+def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
+    return np.linalg.lstsq(x1, y, rcond=None)[0]
+
+
+def _apply(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, np.ones((len(x), 1))], 1) @ w
+
+
+class Interventions:
+    """The message replacements, fitted on a recording."""
+
+    def __init__(self, system, rec: Recording, seed: int = 0):
+        self.system, self.rec = system, rec
+        self.rng = np.random.default_rng(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
+        chunks = np.stack(rec.partner_chunk)
+        received = np.stack(rec.received_rows)
+        self.pca_mean = chunks.mean(0)
+        _, _, vt = np.linalg.svd(chunks - self.pca_mean, full_matrices=False)
+        self.pca = vt[:PCA_DIM]  # (16, C*7)
+        self.msg_mean, self.msg_std = received.mean(0), received.std(0) + 1e-6
+        self.learned = system.spec.message == "learned"
+        if self.learned:
+            self.w_oracle = _lstsq(chunks, received)
+            self.w_compress = _lstsq((chunks - self.pca_mean) @ self.pca.T, received)
+
+    def _partner_chunks(self, b) -> np.ndarray:
+        names = self.system.agent_names
+        partner = [names.index(self.system.spec.partner(n)) for n in names]
+        return b.ref[:, partner].flatten(2).cpu().numpy()  # (E, A, C*7)
+
+    def override(self, name: str):
+        if name == "none":
+            return None
+
+        def fn(b, ctx):
+            e, a, m = b.received.shape
+            if name == "zeros":
+                return torch.zeros_like(b.received)
+            if name == "gaussian":
+                noise = torch.randn((e, a, m), generator=self.torch_gen).to(b.received.device)
+                if self.learned:
+                    return noise
+                return noise * torch.as_tensor(self.msg_std, device=noise.device) + torch.as_tensor(
+                    self.msg_mean, device=noise.device)
+            if name in ("shuffle_time", "shuffle_episode"):
+                out = np.empty((e, a, m), dtype=np.float32)
+                seeds = sorted(self.rec.lengths)
+                for row, (seed, k) in enumerate(zip(ctx["seeds"], ctx["boundary_index"])):
+                    for i in range(a):
+                        if name == "shuffle_time":
+                            n = self.rec.lengths.get(seed, 1)
+                            choices = [x for x in range(n) if x != k] or [0]
+                            key = (seed, int(self.rng.choice(choices)), i)
+                        else:
+                            others = [s for s in seeds if s != seed] or seeds
+                            other = int(self.rng.choice(others))
+                            key = (other, min(k, self.rec.lengths[other] - 1), i)
+                        out[row, i] = self.rec.received[key]
+                return torch.as_tensor(out, device=b.received.device)
+            chunks = self._partner_chunks(b).reshape(e * a, -1)
+            if name == "oracle":
+                out = _apply(self.w_oracle, chunks) if self.learned else chunks
+            elif name == "compression":
+                codes = (chunks - self.pca_mean) @ self.pca.T
+                out = _apply(self.w_compress, codes) if self.learned else codes @ self.pca + self.pca_mean
+            else:
+                raise ValueError(f"unknown probe {name!r}; known: {PROBES}")
+            return torch.as_tensor(out.reshape(e, a, m), dtype=torch.float32, device=b.received.device)
+
+        return fn
+
+
+# ------------------------------------------------------------------------------------------------ linear probe
+def _logistic(x_train, y_train, x_test, classes: int, steps: int = 200, l2: float = 1e-3) -> np.ndarray:
+    """Multinomial logistic regression (L-BFGS); returns test predictions."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.as_tensor((x_train - mean) / std, dtype=torch.float64)
+    yt = torch.as_tensor(y_train, dtype=torch.long)
+    w = torch.zeros(xt.shape[1] + 1, classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+    x1 = torch.cat([xt, torch.ones(len(xt), 1, dtype=torch.float64)], 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x1 @ w, yt) + l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    xs = torch.as_tensor((x_test - mean) / std, dtype=torch.float64)
+    with torch.no_grad():
+        return (torch.cat([xs, torch.ones(len(xs), 1, dtype=torch.float64)], 1) @ w).argmax(1).numpy()
+
+
+def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray, train_fraction: float = 0.7
+                 ) -> dict:
+    """Test accuracy (and chance) of phase, gripper, readiness and R² of pose read linearly from messages."""
+    uniq = np.unique(episodes)
+    train_eps = set(uniq[: max(1, int(round(train_fraction * len(uniq))))].tolist())
+    train = np.array([e in train_eps for e in episodes])
+    test = ~train if (~train).any() else train
+    out = {}
+    for key, classes in (("phase", 5), ("gripper", 2), ("ready", 2)):
+        y = np.array([lab[key] for lab in labels])
+        pred = _logistic(messages[train], y[train], messages[test], classes)
+        chance = np.bincount(y[test], minlength=classes).max() / test.sum()
+        out[key] = {"accuracy": float((pred == y[test]).mean()), "chance": float(chance)}
+    pose = np.stack([lab["pose"] for lab in labels])
+    w = _lstsq(messages[train], pose[train])
+    resid = ((_apply(w, messages[test]) - pose[test]) ** 2).sum(0)
+    total = ((pose[test] - pose[test].mean(0)) ** 2).sum(0) + 1e-12
+    out["pose"] = {"r2": float(np.mean(1.0 - resid / total)), "chance": 0.0}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -> dict:
+    """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/)."""
+    from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
+    from coop_transport.residual.rollout import make_pool
+    from coop_transport.residual.train import evaluate_system, sim_config_for
+
+    run = config.run_dir(seed)
+    system = load_policy(run, config.device)
+    if system.spec.message == "none":
+        raise ValueError(f"{system.spec.name} has no message channel: probes apply to V5 and V6")
+    own = pool is None
+    pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
+                             config.ray_address)
+    checkpoint = str(resolve_policy_dir(run))
+    results = {}
+    try:
+        rec = Recording(system)
+        summary = evaluate_system(system, pool, config.eval_episodes, run / "probes" / "none", "probe none",
+                                  {"checkpoint": checkpoint, "probe": "none"}, recorder=rec, progress=config.progress)
+        results["none"] = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95")}
+        interventions = Interventions(system, rec, seed)
+        for name in probes:
+            if name == "none":
+                continue
+            summary = evaluate_system(system, pool, config.eval_episodes, run / "probes" / name, f"probe {name}",
+                                      {"checkpoint": checkpoint, "probe": name},
+                                      message_override=interventions.override(name), progress=config.progress)
+            results[name] = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95")}
+    finally:
+        if own:
+            pool.close()
+    sent, agent, seeds = np.stack(rec.sent), np.array(rec.agent), np.array(rec.seeds)
+    per_agent = {}
+    for i, name in enumerate(system.agent_names):
+        sel = agent == i
+        per_agent[name] = linear_probe(sent[sel], [lab for lab, s in zip(rec.labels, sel) if s], seeds[sel])
+    mean = {key: {k: float(np.mean([per_agent[a][key][k] for a in per_agent])) for k in per_agent[
+        system.agent_names[0]][key]} for key in ("phase", "gripper", "ready", "pose")}
+    payload = {"arch": system.spec.name, "seed": seed, "checkpoint": checkpoint, "interventions": results,
+               "linear_probe": {**mean, "per_agent": per_agent}, "samples": int(len(sent))}
+    (run / "probes.json").write_text(json.dumps(payload, indent=2))
+    return payload

@@ -1,0 +1,282 @@
+"""The paper's tables from run directories: Table 1 (architectures), Table 2 (recipe ablation on V4), plots, and a
+paired V4-vs-V5 test across seeds.
+
+Inputs are the ``result.json`` files ``training/residual.py`` writes (one per seed: the best checkpoint's success
+at n episodes on reset seeds 1..n) and the ``ablation.json`` files of ``--mode ablation``. ``write_report`` writes
+``report.md``, ``report.json``, ``table1.png`` (success per architecture, per-seed dots) and ``curves.png``
+(success against training chunks) into one directory.
+
+Statistics: a method with several seeds is reported as the mean ± standard error over seeds (per-seed range
+beside it); a single run (B1, B2, one seed) as its success with the Wilson 95% interval. The paired test pairs V4
+and V5 by seed: paired t-test (two- and one-sided) and the exact sign-flip permutation test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from coop_transport.residual.architectures import ARCHS
+from coop_transport.utils.stats import wilson_interval
+
+RESULT_JSON = "result.json"
+ABLATION_JSON = "ablation.json"
+PAPER = {"B1": 30.0, "B2": 32.0, "V3": 27.5, "V4": 38.2, "V5": 41.2, "V6": 41.0}
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def find_results(paths: list[Path]) -> dict[str, list[dict]]:
+    """arch -> result dicts (sorted by seed) under the given run directories (searched recursively)."""
+    out: dict[str, list[dict]] = {}
+    for path in paths:
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(path.rglob(RESULT_JSON))
+        for f in files:
+            r = json.loads(f.read_text())
+            r["_dir"] = str(f.parent)
+            out.setdefault(r["arch"], []).append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def find_ablations(paths: list[Path]) -> list[dict]:
+    out = []
+    for path in paths:
+        for f in sorted(Path(path).rglob(ABLATION_JSON)):
+            out.append(json.loads(f.read_text()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def method_summary(results: list[dict]) -> dict:
+    rates = np.array([r["success_rate"] for r in results], dtype=np.float64)
+    row = {"seeds": len(results), "mean": float(rates.mean()), "per_seed": rates.tolist()}
+    if len(results) > 1:
+        row["se"] = float(rates.std(ddof=1) / math.sqrt(len(rates)))
+    else:
+        r = results[0]
+        row["wilson95"] = list(wilson_interval(r["successes"], r["episodes"]))
+        row["episodes"] = r["episodes"]
+    return row
+
+
+def _t_sf(t: float, dof: int) -> float:
+    """P(T > t) of Student's t (scipy when present, else numerical integration of the density)."""
+    try:
+        from scipy import stats
+
+        return float(stats.t.sf(t, dof))
+    except ImportError:  # pragma: no cover - scipy is normally present
+        x = np.linspace(abs(t), abs(t) + 200.0, 400_001)
+        c = math.gamma((dof + 1) / 2) / (math.sqrt(dof * math.pi) * math.gamma(dof / 2))
+        tail = float(np.trapz(c * (1 + x * x / dof) ** (-(dof + 1) / 2), x))
+        return tail if t >= 0 else 1.0 - tail
+
+
+def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """b - a paired by seed: mean difference, paired t (two- and one-sided for b > a), exact sign-flip p."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = np.array([b[s] - a[s] for s in seeds])
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    n = len(d)
+    if sd == 0:
+        t, p_two, p_one = (math.inf if mean > 0 else -math.inf if mean < 0 else 0.0), float(mean == 0), float(mean <= 0)
+    else:
+        t = mean / (sd / math.sqrt(n))
+        p_one = _t_sf(t, n - 1)
+        p_two = 2 * min(p_one, 1 - p_one)
+    flips = [np.mean(np.array(signs) * np.abs(d)) for signs in itertools.product([-1, 1], repeat=n)]
+    p_perm = float(np.mean([abs(f) >= abs(mean) - 1e-12 for f in flips]))
+    return {"seeds": seeds, "differences": d.tolist(), "mean_difference": mean, "t": t, "p_two_sided": p_two,
+            "p_one_sided": p_one, "p_sign_flip_two_sided": p_perm,
+            "same_direction": bool(np.all(d > 0) or np.all(d < 0))}
+
+
+# -------------------------------------------------------------------------------------------------------- tables
+def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
+    lines = ["| Method | Success | Std err / 95% CI | Seeds | Per-seed | Paper |", "|---|---|---|---|---|---|"]
+    rows = {}
+    for arch, spec in ARCHS.items():
+        if arch not in results:
+            continue
+        s = method_summary(results[arch])
+        rows[arch] = s
+        spread = (f"±{100 * s['se']:.1f}%" if "se" in s else
+                  f"[{100 * s['wilson95'][0]:.1f}, {100 * s['wilson95'][1]:.1f}]")
+        seeds = str(s["seeds"]) if s["seeds"] > 1 or spec.trains else "—"
+        per_seed = ", ".join(f"{100 * v:.0f}" for v in s["per_seed"])
+        name = f"**{arch} {spec.description}**" if spec.vla_variant == "per-arm" and spec.trains else \
+            f"{arch} {spec.description}"
+        lines.append(f"| {name} | {100 * s['mean']:.1f}% | {spread} | {seeds} | {per_seed} | {PAPER[arch]:.1f}% |")
+    return "\n".join(lines) + "\n", rows
+
+
+def table2_markdown(ablations: list[dict]) -> tuple[str, dict]:
+    """Rows of the ladder averaged over V4 seeds; Δ cumulative against the first row, Δ marginal against the
+    previous applicable row."""
+    v4 = [a for a in ablations if a.get("arch") == "V4"] or ablations
+    if not v4:
+        return "", {}
+    names = [r["name"] for r in v4[0]["rows"]]
+    means = {}
+    for name in names:
+        values = [r["success_rate"] for a in v4 for r in a["rows"] if r["name"] == name and r["success_rate"]
+                  is not None]
+        means[name] = float(np.mean(values)) if values else None
+    lines = ["| Configuration | Success | Δ cumulative | Δ marginal | Seeds |", "|---|---|---|---|---|"]
+    base, previous = means[names[0]], None
+    for name in names:
+        m = means[name]
+        if m is None:
+            lines.append(f"| {name} | n/a (the residual acts on {v4[0].get('chunk', 10)}-step chunks) | — | — | — |")
+            continue
+        cum = "—" if previous is None else f"{100 * (m - base):+.2f} pp"
+        mar = "—" if previous is None else f"{100 * (m - previous):+.2f} pp"
+        lines.append(f"| {name} | {100 * m:.2f}% | {cum} | {mar} | {len(v4)} |")
+        previous = m
+    return "\n".join(lines) + "\n", means
+
+
+# --------------------------------------------------------------------------------------------------------- plots
+def plot_table1(rows: dict, results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    x = np.arange(len(archs))
+    means = [100 * rows[a]["mean"] for a in archs]
+    errs = [100 * rows[a].get("se", 0.0) for a in archs]
+    ax.bar(x, means, yerr=errs, capsize=4, color=["#999" if not ARCHS[a].trains else "#4a7" for a in archs])
+    for i, a in enumerate(archs):
+        ax.scatter([i] * len(results[a]), [100 * r["success_rate"] for r in results[a]], color="k", s=10, zorder=3)
+        ax.scatter([i], [PAPER[a]], marker="_", color="r", s=300, zorder=4, label="paper" if i == 0 else None)
+    ax.set_xticks(x, archs)
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for arch, rs in results.items():
+        for i, r in enumerate(rs):
+            if r.get("evals"):
+                ax.plot([e["chunks"] for e in r["evals"]], [100 * e["success_rate"] for e in r["evals"]], "o-",
+                        alpha=0.7, color=f"C{list(ARCHS).index(arch)}", label=arch if i == 0 else None)
+    ax.set_xlabel("training chunks")
+    ax.set_ylabel("success (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(paths: list[Path], out: Path) -> dict:
+    """Table 1 + Table 2 + paired test as report.md / report.json, and the plots, under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = find_results(paths)
+    if not results:
+        raise FileNotFoundError(f"no {RESULT_JSON} under {[str(p) for p in paths]}")
+    t1, rows = table1_markdown(results)
+    t2, ladder = table2_markdown(find_ablations(paths))
+    paired = None
+    if "V4" in results and "V5" in results:
+        paired = paired_test({r["seed"]: r["success_rate"] for r in results["V4"]},
+                             {r["seed"]: r["success_rate"] for r in results["V5"]})
+    md = ["# Cooperative residual RL on TwoArmTransport", "",
+          "## Table 1: closed-loop success (best checkpoint per seed, reset seeds 1..n)", "", t1]
+    if t2:
+        md += ["## Table 2: inference-recipe ablation on V4", "", t2]
+    if paired:
+        md += ["## Paired test, V5 - V4 across seeds", "",
+               f"mean difference {100 * paired['mean_difference']:+.2f} pp over seeds {paired['seeds']}; paired t = "
+               f"{paired['t']:.3f}, p = {paired['p_two_sided']:.3f} (two-sided), {paired['p_one_sided']:.3f} "
+               f"(one-sided, V5 > V4); exact sign-flip p = {paired['p_sign_flip_two_sided']:.3f}; same direction in "
+               f"every seed: {'yes' if paired['same_direction'] else 'no'}", ""]
+    probes = [json.loads(f.read_text()) for p in paths for f in sorted(Path(p).rglob("probes.json"))]
+    if probes:
+        md += ["## Communication probes", "", probes_markdown(probes)]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    payload = {"table1": rows, "table2": ladder, "paired_v4_v5": paired, "probes": probes}
+    (out / "report.json").write_text(json.dumps(payload, indent=2))
+    plot_table1(rows, results, out / "table1.png")
+    plot_curves(results, out / "curves.png")
+    return payload
+
+
+def probes_markdown(probes: list[dict]) -> str:
+    lines = ["| Arch | Seed | Probe | Success |", "|---|---|---|---|"]
+    for p in probes:
+        for name, r in p["interventions"].items():
+            lines.append(f"| {p['arch']} | {p['seed']} | {name} | {100 * r['success_rate']:.1f}% |")
+    lines += ["", "| Arch | Seed | Phase acc (chance) | Gripper acc (chance) | Ready acc (chance) | Pose R² |",
+              "|---|---|---|---|---|---|"]
+    for p in probes:
+        lp = p["linear_probe"]
+        lines.append(f"| {p['arch']} | {p['seed']} | {100 * lp['phase']['accuracy']:.0f}% "
+                     f"({100 * lp['phase']['chance']:.0f}%) | {100 * lp['gripper']['accuracy']:.0f}% "
+                     f"({100 * lp['gripper']['chance']:.0f}%) | {100 * lp['ready']['accuracy']:.0f}% "
+                     f"({100 * lp['ready']['chance']:.0f}%) | {lp['pose']['r2']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ Table 2 evaluation
+def run_ablation(config, seed: int, pool=None) -> dict:
+    """Evaluate a run's best checkpoint under every row of ``recipe.ABLATION_LADDER`` -> <run>/ablation.json.
+
+    The ladder's chunk-10 rows run at the residual's trained chunk; a row with another chunk length (chunk 25) does
+    not apply to a residual policy, whose deltas are C steps long (n/a, the paper's "where applicable")."""
+    from coop_transport.recipe import ABLATION_LADDER
+    from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
+    from coop_transport.residual.rollout import make_pool
+    from coop_transport.residual.train import evaluate_system, sim_config_for
+
+    run = config.run_dir(seed)
+    base = load_policy(run, config.device)
+    own = pool is None
+    pool = pool or make_pool(config.envs, sim_config_for(config, base.vla.image_size, False), config.gamma,
+                             config.ray_address)
+    rows = []
+    try:
+        base_chunk = next(iter(ABLATION_LADDER.values())).execute_steps  # the ladder's training chunk (10)
+        for i, (name, recipe) in enumerate(ABLATION_LADDER.items()):
+            if base.spec.residual and recipe.execute_steps == base_chunk:
+                recipe = recipe.with_(execute_steps=base.chunk)  # "chunk 10" rows: the residual's trained chunk
+            if base.spec.residual and recipe.execute_steps != base.chunk:
+                rows.append({"name": name, "recipe": recipe.__dict__, "success_rate": None})
+                continue
+            system = base.with_recipe(recipe)
+            summary = evaluate_system(system, pool, config.eval_episodes, run / "ablation" / f"row_{i}", name,
+                                      {"checkpoint": str(resolve_policy_dir(run)), "recipe": recipe.__dict__},
+                                      progress=config.progress)
+            rows.append({"name": name, "recipe": recipe.__dict__, "success_rate": summary["success_rate"],
+                         "successes": summary["successes"], "episodes": summary["episodes"]})
+    finally:
+        if own:
+            pool.close()
+    payload = {"arch": base.spec.name, "seed": seed, "chunk": base.chunk, "rows": rows}
+    (run / ABLATION_JSON).write_text(json.dumps(payload, indent=2))
+    return payload

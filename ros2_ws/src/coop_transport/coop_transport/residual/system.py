@@ -1,0 +1,250 @@
+"""One architecture at inference: frozen π0 + the agents' networks, batched over environments (Figure 2, right).
+
+``ResidualSystem.boundary(observations)`` is what happens at a chunk boundary for E environments at once:
+
+1. π0 (frozen, one batched call over all E x A agent rows, mean-of-N and ±kσ clipping of the recipe) gives each
+   agent its reference chunk ``ref`` (C, D) and its prefix tokens;
+2. each agent's frozen RL token encoder maps prefix + proprioception to z;
+3. messages: V5 agents emit m_i from their message head (sampled in training, the mean otherwise), V6 agents
+   send their reference chunk; agent i receives its partner's (``received``); an optional ``message_override``
+   replaces what is received (the communication probes);
+4. each agent's actor gives the executed chunk clip(ref + s tanh(Δ + noise), -1, 1) (noise only when exploring).
+
+Rows are environment-major: per-arm architectures put robot0 then robot1 of environment e at rows 2e, 2e + 1.
+The same code serves training rollouts, batched evaluation, the evaluation-registry controller and the ROS node's
+``ArmPolicy`` (which runs one agent of one environment: ``agent_plan``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from coop_transport.adapters import arm_images, joint_images, joint_proprio
+from coop_transport.constants import ARMS
+from coop_transport.recipe import ClipCounters, RecipeConfig, reduce_chunk
+from coop_transport.residual.architectures import ArchSpec
+from coop_transport.residual.networks import ResidualAgent
+from coop_transport.sim.env import arm_observation
+
+
+@dataclass
+class Boundary:
+    """Everything computed at one chunk boundary for E environments and A agents."""
+
+    ref: torch.Tensor  # (E, A, C, D) π0 reference chunks (recipe applied)
+    proprio: torch.Tensor  # (E, A, P) normalized proprioception
+    latent: torch.Tensor | None  # (E, A, Z) RL tokens (None without residual)
+    sent: torch.Tensor | None  # (E, A, M) messages each agent emits (None without a message)
+    received: torch.Tensor | None  # (E, A, M) messages each agent receives
+    action: torch.Tensor | None = None  # (E, A, C, D) executed chunks
+    prefix: torch.Tensor | None = None  # (E * A, L, D_vlm) π0 prefix tokens (kept on request)
+    prefix_mask: torch.Tensor | None = None  # (E * A, L)
+
+    def joint_action(self) -> np.ndarray:
+        """(E, C, 14) float64: robot0's 7 then robot1's 7 (per-arm), or the joint chunk as it is."""
+        a = self.action if self.action is not None else self.ref
+        e, n_agents, c, d = a.shape
+        return a.permute(0, 2, 1, 3).reshape(e, c, n_agents * d).double().cpu().numpy()
+
+
+MessageOverride = Callable[[Boundary, dict], torch.Tensor]
+
+
+def make_agents(spec: ArchSpec, config, vla) -> nn.ModuleDict:
+    """Fresh agents for ``spec`` sized from the π0 checkpoint (prefix width and length) and ``config``."""
+    pc = vla.config
+    prefix_dim = pc.vlm.width
+    prefix_len = pc.num_prefix_tokens
+    received = spec.message_dim(config.message_dim, config.chunk)
+    learned = config.message_dim if spec.message == "learned" else 0
+    return nn.ModuleDict({
+        name: ResidualAgent(prefix_dim, prefix_len, spec.proprio_dim, config.chunk, spec.action_dim, received,
+                            learned, config)
+        for name in spec.agents
+    })
+
+
+class ResidualSystem:
+    """Frozen π0 (per-arm or joint) and, for V3-V6, one ``ResidualAgent`` per agent."""
+
+    def __init__(self, spec: ArchSpec, config, vla, agents: nn.ModuleDict | None, device: torch.device,
+                 recipe: RecipeConfig | None = None):
+        self.spec, self.config, self.vla, self.device = spec, config, vla, torch.device(device)
+        if vla.variant != spec.vla_variant:
+            raise ValueError(f"{spec.name} needs a {spec.vla_variant} π0 policy, got a {vla.variant} one")
+        if recipe is None:
+            default_c = config.chunk if spec.residual else (
+                config.baseline_chunk or (10 if spec.vla_variant == "per-arm" else 25))
+            recipe = RecipeConfig(execute_steps=default_c, num_samples=config.num_samples,
+                                  clip_sigma=config.clip_sigma)
+        if spec.residual and recipe.execute_steps != config.chunk:
+            raise ValueError(f"the residual acts on chunks of {config.chunk} steps; a recipe with "
+                             f"execute_steps={recipe.execute_steps} does not apply")
+        if recipe.execute_steps > vla.horizon:
+            raise ValueError(f"chunk {recipe.execute_steps} exceeds the π0 policy's horizon {vla.horizon}")
+        self.recipe = recipe
+        self.agents = agents.to(self.device) if agents is not None else None
+        self.state_mean = torch.as_tensor(vla.state_mean, device=self.device)
+        self.state_std = torch.as_tensor(vla.state_std, device=self.device)
+        self.counters = ClipCounters()
+        self.pose_mean = torch.zeros(6, device=self.device)  # sender-pose standardization for V5 (set from demos)
+        self.pose_std = torch.ones(6, device=self.device)
+
+    def with_recipe(self, recipe: RecipeConfig) -> "ResidualSystem":
+        """The same π0 and networks under another inference recipe (Table 2's ablation, ROS parameters)."""
+        other = ResidualSystem(self.spec, self.config, self.vla, self.agents, self.device, recipe)
+        other.pose_mean, other.pose_std = self.pose_mean, self.pose_std
+        return other
+
+    @property
+    def agent_names(self) -> tuple[str, ...]:
+        return self.spec.agents
+
+    @property
+    def chunk(self) -> int:
+        return self.recipe.execute_steps
+
+    # ---------------------------------------------------------------------------------------------- π0 rows
+    def rows(self, observations: list[dict]) -> tuple[list[dict], list[np.ndarray], list[str]]:
+        """π0 inputs (images per slot, raw state, prompt) of every agent of every environment, environment-major.
+
+        An observation is a simulation observation, or pre-split: ``{arm: arm_observation}`` (per-arm) or
+        ``{"joint": {"images": {slot: image}, "proprio": (36,)}}`` (joint).
+        """
+        images, states, prompts = [], [], []
+        for obs in observations:
+            if self.spec.vla_variant == "per-arm":
+                for arm in ARMS:
+                    view = obs[arm] if arm in obs else arm_observation(obs, arm)  # per-arm dicts accepted as-is
+                    images.append(arm_images(view))
+                    states.append(view["proprio"])
+                    prompts.append(self.vla.prompts[arm])
+            elif "joint" in obs:  # pre-split: {"joint": {"images": {slot: image}, "proprio": (36,)}} (demonstrations)
+                images.append(obs["joint"]["images"])
+                states.append(obs["joint"]["proprio"])
+                prompts.append(self.vla.prompts["joint"])
+            else:
+                images.append(joint_images(obs))
+                states.append(joint_proprio(obs))
+                prompts.append(self.vla.prompts["joint"])
+        return images, states, prompts
+
+    @torch.no_grad()
+    def vla_infer(self, images, states, prompts, generator: torch.Generator, keep_prefix: bool = True):
+        """Reference chunks (R, C, D) float32 and prefix tokens (R, L, D_vlm), mask (R, L) for R rows."""
+        vla, n = self.vla, self.recipe.num_samples
+        batch = vla.make_batch(images, states, prompts)
+        rows = len(states)
+        pc = vla.config
+        noise = torch.randn((rows * n, pc.action_horizon, pc.action_pad_dim), generator=generator)
+        samples, cache = vla.sample_batch(batch, n, noise=noise.to(self.device), return_prefix=True)
+        refs = np.stack([reduce_chunk(s, self.recipe, vla.action_mean, vla.action_std, self.counters)
+                         for s in samples])  # (R, C, D)
+        prefix = cache.prefix_embeddings if self.config.prefix_source == "embeddings" else cache.prefix_hidden
+        ref = torch.as_tensor(refs, dtype=torch.float32, device=self.device)
+        return ref, (prefix.float() if keep_prefix else None), cache.prefix_mask
+
+    @torch.no_grad()
+    def vla_prefix(self, images, states, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix tokens (R, L, D_vlm) float32 and mask (R, L) without sampling actions."""
+        batch = self.vla.make_batch(images, states, prompts)
+        if self.config.prefix_source == "embeddings":
+            prefix, mask = self.vla.model.embed_prefix(batch)
+        else:
+            cache = self.vla.model.prepare_prefix(batch, 1)
+            prefix, mask = cache.prefix_hidden, cache.prefix_mask
+        return prefix.float(), mask
+
+    def normalize_proprio(self, states: list[np.ndarray]) -> torch.Tensor:
+        raw = torch.as_tensor(np.stack(states), dtype=torch.float32, device=self.device)
+        return (raw - self.state_mean) / self.state_std
+
+    # --------------------------------------------------------------------------------------------- boundary
+    @torch.no_grad()
+    def boundary(self, observations: list[dict], generator: torch.Generator, explore: bool = False,
+                 deterministic: bool = True, message_override: MessageOverride | None = None,
+                 context: dict | None = None, keep_prefix: bool = False) -> Boundary:
+        """π0 + encoders + messages + actors for E environments (see the module docstring)."""
+        e, n_agents = len(observations), len(self.agent_names)
+        images, states, prompts = self.rows(observations)
+        ref, prefix, mask = self.vla_infer(images, states, prompts, generator)
+        ref = ref.view(e, n_agents, *ref.shape[1:])
+        proprio = self.normalize_proprio(states).view(e, n_agents, -1)
+        out = Boundary(ref=ref, proprio=proprio, latent=None, sent=None, received=None)
+        if keep_prefix:
+            out.prefix, out.prefix_mask = prefix, mask
+        if self.agents is None:
+            out.action = ref
+            return out
+        prefix = prefix.view(e, n_agents, *prefix.shape[1:])
+        mask = mask.view(e, n_agents, -1)
+        out.latent = torch.stack([self.agents[a].encoder(prefix[:, i], mask[:, i], proprio[:, i])
+                                  for i, a in enumerate(self.agent_names)], dim=1)  # (E, A, Z)
+        out.sent, out.received = self.messages(out.latent, proprio, ref, generator, deterministic)
+        if message_override is not None and out.received is not None:
+            out.received = message_override(out, context or {})
+        out.action = self.act(out, generator, explore)
+        return out
+
+    def messages(self, latent, proprio, ref, generator=None, deterministic=True):
+        """(sent, received), each (B, A, M), or (None, None) without a message. Used by rollouts and updates."""
+        kind = self.spec.message
+        if kind == "none":
+            return None, None
+        if kind == "learned":
+            sent = torch.stack([self.agents[a].message(latent[:, i], proprio[:, i], generator, deterministic)
+                                for i, a in enumerate(self.agent_names)], dim=1)
+        else:  # "chunk": the raw reference chunk (C x 7 -> C*7)
+            sent = ref.flatten(2)
+        partner = [self.agent_names.index(self.spec.partner(a)) for a in self.agent_names]
+        return sent, sent[:, partner]
+
+    def act(self, b: Boundary, generator: torch.Generator, explore: bool) -> torch.Tensor:
+        """Executed chunks (E, A, C, D) from a boundary's latents, references and received messages."""
+        actions = []
+        for i, name in enumerate(self.agent_names):
+            actor = self.agents[name].actor
+            noise = None
+            if explore and self.config.explore_std > 0:
+                noise = self.config.explore_std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
+            received = b.received[:, i] if b.received is not None else None
+            actions.append(actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, noise))
+        return torch.stack(actions, dim=1)
+
+    # ------------------------------------------------------------------------------------ one agent (ROS node)
+    @torch.no_grad()
+    def agent_plan(self, arm: str, arm_obs: dict, generator: torch.Generator,
+                   received: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """One per-arm agent alone: (C, 7) executed chunk and the message it sends (V5 (16,), V6 (C, 7), else
+        None). ``received`` is the partner's latest message; None (missing or stale) is the zero message, which
+        FiLM maps to the identity."""
+        if self.spec.vla_variant != "per-arm":
+            raise ValueError(f"{self.spec.name} is not a per-arm architecture")
+        ref, prefix, mask = self.vla_infer([arm_images(arm_obs)], [arm_obs["proprio"]], [self.vla.prompts[arm]],
+                                           generator)
+        if self.agents is None:
+            return ref[0].cpu().numpy(), None
+        agent = self.agents[arm]
+        proprio = self.normalize_proprio([arm_obs["proprio"]])
+        z = agent.encoder(prefix, mask, proprio)
+        sent = None
+        if self.spec.message == "learned":
+            sent = agent.message(z, proprio, deterministic=True)[0].cpu().numpy()
+        elif self.spec.message == "chunk":
+            sent = ref[0].cpu().numpy()
+        message = None
+        if agent.received_dim:
+            message = torch.zeros(1, agent.received_dim, device=self.device)
+            if received is not None:
+                flat = np.asarray(received, dtype=np.float32).reshape(-1)
+                if flat.shape[0] != agent.received_dim:
+                    raise ValueError(f"partner message has {flat.shape[0]} values, {self.spec.name} expects "
+                                     f"{agent.received_dim}")
+                message = torch.as_tensor(flat, device=self.device)[None]
+        action = agent.actor(z, proprio, ref, message)
+        return action[0].cpu().numpy(), sent

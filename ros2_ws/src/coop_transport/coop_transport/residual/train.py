@@ -1,0 +1,329 @@
+"""The training loop of cooperative residual RL (seed paper §3.3), resumable, and the evaluation of a run.
+
+``run(config)`` does every seed of ``config`` (``--seeds``) with one pool of simulations; ``train(config, seed)`` is
+one seed:
+
+    load the frozen π0 -> build the agents -> demonstration buffer (+ encoder pre-training) -> [offline warm start]
+    loop until ``config.chunks`` chunks are collected:
+        one chunk in every environment (Collector.step), finished transitions into the FIFO online buffer
+        ``updates_per_chunk`` updates per collected chunk on RLPD batches (once ``learning_starts`` are online)
+        every ``eval_every`` chunks: evaluate (seeds 1..n), save a policy checkpoint, keep the best by success
+        every ``save_every`` chunks: save the resumable training state
+    write result.json (best checkpoint, its success, the evaluation history, speeds)
+
+B1 and B2 train nothing: they are evaluated once and written in the same format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coop_transport.residual.architectures import get_arch
+from coop_transport.residual.buffers import ReplayBuffer, RLPDSampler, transition_fields
+from coop_transport.residual.checkpoint import (BEST_JSON, STATE_JSON, load_train_state, save_policy,
+                                                save_train_state)
+from coop_transport.residual.config import ResidualConfig, config_to_json
+from coop_transport.residual.rollout import Collector, EnvPool, make_pool, run_episodes
+
+EVAL_NOISE_SEED = 20_241_124  # π0 noise of every evaluation: checkpoints are compared on the same noise stream
+RESULT_JSON = "result.json"
+
+
+def load_vla(config: ResidualConfig, device: str):
+    from coop_transport.pi0_policy import Pi0Policy
+
+    spec = get_arch(config.arch)
+    if spec.vla_variant == "joint":
+        if config.vla_joint is None:
+            raise ValueError(f"{spec.name} runs on the joint π0 policy: pass --vla-joint DIR (train one with "
+                             "python training/imitation.py --variant joint)")
+        return Pi0Policy.load(config.vla_joint, device=device)
+    return Pi0Policy.load(config.vla, device=device)
+
+
+def sim_config_for(config: ResidualConfig, image_size: int, training: bool = True):
+    from coop_transport.sim import SimConfig
+
+    return SimConfig(wrist_cameras=True, agentview=True, image_size=image_size, horizon=config.horizon,
+                     shaped_reward=config.shaped_reward and training, shaping_gamma=config.gamma)
+
+
+def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, label: str, args: dict,
+                    message_override=None, recorder=None, progress: bool = False) -> dict:
+    """Closed-loop success of ``system`` on reset seeds 1..episodes; summary.json/.md under ``out``."""
+    from tqdm import tqdm
+
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, summarize, write_summary
+
+    before = (system.counters.actions, system.counters.clipped_actions)
+    start = time.perf_counter()
+    bar = tqdm(total=episodes, desc=f"eval {label}", disable=not progress, leave=False, dynamic_ncols=True)
+
+    def tick(results):
+        bar.update(1)
+        bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
+
+    results = run_episodes(system, pool, list(range(1, episodes + 1)), torch.Generator().manual_seed(EVAL_NOISE_SEED),
+                           message_override=message_override, recorder=recorder, progress=tick)
+    bar.close()
+    for r in results:
+        r["stats"] = {}
+    results[0]["stats"] = {"clip_actions": system.counters.actions - before[0],
+                           "clip_clipped_actions": system.counters.clipped_actions - before[1]}
+    spec = ControllerSpec("residual", args, label)
+    summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
+                                         horizon=system.config.horizon), results, time.perf_counter() - start)
+    if out is not None:
+        write_summary(summary, Path(out))
+    return summary
+
+
+def _write_result(run: Path, payload: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".{RESULT_JSON}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(run / RESULT_JSON)
+
+
+def _write_log(run: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "chunks", k))
+    with open(run / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, device) -> dict:
+    """B1 / B2: the π0 policy under the recipe, no residual; written like a trained run's result."""
+    from coop_transport.residual.system import ResidualSystem
+
+    spec = config.spec
+    run = config.run_dir(seed)
+    system = ResidualSystem(spec, config, vla, None, device)
+    start = time.perf_counter()
+    summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / "final", spec.name,
+                              {"arch": spec.name, "vla": str(config.vla_joint if spec.vla_variant == "joint"
+                                                                else config.vla)}, progress=config.progress)
+    result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None,
+              "success_rate": summary["success_rate"], "successes": summary["successes"],
+              "episodes": summary["episodes"], "wilson95": summary["wilson95"], "evals": [],
+              "wall_s": time.perf_counter() - start, "config": config_to_json(config)}
+    _write_result(run, result)
+    return result
+
+
+def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_after: int | None = None) -> dict:
+    """Train (or resume) one seed; returns the result dict (also <run>/result.json).
+
+    ``stop_after``: return after that many chunks as if killed there (tests of resumption), without evaluating.
+    """
+    from tqdm import tqdm
+
+    from coop_transport.pi0_policy import resolve_device
+    from coop_transport.residual.demos import build_demo_buffer
+    from coop_transport.residual.system import ResidualSystem, make_agents
+    from coop_transport.residual.update import Learner
+
+    spec = config.spec
+    run = config.run_dir(seed)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(seed)
+    vla = load_vla(config, str(device))
+    own_pool = pool is None
+    if own_pool:
+        pool = make_pool(config.envs, sim_config_for(config, vla.image_size), config.gamma, config.ray_address)
+    try:
+        if not spec.residual:
+            return evaluate_baseline(config, seed, pool, vla, device)
+        system = ResidualSystem(spec, config, vla, make_agents(spec, config, vla), device)
+        learner = Learner(system, config)
+        generator = torch.Generator().manual_seed(seed)  # batch sampling, message noise in updates, demo π0 noise
+        collector = Collector(system, pool, seed, config.gamma)
+        fields = transition_fields(len(spec.agents), config.latent_dim, spec.proprio_dim, config.chunk,
+                                   spec.action_dim)
+        online = ReplayBuffer(fields, config.online_capacity, device)
+        state_dir = run / "train_state"
+        t_start = time.perf_counter()
+        if config.resume and (state_dir / STATE_JSON).is_file():
+            saved = json.loads((state_dir / STATE_JSON).read_text())
+            demo = ReplayBuffer(fields, saved["demo_buffer"]["capacity"], device)
+            meta = load_train_state(state_dir, system, learner, demo, online, collector, generator)
+            for agent in system.agents.values():
+                agent.encoder.requires_grad_(False)
+            progress_state = meta["progress"]
+            print(f"resuming {run} at chunk {progress_state['chunks']}")
+        else:
+            demo, demo_info = build_demo_buffer(system, config, pool, generator, config.progress)
+            progress_state = {"chunks": 0, "updates": 0, "debt": 0.0, "episodes": [], "evals": [], "log": [],
+                              "demo": demo_info, "env_steps": 0, "collect_s": 0.0, "update_s": 0.0,
+                              "prepare_s": time.perf_counter() - t_start, "window": {}}
+            if config.pretrain_updates:
+                offline = RLPDSampler(demo, online, config.batch_size, 1.0)
+                for _ in range(config.pretrain_updates):
+                    learner.update(offline.sample(generator), generator)
+            collector.start()
+        sampler = RLPDSampler(demo, online, config.batch_size, config.demo_fraction)
+        ps = progress_state
+        bar = tqdm(total=config.chunks, initial=ps["chunks"], desc=f"{spec.name} seed {seed}",
+                   disable=not config.progress, dynamic_ncols=True)
+        window = ps["window"]
+        while ps["chunks"] < config.chunks:
+            before = ps["chunks"]
+            t0 = time.perf_counter()
+            transitions, episodes, n = collector.step()
+            ps["collect_s"] += time.perf_counter() - t0
+            ps["env_steps"] += n * config.chunk  # upper bound: chunks that ended an episode ran fewer steps
+            if transitions is not None:
+                online.add(transitions)
+            ps["chunks"] += n
+            ps["episodes"] += episodes
+            t0 = time.perf_counter()
+            if len(online) >= config.learning_starts:
+                ps["debt"] += n * config.updates_per_chunk
+                while ps["debt"] >= 1.0:
+                    metrics = learner.update(sampler.sample(generator), generator)
+                    ps["updates"] += 1
+                    ps["debt"] -= 1.0
+                    for k, v in metrics.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window["_n"] = window.get("_n", 0) + 1
+            ps["update_s"] += time.perf_counter() - t0
+            bar.update(n)
+            recent = ps["episodes"][-20:]
+            q = _agent_mean(window, "charts/q")
+            bar.set_postfix(success=f"{np.mean([e['success'] for e in recent]) if recent else 0:.2f}",
+                            episodes=len(ps["episodes"]), Q=f"{q:.3f}", V=f"{_agent_mean(window, 'charts/v'):.3f}",
+                            res=f"{_agent_mean(window, 'charts/residual_magnitude'):.4f}",
+                            radius=f"{_agent_mean(window, 'charts/residual_radius'):.3f}")
+            if _crossed(before, ps["chunks"], config.log_every) or ps["chunks"] >= config.chunks:
+                ps["log"].append(_log_row(ps, window, recent))
+                window.clear()
+            final = ps["chunks"] >= config.chunks
+            if config.eval_every and (_crossed(before, ps["chunks"], config.eval_every) or final):
+                _evaluate_checkpoint(config, seed, run, system, pool, ps)
+                if not final:
+                    collector.restore_envs()
+            if _crossed(before, ps["chunks"], config.save_every) or final:
+                ps["window"] = window
+                save_train_state(state_dir, system, learner, demo, online, collector, {"progress": ps,
+                                 "config": config_to_json(config)}, generator)
+                _write_log(run, ps["log"])
+            if stop_after is not None and ps["chunks"] >= stop_after and not final:
+                bar.close()
+                return {"stopped_at": ps["chunks"]}
+        bar.close()
+        if not ps["evals"]:  # eval_every == 0: evaluate the final networks once
+            _evaluate_checkpoint(config, seed, run, system, pool, ps)
+        best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
+        wall = ps["prepare_s"] + ps["collect_s"] + ps["update_s"]
+        result = {
+            "arch": spec.name, "seed": seed, "trains": True, "best_checkpoint": best["checkpoint"],
+            "success_rate": best["success_rate"], "successes": best["successes"], "episodes": best["episodes"],
+            "wilson95": best["wilson95"], "evals": ps["evals"], "chunks": ps["chunks"], "updates": ps["updates"],
+            "training_episodes": len(ps["episodes"]),
+            "training_success_rate": float(np.mean([e["success"] for e in ps["episodes"]])) if ps["episodes"] else 0.0,
+            "speed": {"env_steps_per_s": ps["env_steps"] / max(ps["collect_s"], 1e-9),
+                      "updates_per_s": ps["updates"] / max(ps["update_s"], 1e-9),
+                      "collect_s": ps["collect_s"], "update_s": ps["update_s"], "prepare_s": ps["prepare_s"],
+                      "train_wall_s": wall, "envs": pool.num_envs, "device": str(device)},
+            "demo": ps["demo"], "config": config_to_json(config),
+        }
+        _write_result(run, result)
+        _write_log(run, ps["log"])
+        return result
+    finally:
+        if own_pool:
+            pool.close()
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return every > 0 and after // every > before // every
+
+
+def _agent_mean(window: dict, key: str) -> float:
+    values = [v for k, v in window.items() if k.endswith("/" + key)]
+    n = window.get("_n", 0)
+    return float(np.mean(values) / n) if values and n else 0.0
+
+
+def _log_row(ps: dict, window: dict, recent: list[dict]) -> dict:
+    n = window.get("_n", 0)
+    row = {"chunks": ps["chunks"], "updates": ps["updates"], "episodes": len(ps["episodes"]),
+           "charts/success_recent": float(np.mean([e["success"] for e in recent])) if recent else 0.0,
+           "charts/return_recent": float(np.mean([e["return"] for e in recent])) if recent else 0.0,
+           "charts/env_steps_per_s": ps["env_steps"] / max(ps["collect_s"], 1e-9),
+           "charts/updates_per_s": ps["updates"] / max(ps["update_s"], 1e-9)}
+    if n:
+        row.update({k: v / n for k, v in window.items() if k != "_n"})
+    return row
+
+
+def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict) -> None:
+    """Save the current networks as a policy checkpoint, evaluate it, keep best.json pointing at the best."""
+    name = f"chunk_{ps['chunks']:06d}"
+    ckpt = run / "checkpoints" / name
+    save_policy(ckpt, system, config, ps["chunks"])
+    for agent in system.agents.values():
+        agent.eval()
+    summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / name, f"{config.arch}/{name}",
+                              {"checkpoint": str(ckpt)}, progress=config.progress)
+    entry = {"chunks": ps["chunks"], "checkpoint": f"checkpoints/{name}", "success_rate": summary["success_rate"],
+             "successes": summary["successes"], "episodes": summary["episodes"], "wilson95": summary["wilson95"]}
+    ps["evals"].append(entry)
+    best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
+    (run / BEST_JSON).write_text(json.dumps(best, indent=2))
+
+
+def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
+    """Every seed of ``config`` in ``config.mode``; one simulation pool serves all of them."""
+    seeds = list(range(config.seed, config.seed + config.seeds))
+    if config.mode == "train":
+        if pool is None:
+            from coop_transport.pi0_policy import resolve_device
+
+            vla = load_vla(config, str(resolve_device(config.device)))
+            pool = make_pool(config.envs, sim_config_for(config, vla.image_size), config.gamma, config.ray_address)
+            del vla
+            try:
+                return [train(config, s, pool) for s in seeds]
+            finally:
+                pool.close()
+        return [train(config, s, pool) for s in seeds]
+    if config.mode == "ablation":
+        from coop_transport.residual.report import run_ablation
+
+        return [run_ablation(config, s, pool) for s in seeds]
+    if config.mode == "probes":
+        from coop_transport.residual.probes import run_probes
+
+        return [run_probes(config, s, pool) for s in seeds]
+    return [reevaluate(config, s, pool) for s in seeds]
+
+
+def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None) -> dict:
+    """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best."""
+    from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
+
+    run = config.run_dir(seed)
+    system = load_policy(run, config.device)
+    own = pool is None
+    pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
+                             config.ray_address)
+    try:
+        return evaluate_system(system, pool, config.eval_episodes, run / "eval" / "best", f"{config.arch}/best",
+                               {"checkpoint": str(resolve_policy_dir(run))}, progress=config.progress)
+    finally:
+        if own:
+            pool.close()

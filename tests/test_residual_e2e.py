@@ -1,0 +1,237 @@
+"""Residual RL end to end in the real simulation: every architecture for a few chunks, the command line, resuming
+after a kill, deployment (evaluation registry, ROS ArmPolicy), probes, and local/process/Ray parity.
+
+Tiny stand-ins made here: random tiny π0 checkpoints (per-arm and joint, 32 px cameras, horizon 4) and a two-episode
+scripted demonstration file with 32 px images. Episodes last 6 steps and chunks 2, so a run is a handful of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coop_transport.residual.config import ResidualConfig
+from coop_transport.residual.rollout import InProcessPool
+from coop_transport.residual.train import sim_config_for, train
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+import residual as residual_cli  # noqa: E402
+
+HORIZON, CHUNK, SIZE = 6, 2, 32
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT
+    from coop_transport.data.generate import GenerateConfig, generate
+    from coop_transport.policy import build_model, get_config, save_checkpoint
+
+    root = tmp_path_factory.mktemp("residual_assets")
+    torch.manual_seed(0)
+    for variant, setting, state, action, prompts in (("per-arm", "per_arm", 18, 7, dict(ARM_PROMPTS)),
+                                                     ("joint", "joint", 36, 14, {"joint": JOINT_PROMPT})):
+        config = get_config("tiny", setting=setting, action_horizon=4)
+        norm = {"state": {"mean": [0.0] * state, "std": [1.0] * state},
+                "actions": {"mean": [0.0] * action, "std": [0.5] * action}}
+        save_checkpoint(root / variant, build_model(config), config, norm, 0, {"variant": variant, "prompts": prompts})
+    generate(GenerateConfig(out=root / "demos.hdf5", episodes=2, workers=1, images=True, image_size=SIZE,
+                            horizon=12, successful_only=False, progress=False))
+    return root
+
+
+def make_config(assets: Path, arch: str, out: Path, **kw) -> ResidualConfig:
+    base = dict(arch=arch, chunks=4, out=out, vla=assets / "per-arm", vla_joint=assets / "joint",
+                data=assets / "demos.hdf5", envs=0, device="cpu", chunk=CHUNK, baseline_chunk=CHUNK, num_samples=2,
+                horizon=HORIZON, latent_dim=32, encoder_width=16, encoder_heads=2, encoder_layers=1, hidden_dim=32,
+                message_dim=16, batch_size=8, learning_starts=1, encoder_steps=3, encoder_batch=4, encoder_pool=16,
+                eval_every=0, eval_episodes=1, save_every=2, log_every=2, progress=False)
+    base.update(kw)
+    return ResidualConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pool(assets):
+    config = make_config(assets, "V4", Path("unused"))
+    with InProcessPool(1, sim_config_for(config, SIZE), config.gamma) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("residual_runs")
+
+
+# --------------------------------------------------------------------------------------------- every architecture
+@pytest.mark.parametrize("arch", ["B1", "B2", "V3", "V4", "V5", "V6"])
+def test_every_architecture_runs_end_to_end(assets, pool, runs, arch):
+    from coop_transport.residual.checkpoint import load_policy
+
+    config = make_config(assets, arch, runs / arch)
+    if arch == "B1":  # through the command line (its own in-process simulation)
+        argv = ["--arch", "B1", "--out", str(runs / arch), "--vla", str(assets / "per-arm"), "--envs", "0",
+                "--device", "cpu", "--baseline-chunk", str(CHUNK), "--num-samples", "2", "--horizon", str(HORIZON),
+                "--eval-episodes", "1", "--no-progress"]
+        import tyro
+
+        result = residual_cli.main(tyro.cli(ResidualConfig, args=argv))[0]
+    else:
+        result = train(config, 0, pool)
+    run = config.run_dir(0)
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["arch"] == arch and 0.0 <= saved["success_rate"] <= 1.0 and saved["episodes"] == 1
+    assert (run / "eval").is_dir()
+    if arch in ("B1", "B2"):
+        assert saved["trains"] is False and saved["best_checkpoint"] is None
+        return
+    assert result["chunks"] == 4 and result["updates"] > 0 and result["training_episodes"] >= 1
+    assert result["demo"]["transitions"] > 0
+    assert (run / "train_state" / "state.safetensors").is_file() and (run / "log.csv").is_file()
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))  # safetensors + JSON only
+    system = load_policy(run, "cpu")  # the best checkpoint, rebuilt from disk
+    assert system.spec.name == arch and system.chunk == CHUNK
+
+
+@pytest.mark.parametrize("arch", ["V4", "V5", "V6", "V3"])
+def test_ros_arm_policy_of_a_trained_run(assets, pool, runs, arch):
+    from coop_transport.deploy import load_arm_policy
+    from coop_transport.recipe import RecipeConfig
+
+    run = runs / arch / "seed_0"
+    if not (run / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    recipe = RecipeConfig(execute_steps=10, num_samples=2, clip_sigma=2.0)  # C comes from the checkpoint
+    if arch == "V3":
+        with pytest.raises(ValueError, match="centralized"):
+            load_arm_policy(str(run), "robot0", recipe, device="cpu")
+        return
+    policy = load_arm_policy(str(run), "robot1", recipe, device="cpu")
+    assert policy.architecture == arch and policy.accepts_message == (arch != "V4")
+    assert policy.image_size == SIZE and policy.uses_agentview
+    sim = pool.workers[0].sim
+    sim.reset(5)
+    obs = sim.arm_observation("robot1")
+    actions = policy.plan(obs)
+    assert actions.shape == (CHUNK, 7) and np.all(np.abs(actions) <= 1.0)
+    message = policy.message(obs)
+    if arch == "V4":
+        assert message is None
+    elif arch == "V5":
+        assert message.shape == (16,)
+    else:
+        assert message.shape == (CHUNK, 7)
+    if arch != "V4":  # a partner message of the right size is used; a missing one is the zero message
+        with_msg = policy.plan({**obs, "partner_message": np.zeros_like(message)})
+        assert with_msg.shape == (CHUNK, 7)
+        with pytest.raises(ValueError, match="expects"):
+            policy.plan({**obs, "partner_message": np.zeros(3)})
+    assert "chunks" in policy.stats()
+
+
+def test_evaluation_registry_runs_a_residual_checkpoint(runs):
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+
+    run = runs / "V5" / "seed_0"
+    if not (run / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    summary = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu"}),
+                       EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)
+    assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
+
+
+def test_probes_on_a_trained_v5(assets, pool, runs):
+    from coop_transport.residual.probes import PROBES, run_probes
+
+    config = make_config(assets, "V5", runs / "V5", eval_episodes=2, mode="probes")
+    if not (config.run_dir(0) / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    payload = run_probes(config, 0, pool)
+    assert set(payload["interventions"]) == set(PROBES)
+    for r in payload["interventions"].values():
+        assert 0.0 <= r["success_rate"] <= 1.0 and r["episodes"] == 2
+    probe = payload["linear_probe"]
+    for key in ("phase", "gripper", "ready"):
+        assert 0.0 <= probe[key]["accuracy"] <= 1.0 and 0.0 < probe[key]["chance"] <= 1.0
+    assert "r2" in probe["pose"] and set(probe["per_agent"]) == {"robot0", "robot1"}
+    assert json.loads((config.run_dir(0) / "probes.json").read_text())["arch"] == "V5"
+
+
+def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
+    from coop_transport.residual.report import run_ablation
+
+    config = make_config(assets, "V4", runs / "V4", mode="ablation")
+    if not (config.run_dir(0) / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    payload = run_ablation(config, 0, pool)
+    rates = [r["success_rate"] for r in payload["rows"]]
+    assert len(rates) == 4 and rates[3] is None  # chunk 25 does not apply to 2-step residual chunks
+    assert all(0.0 <= r <= 1.0 for r in rates[:3])
+    assert payload["rows"][0]["recipe"]["num_samples"] == 1 and payload["rows"][2]["recipe"]["clip_sigma"] == 2.0
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+def test_resume_after_a_kill_continues_identically(assets, pool, tmp_path):
+    from safetensors.torch import load_file
+
+    straight = make_config(assets, "V5", tmp_path / "straight", chunks=6)
+    killed = make_config(assets, "V5", tmp_path / "killed", chunks=6)
+    a = train(straight, 0, pool)
+    assert train(killed, 0, pool, stop_after=2) == {"stopped_at": 2}  # dies right after the save at chunk 2
+    state = json.loads((killed.run_dir(0) / "train_state" / "state.json").read_text())
+    assert state["progress"]["chunks"] == 2
+    b = train(killed, 0, pool)  # the same command again: resumes at chunk 2
+    assert (a["chunks"], a["updates"], a["success_rate"]) == (b["chunks"], b["updates"], b["success_rate"])
+    ta = load_file(str(straight.run_dir(0) / "train_state" / "state.safetensors"))
+    tb = load_file(str(killed.run_dir(0) / "train_state" / "state.safetensors"))
+    assert set(ta) == set(tb)
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    import csv
+
+    def log(config):  # every logged number except the wall-clock rates
+        with open(config.run_dir(0) / "log.csv") as f:
+            return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in csv.DictReader(f)]
+
+    assert log(straight) == log(killed) and len(log(straight)) == 3
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+def _chunk_outcome(pool) -> list:
+    out = [pool.reset({0: 7})[0]]
+    chunk = np.tile(np.linspace(-0.5, 0.5, 14), (CHUNK, 1))
+    out += [pool.step({0: chunk})[0] for _ in range(2)]
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def test_worker_processes_match_in_process_simulation(pool):
+    from coop_transport.residual.rollout import ProcessPool
+
+    local = _chunk_outcome(pool)
+    with ProcessPool(1, pool.workers[0].sim.config, 0.99) as processes:
+        remote = _chunk_outcome(processes)
+    assert all(_same(x, y) for x, y in zip(local, remote))
+
+
+def test_ray_actors_match_local_workers(pool):
+    pytest.importorskip("ray")
+    from coop_transport.residual.rollout import RayPool
+
+    local = _chunk_outcome(pool)
+    with RayPool(1, pool.workers[0].sim.config, 0.99, address="local") as ray_pool:
+        remote = _chunk_outcome(ray_pool)
+    assert all(_same(x, y) for x, y in zip(local, remote))

@@ -1,0 +1,206 @@
+"""Residual networks and updates: the residual bound, FiLM's identity, V4's independence, the architectures.
+
+CPU, small widths, no simulation."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from coop_transport.residual.architectures import ARCHS, get_arch
+from coop_transport.residual.buffers import transition_fields
+from coop_transport.residual.config import ResidualConfig
+from coop_transport.residual.networks import FiLM, ResidualActor, sample_message
+from coop_transport.residual.system import Boundary, ResidualSystem, make_agents
+from coop_transport.residual.update import Learner
+
+C = 3  # chunk
+
+
+def small_config(arch: str, **kw) -> ResidualConfig:
+    return ResidualConfig(arch=arch, chunk=C, latent_dim=16, encoder_width=8, encoder_heads=2, encoder_layers=1,
+                          hidden_dim=16, batch_size=8, **kw)
+
+
+def fake_system(arch: str, seed: int = 0):
+    """What Learner and ResidualSystem.act need, without π0: agents sized for a 6-token, 12-wide prefix."""
+    torch.manual_seed(seed)
+    config = small_config(arch)
+    spec = get_arch(arch)
+    vla = SimpleNamespace(config=SimpleNamespace(vlm=SimpleNamespace(width=12), num_prefix_tokens=6))
+    return SimpleNamespace(spec=spec, config=config, agents=make_agents(spec, config, vla), agent_names=spec.agents,
+                           pose_mean=torch.zeros(6), pose_std=torch.ones(6), device=torch.device("cpu"))
+
+
+def random_batch(system, n: int = 8, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    spec, cfg = system.spec, system.config
+    fields = transition_fields(len(spec.agents), cfg.latent_dim, spec.proprio_dim, cfg.chunk, spec.action_dim)
+    batch = {}
+    for k, (shape, dtype) in fields.items():
+        if dtype == torch.int64:
+            batch[k] = torch.randint(5, (n, *shape), generator=g)
+        else:
+            batch[k] = torch.rand((n, *shape), generator=g) if k in ("gripper", "ready", "done", "discount") \
+                else torch.randn((n, *shape), generator=g)
+    batch["gripper"], batch["ready"], batch["done"] = (batch[k].round() for k in ("gripper", "ready", "done"))
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ architectures
+def test_unknown_architecture_lists_the_six():
+    with pytest.raises(ValueError) as err:
+        get_arch("V7")
+    for name in ("B1", "B2", "V3", "V4", "V5", "V6"):
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="V4"):
+        ResidualConfig(arch="V7")
+
+
+def test_architecture_table():
+    assert [a for a, s in ARCHS.items() if s.trains] == ["V3", "V4", "V5", "V6"]
+    assert get_arch("V3").agents == ("joint",) and get_arch("V3").action_dim == 14 and get_arch("V3").proprio_dim == 36
+    assert get_arch("V4").agents == ("robot0", "robot1") and get_arch("V4").message_dim(16, 10) == 0
+    assert get_arch("V5").message_dim(16, 10) == 16 and get_arch("V6").message_dim(16, 10) == 70
+    assert get_arch("V5").partner("robot0") == "robot1" and get_arch("V4").partner("robot0") is None
+
+
+def test_agents_share_architecture_not_weights():
+    system = fake_system("V5")
+    a, b = system.agents["robot0"], system.agents["robot1"]
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    assert not {id(p) for p in a.parameters()} & {id(p) for p in b.parameters()}
+
+
+# ------------------------------------------------------------------------------------------------------- bound
+@pytest.mark.parametrize("message_dim", [0, 16])
+def test_residual_never_leaves_ref_plus_minus_radius(message_dim):
+    torch.manual_seed(0)
+    actor = ResidualActor(latent_dim=16, proprio_dim=18, chunk=C, action_dim=7, message_dim=message_dim, hidden=16)
+    assert torch.allclose(actor.scale(), torch.full((7,), 0.05))  # starts at half of the 0.10 bound
+    for trial in range(20):
+        with torch.no_grad():  # random, often huge, weights and residual scales
+            for p in actor.parameters():
+                p.normal_(0.0, 10.0 ** (trial % 4))
+            actor.rho.normal_(0.0, 50.0)
+        big = 10.0 ** (trial % 7)
+        z, p = torch.randn(32, 16) * big, torch.randn(32, 18) * big
+        ref = torch.rand(32, C, 7) * 4 - 2  # references outside [-1, 1] too
+        msg = torch.randn(32, message_dim) * big if message_dim else None
+        noise = torch.randn(32, C, 7) * big
+        s = actor.scale()
+        assert (s <= 0.10).all() and (s >= 0).all()
+        for out in (actor.residual_action(z, p, ref, msg), actor.residual_action(z, p, ref, msg, noise)):
+            assert torch.isfinite(out).all()
+            assert ((out - ref).abs() <= s + 1e-6).all()  # before the final clip
+            assert ((out - ref).abs() <= 0.10 + 1e-6).all()
+        executed = actor(z, p, ref, msg, noise)
+        assert executed.abs().max() <= 1.0
+
+
+def test_film_is_identity_at_zero_message():
+    torch.manual_seed(0)
+    film = FiLM(message_dim=16, features=32)
+    h = torch.randn(5, 32)
+    assert torch.equal(film(h, torch.randn(5, 16)), h)  # fresh: identity for every message (zero output layer)
+    with torch.no_grad():
+        for p in film.parameters():
+            p.normal_(0.0, 3.0)
+    assert torch.equal(film(h, torch.zeros(5, 16)), h)  # any weights: identity at the zero message
+    assert not torch.allclose(film(h, torch.randn(5, 16)), h)
+    actor = ResidualActor(16, 18, C, 7, message_dim=16, hidden=16)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.normal_()
+    z, p, ref = torch.randn(4, 16), torch.randn(4, 18), torch.rand(4, C, 7)
+    assert torch.equal(actor(z, p, ref, torch.zeros(4, 16)), actor(z, p, ref, None))  # missing == zero message
+
+
+def test_message_sampled_in_training_mean_at_evaluation():
+    mean, log_std = torch.randn(4, 16), torch.full((4, 16), -1.0)
+    assert torch.equal(sample_message(mean, log_std, deterministic=True), mean)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = sample_message(mean, log_std, g1), sample_message(mean, log_std, g2)
+    assert torch.equal(a, b) and not torch.equal(a, mean)
+
+
+# ------------------------------------------------------------------------------------------------- independence
+def _perturb_agent0(system, batch):
+    """Agent robot0's inputs and parameters changed; robot1's untouched."""
+    batch = {k: v.clone() for k, v in batch.items()}
+    for k in ("latent", "proprio", "ref", "action", "next_latent", "next_proprio", "next_ref"):
+        batch[k][:, 0] = batch[k][:, 0] * 3.0 + 1.0
+    for k in ("phase", "gripper", "ready", "pose"):
+        batch[k][:, 0] = batch[k][:, 0] * 0 + 1
+    with torch.no_grad():
+        for p in system.agents["robot0"].parameters():
+            p.add_(0.5)
+    return batch
+
+
+def _update_twice(arch):
+    base = fake_system(arch)
+    batch = random_batch(base)
+    other = copy.deepcopy(base)
+    batch_other = _perturb_agent0(other, batch)
+    m1 = Learner(base, base.config).update(batch, torch.Generator().manual_seed(5))
+    m2 = Learner(other, other.config).update(batch_other, torch.Generator().manual_seed(5))
+    return base, other, m1, m2
+
+
+def test_v4_agents_have_no_data_or_gradient_path():
+    base, other, m1, m2 = _update_twice("V4")
+    for k in base.agents["robot1"].state_dict():
+        assert torch.equal(base.agents["robot1"].state_dict()[k], other.agents["robot1"].state_dict()[k]), k
+    assert {k: v for k, v in m1.items() if k.startswith("robot1/")} == \
+        {k: v for k, v in m2.items() if k.startswith("robot1/")}
+    assert m1["robot0/losses/q"] != m2["robot0/losses/q"]  # the perturbation did reach robot0
+
+    # gradients: robot1's losses do not depend on robot0's parameters
+    system = fake_system("V4")
+    learner = Learner(system, system.config)
+    view = learner.agent_view(random_batch(system), 1)
+    agent1, agent0 = system.agents["robot1"], system.agents["robot0"]
+    q1, q2 = agent1.q(view["latent"], view["proprio"], view["action"])
+    loss = q1.mean() + q2.mean() + agent1.v(view["latent"], view["proprio"]).mean() + \
+        agent1.actor(view["latent"], view["proprio"], view["ref"]).sum()
+    grads = torch.autograd.grad(loss, [p for p in agent0.parameters() if p.requires_grad], allow_unused=True)
+    assert all(g is None for g in grads)
+
+    # acting: robot1's chunk does not depend on anything of robot0
+    e = 4
+    b = Boundary(ref=torch.rand(e, 2, C, 7), proprio=torch.randn(e, 2, 18), latent=torch.randn(e, 2, 16), sent=None,
+                 received=None)
+    a1 = ResidualSystem.act(system, b, torch.Generator().manual_seed(0), explore=False)
+    b.ref[:, 0] += 0.3
+    b.proprio[:, 0] += 1.0
+    b.latent[:, 0] *= -1
+    a2 = ResidualSystem.act(system, b, torch.Generator().manual_seed(0), explore=False)
+    assert torch.equal(a1[:, 1], a2[:, 1]) and not torch.equal(a1[:, 0], a2[:, 0])
+
+
+def test_v5_message_does_reach_the_partner():
+    """The same perturbation changes robot1's update in V5 (its received message): the V4 test can see paths."""
+    base, other, _, _ = _update_twice("V5")
+    changed = [k for k in base.agents["robot1"].state_dict()
+               if not torch.equal(base.agents["robot1"].state_dict()[k], other.agents["robot1"].state_dict()[k])]
+    assert any(k.startswith("actor.") for k in changed) and any(k.startswith("q.") for k in changed)
+
+
+@pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])
+def test_update_metrics_and_targets(arch):
+    system = fake_system(arch)
+    learner = Learner(system, system.config)
+    before = copy.deepcopy(system.agents)
+    metrics = learner.update(random_batch(system), torch.Generator().manual_seed(0))
+    for name in system.agent_names:
+        for key in ("losses/q", "losses/v", "losses/actor", "charts/q", "charts/residual_radius"):
+            assert f"{name}/{key}" in metrics
+        if arch == "V5":
+            assert f"{name}/losses/message" in metrics
+        agent, old = system.agents[name], before[name]
+        for (_, t), (_, t0), (_, q) in zip(agent.q_target.named_parameters(), old.q_target.named_parameters(),
+                                           agent.q.named_parameters()):  # Polyak 0.005 towards the updated critic
+            assert torch.allclose(t, 0.995 * t0 + 0.005 * q, atol=1e-6)
+        assert all(not p.requires_grad for p in agent.q_target.parameters())

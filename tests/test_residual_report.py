@@ -1,0 +1,59 @@
+"""Table 1, Table 2 and the paired V4-V5 test from synthetic result files. CPU, no simulation."""
+
+import json
+import math
+
+import pytest
+
+from coop_transport.residual.report import paired_test, write_report
+
+
+def result(arch: str, seed: int, rate: float, trains: bool = True) -> dict:
+    n = 100
+    return {"arch": arch, "seed": seed, "trains": trains, "success_rate": rate, "successes": round(rate * n),
+            "episodes": n, "wilson95": [0.0, 1.0], "best_checkpoint": "checkpoints/chunk_003000" if trains else None,
+            "evals": [{"chunks": 1000, "success_rate": rate - 0.05}, {"chunks": 3000, "success_rate": rate}]
+            if trains else []}
+
+
+def test_paired_test_hand_values():
+    v4 = {0: 0.36, 1: 0.38, 2: 0.42, 3: 0.37}
+    v5 = {0: 0.40, 1: 0.41, 2: 0.43, 3: 0.41}
+    out = paired_test(v4, v5)
+    d = [0.04, 0.03, 0.01, 0.04]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    assert out["mean_difference"] == pytest.approx(mean)
+    assert out["t"] == pytest.approx(mean / (sd / 2))
+    assert 0.0 < out["p_one_sided"] < 0.05 and out["p_two_sided"] == pytest.approx(2 * out["p_one_sided"])
+    assert out["p_sign_flip_two_sided"] == pytest.approx(2 / 16)  # all positive: the two extreme sign patterns
+    assert out["same_direction"]
+    assert paired_test({0: 0.3}, {0: 0.4}) is None
+
+
+def test_report_tables_and_plots(tmp_path):
+    rates = {"V3": [0.27, 0.28, 0.27, 0.28], "V4": [0.36, 0.38, 0.42, 0.37], "V5": [0.40, 0.41, 0.43, 0.41],
+             "V6": [0.41, 0.40, 0.42, 0.41]}
+    for arch, rs in rates.items():
+        for seed, r in enumerate(rs):
+            d = tmp_path / arch / f"seed_{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps(result(arch, seed, r)))
+    for arch, r in (("B1", 0.30), ("B2", 0.32)):
+        d = tmp_path / arch / "seed_0"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(result(arch, 0, r, trains=False)))
+    ladder = ["baseline (chunk 10, N=1, no clip)", "+ mean-of-N=4", "+ ±2σ clipping", "+ chunk 25"]
+    for seed in range(2):
+        rows = [{"name": n, "success_rate": r} for n, r in zip(ladder, [0.25, 0.32, 0.355, None])]
+        (tmp_path / "V4" / f"seed_{seed}" / "ablation.json").write_text(json.dumps({"arch": "V4", "seed": seed,
+                                                                                  "chunk": 10, "rows": rows}))
+    payload = write_report([tmp_path], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    for arch in ("B1", "B2", "V3", "V4", "V5", "V6"):
+        assert f"| {arch} " in md or f"| **{arch} " in md
+    assert payload["table1"]["V4"]["mean"] == pytest.approx(0.3825) and payload["table1"]["V4"]["seeds"] == 4
+    assert "se" in payload["table1"]["V5"] and "wilson95" in payload["table1"]["B1"]
+    assert "+ mean-of-N=4 | 32.00% | +7.00 pp | +7.00 pp" in md and "n/a" in md
+    assert payload["paired_v4_v5"]["mean_difference"] == pytest.approx(0.03)
+    assert (tmp_path / "report" / "table1.png").stat().st_size > 0 and (tmp_path / "report" / "curves.png").is_file()
