@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ class ImitationConfig:
     """Show a progress bar."""
     time_budget_s: float | None = None
     """Wall-clock budget: after 50 steps the run shortens ``steps`` (and its LR schedule) to what fits."""
+    stop_at: int | None = None
+    """Save and stop at this step without changing the schedule; the same command resumes (for machines that
+    limit one command's time)."""
 
     def __post_init__(self):
         variant_spec(self.variant)
@@ -247,26 +251,22 @@ def save_train_state(path: Path, model, optimizer, ema, step: int, generator: to
     tensors.update(opt_tensors)
     if ema is not None:
         tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # Written beside the old state and swapped in, so a kill at any moment leaves one complete state on disk.
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"step": step, "optimizer_scalars": opt_scalars,
             "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
             "log_rows": log_rows[-2000:]}
     (tmp / "state.json").write_text(json.dumps(meta))
     if path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            import shutil
-
-            shutil.rmtree(old)
         os.replace(path, old)
-        os.replace(tmp, path)
-        import shutil
-
+    os.replace(tmp, path)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
 
 
 def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generator) -> tuple[int, list]:
@@ -389,6 +389,12 @@ def train(config: ImitationConfig) -> dict:
                                        step, extra, save_checkpoint)
             save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
             _write_log(run, log_rows)
+        elif config.stop_at is not None and step >= config.stop_at:
+            save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
+            _write_log(run, log_rows)
+        if config.stop_at is not None and step >= config.stop_at:
+            print(f"stopped at step {step} (--stop-at); rerun the same command to continue")
+            break
     bar.close()
     summary = {
         "run": str(run), "steps": step, "variant": config.variant, "model": config.model,
