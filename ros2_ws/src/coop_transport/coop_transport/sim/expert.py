@@ -1,0 +1,763 @@
+"""Scripted expert for TwoArmTransport from privileged state: demonstrations for imitation, a reference for RL.
+
+Each arm runs its own state machine over named stages; the two meet in one coordination rule at the hand-over.
+Every target comes from the observed scene (object poses, bin positions, robosuite's object sizes), nothing from
+a particular seed.
+
+robot0 (start-bin side)                            robot1 (target-bin side)
+  lid_reach → lid_descend → lid_close                trash_reach → trash_descend → trash_close
+  → lid_lift → lid_aside → lid_release               → trash_lift → trash_carry → trash_release
+  → payload_reach → payload_descend                  → await_payload  (waits behind its hand-over grip point)
+  → payload_close → payload_lift → carry                  ⇣ once robot0 presents the payload, still
+  → present ⇠ until robot1 holds the handle ⇠ ⇠ ⇠    → handover_reach → handover_descend → handover_close
+  → release → retreat → done                         → handover_hold  (until robot0 has let go)
+                                                     → place_carry → place_lower → place_release → retreat → done
+
+A missed grasp goes back to its ``*_reach`` stage; an arm that makes no progress in a stage for
+``ExpertConfig.stage_timeout`` steps backs off to its starting pose (``recover``) and resumes the stage.
+
+Geometry of the hand-over. The two bases stand 1.62 m apart, so a hand-over midway leaves each Panda near full
+stretch. robot0 grasps the hammer's handle from above a few centimetres from its centre on its own (-y) side,
+carries it to the midpoint between the start bin and the target bin and turns it to point along world y (from one
+robot to the other); robot1 grasps the other half of the handle, so the hands sit side by side and never cross.
+Near their own bases (picking in the start bin, placing in the target bin) the arms fold the elbow to its limit
+with a vertical hand; there the hand leans, fingertips towards its base, and at the hand-over robot1 leans the
+other way, which shortens its reach.
+
+Control: each arm tracks its stage's target pose with a saturated proportional law in the world frame, aiming from
+where the hand will coast to, converted to the arm's base frame (robosuite 1.5 OSC_POSE, ``input_ref_frame="base"``;
+one action unit moves the OSC target 0.05 m or 0.5 rad, ``constants.OSC_POS_SCALE`` / ``OSC_ROT_SCALE``).
+Gripper commands are crisp ±1.
+
+Variation for imitation learning comes from two seeded sources: Gaussian noise on every position/rotation action
+component (``ExpertConfig.noise``) and a per-episode random offset of every grasp, hand-over and placement waypoint
+(``ExpertConfig.waypoint_jitter``). A (reset seed, expert seed) pair reproduces a demonstration exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from coop_transport.constants import ARM_ACTION_DIM, ARMS, GRIPPER_INDEX, OSC_POS_SCALE, OSC_ROT_SCALE
+from coop_transport.sim.env import TransportSim, join_actions
+from coop_transport.sim.frames import BASE_POS, BASE_ROT, mat_to_axis_angle, quat_xyzw_to_mat
+
+OPEN, CLOSE = -1.0, 1.0
+UP = np.array([0.0, 0.0, 1.0])
+DOWN = -UP
+WORLD_Y = np.array([0.0, 1.0, 0.0])
+FINGERTIP_REACH = 0.015  # m: the Panda's fingertips reach 0.011 m below its grip site, plus a margin
+WAITING_STAGES = ("await_payload", "present", "handover_hold", "done", "failed")  # no timeout while waiting
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Gains, speeds, tolerances and waypoint geometry of the scripted expert (SI units unless stated)."""
+
+    noise: float = 0.05
+    """Std of the Gaussian noise added to every position/rotation action component, in action units (0.05 moves
+    the OSC target by 2.5 mm or 0.025 rad): demonstrations differ step by step, grasps still hold."""
+    waypoint_jitter: float = 0.006
+    """Std (m) of the per-episode random offset of every grasp, hand-over and placement waypoint (vertical grasp
+    offsets are halved and only ever upwards, away from bin floors and lid plates)."""
+
+    pos_gain: float = 1.5
+    """Position action per OSC_POS_SCALE (0.05 m) of position error."""
+    rot_gain: float = 1.0
+    """Rotation action per OSC_ROT_SCALE (0.5 rad) of orientation error."""
+    velocity_lookahead: float = 2.0
+    """Control steps of the hand's current velocity added to its position before taking the error: the OSC target
+    is re-anchored at the current pose every step, so a moving hand coasts (this is the damping term)."""
+    max_pos_action: float = 1.0
+    """Cap on each position action component (1.0: about 0.26 m/s along each axis)."""
+    max_rot_action: float = 1.0
+    """Cap on the norm of the rotation action."""
+    carry_rot_action: float = 0.4
+    """Cap on the norm of the rotation action while turning a held payload (a sudden turn can jerk it out of the
+    fingers)."""
+
+    reach_tolerance: float = 0.015
+    """Position error (m) at which a free-space waypoint counts as reached."""
+    fine_tolerance: float = 0.006
+    """Position error (m) at which a grasp pose counts as reached."""
+    rot_tolerance: float = 0.10
+    """Orientation error (rad) at which a waypoint's orientation counts as reached."""
+    align_radius: float = 0.012
+    """Horizontal error (m) above a grasp point at which the hand starts its final descent."""
+    wrist_roll_limit: float = 2.3
+    """Largest |joint 7| (rad) a chosen grasp may need (the joint stops at 2.9; the margin covers the turns of the
+    arm's other joints)."""
+    settle_speed: float = 0.004
+    """Payload speed (m per step) below which the presented payload counts as still."""
+
+    approach_height: float = 0.05
+    """Height (m) above a grasp point from which the hand descends onto it (half of it at the hand-over, where
+    nothing surrounds the handle)."""
+    close_lead: float = 0.01
+    """Height (m) above the grasp point at which the descending hand starts closing its fingers."""
+    rim_clearance: float = 0.05
+    """Height (m) of a carried object's lowest point above the bin rims while moving between bins (an empty hand
+    keeps half of it)."""
+    transit_radius: float = 0.03
+    """Horizontal distance (m) to a waypoint within which the hand may go below the safe transit height."""
+    rise_creep: float = 0.03
+    """Horizontal offset (m) towards the waypoint while the hand first rises to the safe transit height."""
+
+    lid_grip_height: float = 0.005
+    """Grip site height (m) above the lid handle's centre when closing (keeps fingertips off the lid plate)."""
+    payload_grip_height: float = 0.003
+    """Grip site height (m) above the hammer handle's axis when closing in the start bin."""
+    trash_grip_height: float = 0.003
+    """Grip site height (m) above the trash cube's centre when closing."""
+    handover_grip_offset: float = 0.06
+    """Distance (m) along the handle from its centre to each arm's grip point (robot0 on the -y half, robot1 on
+    the +y half)."""
+    low_grasp_lean: float = 0.2
+    """Tilt (rad) of the hand about its finger axis, fingertips towards the arm's base, when grasping in a bin
+    (the payload for robot0, the trash for robot1): a vertical hand that low and that close to the base folds the
+    Panda's elbow and wrist to their limits."""
+    handover_lean: float = 0.25
+    """Tilt (rad) of robot1's hand at the hand-over, fingertips towards robot0 (the grip lies near the edge of the
+    Panda's reach; a tilted hand needs less of it)."""
+    handover_height: float = 0.10
+    """Height (m) of the handle above the bin rims at the hand-over (wrists at about shoulder height, where a
+    Panda reaches furthest)."""
+    await_height: float = 0.06
+    """Height (m) above its hand-over grip point at which robot1 waits for the payload."""
+    handover_ready_radius: float = 0.05
+    """Distance (m) of the payload from the hand-over point at which robot1 moves in above its grip point."""
+    await_back: float = 0.08
+    """Distance (m) behind its hand-over grip point (towards its base) at which robot1 waits, clear of robot0's
+    forearm as it brings the payload in."""
+
+    lid_lift_height: float = 0.04
+    """Height (m) of the lid plate above the bin rim while robot0 carries the lid aside."""
+    lid_aside_gap: float = 0.05
+    """Gap (m) between the start bin and the lid put down beside it (on the table's free half)."""
+    lid_aside_outward: float = 0.05
+    """Offset (m) of the put-down lid towards the middle of the workspace; the lid may overhang the table's front
+    edge by this much, and robot0's elbow stays clear of its limit."""
+    lid_drop_height: float = 0.10
+    """Height (m) of the lid plate above the table when robot0 lets go of it."""
+    place_release_height: float = -0.02
+    """Height (m) of the payload's lowest point relative to the target bin's rim when robot1 lets go (negative:
+    inside the walls)."""
+    retreat_distance: float = 0.15
+    """How far (m) an arm backs off towards its base after letting go of the payload."""
+    retreat_lift: float = 0.06
+    """How far (m) an arm rises after letting go of the payload, before it backs off."""
+
+    grasp_min_steps: int = 4
+    """Control steps the gripper closes for at least before an object can count as grasped."""
+    grasp_max_steps: int = 20
+    """Control steps after which a closing gripper that does not hold its object counts as a miss (the fingers
+    cross their full 8 cm opening in about 11 steps)."""
+    finger_still_speed: float = 0.02
+    """Finger speed (m/s) below which closed fingers count as settled on the object."""
+    grip_loss_steps: int = 3
+    """Consecutive control steps without a grasp after which a carried object counts as dropped."""
+    release_steps: int = 5
+    """Control steps with the gripper opening before the arm moves away."""
+    stage_timeout: int = 90
+    """Control steps without finishing a stage (other than a waiting one) after which the arm backs off to its
+    starting pose and tries the stage again."""
+
+    def __post_init__(self):
+        if self.noise < 0 or self.waypoint_jitter < 0:
+            raise ValueError(f"noise and waypoint_jitter must be >= 0, got {self.noise}, {self.waypoint_jitter}")
+        if not (0 < self.max_pos_action <= 1 and 0 < self.max_rot_action <= 1):
+            raise ValueError(f"action caps must lie in (0, 1], got {self.max_pos_action}, {self.max_rot_action}")
+        if not 1 <= self.grasp_min_steps <= self.grasp_max_steps or self.release_steps < 1:
+            raise ValueError("need 1 <= grasp_min_steps <= grasp_max_steps and release_steps >= 1, got "
+                             f"{self.grasp_min_steps}, {self.grasp_max_steps}, {self.release_steps}")
+        if min(self.reach_tolerance, self.fine_tolerance, self.rot_tolerance, self.align_radius) <= 0:
+            raise ValueError("tolerances must be positive")
+
+
+# ------------------------------------------------------------------------------------------------- geometry helpers
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _flat(v: np.ndarray) -> np.ndarray:
+    """Unit horizontal part of a vector."""
+    return _unit(np.array([v[0], v[1], 0.0]))
+
+
+def _cap_norm(v: np.ndarray, cap: float) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v * (cap / norm) if norm > cap else v
+
+
+def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """(3,) world-frame axis-angle taking rotation matrix ``current`` to ``target``."""
+    return mat_to_axis_angle(target @ current.T)
+
+
+def axis_angle_matrix(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation by ``angle`` rad about ``axis`` (Rodrigues' formula)."""
+    k = _unit(axis)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
+
+
+def top_grasp(along: np.ndarray) -> np.ndarray:
+    """Hand orientation for a top grasp of a bar whose long axis is ``along`` (world frame).
+
+    The Panda hand's z axis is its approach direction and its fingers slide along its y axis, so the grasp has
+    x = along, z = as straight down as a tilted bar allows (perpendicular to it), y = z × x. ``-along`` gives the
+    mirror-image grasp (the hand turned half a turn about the vertical)."""
+    x = _unit(along)
+    z = _unit(DOWN - (DOWN @ x) * x)
+    return np.column_stack([x, np.cross(z, x), z])
+
+
+def grasp_rotation(along: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Of the two mirror-image top grasps of a bar along ``along``, the one nearer to the ``current`` hand
+    orientation (for turning a bar already held: the turn stays under 90°)."""
+    return top_grasp(along if along @ current[:, 0] >= 0 else -along)
+
+
+def lean_towards(rot: np.ndarray, direction: np.ndarray, angle: float) -> np.ndarray:
+    """Tilt a grasp orientation about its finger axis (y) so that the fingertips point ``angle`` rad towards
+    ``direction``; the fingers still close across the same bar. Turning about y by phi takes z to
+    z cos(phi) + x sin(phi), so phi takes the sign of x · direction."""
+    sign = 1.0 if rot[:, 0] @ direction >= 0 else -1.0
+    return axis_angle_matrix(rot[:, 1], sign * angle) @ rot
+
+
+# ------------------------------------------------------------------------------------------------------ scene view
+@dataclass
+class _Scene:
+    """What the expert reads from the simulator at one step (world frame, metres)."""
+
+    eef_pos: dict[str, np.ndarray]
+    eef_rot: dict[str, np.ndarray]
+    eef_vel: dict[str, np.ndarray]  # displacement since the previous step (m per step)
+    wrist_roll: dict[str, float]  # joint 7 (rad)
+    finger_speed: dict[str, float]  # fastest finger joint speed (m/s)
+    payload_pos: np.ndarray  # centre of the hammer's handle
+    payload_axis: np.ndarray  # unit handle axis, oriented towards +y (from robot0's side to robot1's)
+    payload_head_dir: np.ndarray  # unit handle axis pointing from the handle towards the head
+    payload_low_z: float  # lowest point of the hammer
+    payload_speed: float  # displacement since the previous step (m per step)
+    lid_handle_pos: np.ndarray
+    lid_handle_rot: np.ndarray
+    trash_pos: np.ndarray
+    trash_rot: np.ndarray
+    holds_payload: dict[str, bool]
+    touches_payload: dict[str, bool]
+    holds_lid: bool
+    holds_trash: bool
+    trash_in_trash_bin: bool
+    payload_in_target_bin: bool
+
+
+class _Command(NamedTuple):
+    pos: np.ndarray  # target grip-site position, world frame
+    rot: np.ndarray  # target hand orientation, world frame
+    gripper: float  # OPEN or CLOSE
+    max_rot: float | None = None  # cap on the rotation action's norm, if lower than ExpertConfig.max_rot_action
+
+
+@dataclass
+class _ArmState:
+    stage: str
+    entered: int = 0  # expert step at which the stage began
+    memory: dict = field(default_factory=dict)  # poses latched when the stage began
+    grip_lost: int = 0  # consecutive steps without a grasp of the object the stage carries
+
+
+class ScriptedExpert:
+    """Privileged-state state machine solving TwoArmTransport with both arms; see the module docstring.
+
+    ``seed`` is the expert seed (None means 0, so demonstrations are reproducible by default); the episode's noise
+    and waypoint offsets are drawn from a generator seeded with (expert seed, the simulator's reset seed).
+    """
+
+    def __init__(self, config: ExpertConfig = ExpertConfig(), seed: int | None = None):
+        self.config = config
+        self.seed = 0 if seed is None else int(seed)
+        self._rng = np.random.default_rng(self.seed)
+        self._arms: dict[str, _ArmState] = {}
+        self._t = 0
+        self._last_pos: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------------------------ interface
+    def reset(self, sim: TransportSim, seed: int | None = None) -> None:
+        """Start a new episode on the scene ``sim`` was just reset to; ``seed`` overrides the expert seed."""
+        if sim.seed is None:
+            raise RuntimeError("reset the simulation before the expert")
+        expert_seed = self.seed if seed is None else int(seed)
+        self._rng = np.random.default_rng([expert_seed, sim.seed])
+        self._t = 0
+        self._last_pos = {}
+        self._arms = {"robot0": _ArmState("lid_reach"), "robot1": _ArmState("trash_reach")}
+        self._read_geometry(sim)
+        self._plan_waypoints(sim)
+
+    def act(self, sim: TransportSim) -> np.ndarray:
+        """(14,) float32 joint action in [-1, 1] for the simulator's current state."""
+        if not self._arms:
+            raise RuntimeError("call reset(sim) before act(sim)")
+        scene = self._read_scene(sim)
+        commands = {}
+        for arm, policy in (("robot0", self._robot0), ("robot1", self._robot1)):
+            self._check_timeout(arm, scene)
+            commands[arm] = self._recover(arm, scene) if self._arms[arm].stage == "recover" else policy(scene)
+        actions = {arm: self._track(arm, scene, commands[arm]) for arm in ARMS}
+        self._t += 1
+        return join_actions(actions).astype(np.float32)
+
+    def phase(self, arm: str) -> str:
+        """Name of ``arm``'s current stage (see the module docstring)."""
+        if arm not in ARMS:
+            raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+        return self._arms[arm].stage if self._arms else "idle"
+
+    # ----------------------------------------------------------------------------------------- episode set-up
+    def _read_geometry(self, sim: TransportSim) -> None:
+        """Sizes of robosuite's objects, fixed for the episode."""
+        transport = sim.rs_env.transport
+        hammer = transport.payload
+        self._handle_half_length = hammer.handle_length / 2.0
+        self._hammer_half_thickness = max(hammer.handle_radius, hammer.head_halfsize)
+        self._hammer_head_length = hammer.head_halfsize * 2.0  # how far the head reaches beyond the handle's end
+        self._trash_half_size = float(np.max(transport.trash.size))
+        self._bin_half_size = np.asarray(transport.bin_size[:2]) / 2.0
+        self._lid_size = np.asarray(transport.lid.lid_size)  # (length, width, plate thickness)
+        self._lid_handle_height = float(transport.lid.handle_size[2])
+        self._grippers = [robot.gripper["right"] for robot in sim.rs_env.robots]
+        obs = sim.observation
+        floor_half_thickness = transport.target_bin.wall_thickness / 2.0
+        bin_base_z = float(obs["target_bin_pos"][2])  # centre of a bin's floor plate
+        self._table_z = bin_base_z - floor_half_thickness
+        self._rim_z = self._table_z + float(transport.bin_size[2])
+        self._home = {arm: np.asarray(obs[f"{arm}_eef_pos"]).copy() for arm in ARMS}
+
+    def _jitter(self) -> np.ndarray:
+        return self._rng.normal(0.0, self.config.waypoint_jitter, 3)
+
+    def _plan_waypoints(self, sim: TransportSim) -> None:
+        """Episode-wide waypoints from the initial scene, each with its own random offset."""
+        cfg = self.config
+        obs = sim.observation
+        target_bin = np.asarray(obs["target_bin_pos"])
+        trash_bin = np.asarray(obs["trash_bin_pos"])
+        start = np.asarray(obs["payload_pos"])
+        lid = np.asarray(obs["lid_handle_pos"])
+        self._start_bin_xy = lid[:2].copy()  # the lid starts centred on the start bin
+        # Hand-over midway between where the payload starts and where it must end, above the rims.
+        handover = np.array([*(start[:2] + target_bin[:2]) / 2, self._rim_z + cfg.handover_height])
+        self._to_base = {arm: _flat(BASE_POS[arm] - handover) for arm in ARMS}
+        self._handover = handover + self._jitter()
+        # The lid goes down beside the start bin on the table's free half (towards robot0's base in x).
+        side = np.sign(BASE_POS["robot0"][0] - lid[0]) or -1.0
+        aside = (lid + side * (self._lid_size[0] + cfg.lid_aside_gap) * np.array([1.0, 0.0, 0.0])
+                 - cfg.lid_aside_outward * self._to_base["robot0"] + self._jitter())
+        aside[2] = self._table_z + cfg.lid_drop_height + self._lid_size[2] + self._lid_handle_height / 2
+        self._lid_aside = aside
+        self._trash_drop = np.array([*trash_bin[:2], self._rim_z + cfg.rim_clearance + self._trash_half_size])
+        self._trash_drop[:2] += self._jitter()[:2]
+        self._place_xy = target_bin[:2] + self._jitter()[:2]
+        self._grasp_offset = {}
+        for name in ("lid", "payload", "trash", "handover"):
+            offset = self._jitter()
+            offset[2] = abs(offset[2]) / 2
+            self._grasp_offset[name] = offset
+
+    # ------------------------------------------------------------------------------------------------ sensing
+    def _read_scene(self, sim: TransportSim) -> _Scene:
+        obs = sim.observation
+        env = sim.rs_env
+        transport = env.transport
+        payload_pos = np.asarray(obs["payload_pos"])
+        eef_pos = {a: np.asarray(obs[f"{a}_eef_pos"]) for a in ARMS}
+        last = self._last_pos or {**eef_pos, "payload": payload_pos}
+        self._last_pos = {**eef_pos, "payload": payload_pos}
+        head_dir = quat_xyzw_to_mat(obs["payload_quat"])[:, 2]  # the handle runs along the hammer's z, head at +z
+        # Lowest point: the lower of the hammer's two ends (handle end, head end), less its half thickness.
+        ends_z = payload_pos[2] + head_dir[2] * np.array(
+            [-self._handle_half_length, self._handle_half_length + self._hammer_head_length])
+        return _Scene(
+            eef_pos=eef_pos,
+            eef_rot={a: quat_xyzw_to_mat(obs[f"{a}_eef_quat"]) for a in ARMS},
+            eef_vel={a: eef_pos[a] - last[a] for a in ARMS},
+            wrist_roll={a: float(obs[f"{a}_joint_pos"][6]) for a in ARMS},
+            finger_speed={a: float(np.max(np.abs(obs[f"{a}_gripper_qvel"]))) for a in ARMS},
+            payload_pos=payload_pos,
+            payload_axis=head_dir if head_dir[1] >= 0 else -head_dir,
+            payload_head_dir=head_dir,
+            payload_low_z=float(ends_z.min() - self._hammer_half_thickness),
+            payload_speed=float(np.linalg.norm(payload_pos - last["payload"])),
+            lid_handle_pos=np.asarray(obs["lid_handle_pos"]),
+            lid_handle_rot=quat_xyzw_to_mat(obs["lid_handle_quat"]),
+            trash_pos=np.asarray(obs["trash_pos"]),
+            trash_rot=quat_xyzw_to_mat(obs["trash_quat"]),
+            holds_payload={a: bool(env._check_grasp(g, transport.payload)) for a, g in zip(ARMS, self._grippers)},
+            touches_payload={a: bool(env.check_contact(g, transport.payload)) for a, g in zip(ARMS, self._grippers)},
+            holds_lid=bool(env._check_grasp(self._grippers[0], transport.lid.handle_geoms)),
+            holds_trash=bool(env._check_grasp(self._grippers[1], transport.trash)),
+            trash_in_trash_bin=bool(transport.trash_in_trash_bin),
+            payload_in_target_bin=bool(transport.payload_in_target_bin),
+        )
+
+    # ----------------------------------------------------------------------------------------- stage plumbing
+    def _enter(self, arm: str, stage: str, **memory) -> None:
+        self._arms[arm] = _ArmState(stage, self._t, memory)
+
+    def _dropped(self, arm: str, holding: bool) -> bool:
+        """The carried object has left the fingers: no grasp for ``grip_loss_steps`` steps in a row (a jerk of the
+        hand can break one pad's contact for a step without dropping anything)."""
+        state = self._arms[arm]
+        state.grip_lost = 0 if holding else state.grip_lost + 1
+        return state.grip_lost >= self.config.grip_loss_steps
+
+    def _steps_in_stage(self, arm: str) -> int:
+        return self._t - self._arms[arm].entered
+
+    def _check_timeout(self, arm: str, s: _Scene) -> None:
+        """A stage that takes far too long (a jammed arm, an unreachable pose) is retried from the home pose."""
+        state = self._arms[arm]
+        if state.stage in WAITING_STAGES or state.stage == "recover":
+            return
+        if self._steps_in_stage(arm) > self.config.stage_timeout:
+            # Let go first, unless the arm holds something it must not drop.
+            holding = {"robot0": ("lid_lift", "lid_aside", "payload_lift", "carry"),
+                       "robot1": ("trash_lift", "trash_carry", "place_carry", "place_lower")}[arm]
+            resume = state.stage if state.stage in holding else self._restart_stage(state.stage)
+            self._enter(arm, "recover", resume=resume, grip=CLOSE if state.stage in holding else OPEN,
+                        rot=s.eef_rot[arm])
+
+    @staticmethod
+    def _restart_stage(stage: str) -> str:
+        """Where a stage starts over: a grasp from its reach, anything else from itself."""
+        for prefix in ("lid", "payload", "trash", "handover"):
+            if stage in (f"{prefix}_reach", f"{prefix}_descend", f"{prefix}_close"):
+                return f"{prefix}_reach"
+        return stage
+
+    def _recover(self, arm: str, s: _Scene) -> _Command:
+        """Back off to the starting pose (upright, unfolded), then resume the interrupted stage."""
+        memory = self._arms[arm].memory
+        target = self._home[arm]
+        rot = grasp_rotation(_flat(memory["rot"][:, 0]), memory["rot"])
+        home = self._reached(arm, s, target, rot, 2 * self.config.reach_tolerance)
+        if home or self._steps_in_stage(arm) > self.config.stage_timeout:
+            self._enter(arm, memory["resume"], rot=s.eef_rot[arm], pos=s.eef_pos[arm])
+        return _Command(target, rot, memory["grip"])
+
+    def _reached(self, arm: str, s: _Scene, pos: np.ndarray, rot: np.ndarray, tol: float) -> bool:
+        return bool(np.linalg.norm(pos - s.eef_pos[arm]) < tol
+                    and np.linalg.norm(rotation_error(rot, s.eef_rot[arm])) < self.config.rot_tolerance)
+
+    def _transit(self, pos: np.ndarray, target: np.ndarray, reach_below: float = FINGERTIP_REACH) -> np.ndarray:
+        """Waypoint towards ``target`` that never sweeps across a bin wall: up to a safe height first, across at
+        or above it, down only once over the target. ``reach_below`` is how far the hand (or what it carries)
+        extends below the grip site."""
+        tol = self.config.reach_tolerance
+        safe_z = self._rim_z + self.config.rim_clearance / 2 + reach_below
+        if np.linalg.norm(target[:2] - pos[:2]) < self.config.transit_radius:
+            return target
+        # Travel a tolerance above the safe height, so that tracking errors do not drop the hand back into the
+        # rising mode; while rising, creep towards the target (which also stops the hand drifting).
+        if pos[2] < safe_z - tol:
+            creep = _cap_norm(target[:2] - pos[:2], self.config.rise_creep)
+            return np.array([*(pos[:2] + creep), safe_z + tol])
+        return np.array([target[0], target[1], max(target[2], safe_z + tol)])
+
+    def _grasp(self, arm: str, s: _Scene, name: str, grip: np.ndarray, grip_rot: np.ndarray, holding: bool,
+               then: str, approach_height: float | None = None, may_descend: bool = True) -> _Command:
+        """The three stages of a top grasp, ``{name}_reach`` → ``{name}_descend`` → ``{name}_close``: hover above
+        ``grip``, go straight down onto it (once ``may_descend``), close until the fingers settle; then enter stage
+        ``then`` (with the grasp pose latched), or reach again after a miss."""
+        cfg, state = self.config, self._arms[arm]
+        pos = s.eef_pos[arm]
+        approach_height = cfg.approach_height if approach_height is None else approach_height
+        if state.stage == f"{name}_reach":
+            above = grip + approach_height * UP
+            aligned = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.align_radius and pos[2] < above[2] + 0.03
+                       and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.rot_tolerance)
+            if aligned and may_descend:
+                self._enter(arm, f"{name}_descend")
+            return _Command(self._transit(pos, above), grip_rot, OPEN)
+        if state.stage == f"{name}_descend":
+            # Start closing just before arriving: the fingers take several steps to meet the object.
+            above_grip = pos[2] - grip[2]
+            if (np.linalg.norm(grip[:2] - pos[:2]) < cfg.fine_tolerance and above_grip < cfg.close_lead
+                    and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.rot_tolerance):
+                self._enter(arm, f"{name}_close", pos=grip, rot=grip_rot)
+            return _Command(grip, grip_rot, OPEN)
+        # {name}_close: hold the grasp pose while the fingers close
+        steps = self._steps_in_stage(arm)
+        settled = holding and s.finger_speed[arm] < cfg.finger_still_speed
+        if steps >= cfg.grasp_min_steps and (settled or steps >= cfg.grasp_max_steps):
+            self._enter(arm, then if holding else f"{name}_reach", **state.memory)
+        return _Command(state.memory["pos"], state.memory["rot"], CLOSE)
+
+    def _release(self, arm: str, then: str, **memory) -> _Command:
+        """Open in place for ``release_steps``, then enter stage ``then``."""
+        state = self._arms[arm]
+        if self._steps_in_stage(arm) >= self.config.release_steps:
+            self._enter(arm, then, **memory)
+        return _Command(state.memory["pos"], state.memory["rot"], OPEN)
+
+    # ------------------------------------------------------------------------------------------------- robot0
+    def _robot0(self, s: _Scene) -> _Command:
+        """robot0: lid off, payload out of the start bin, presented for the hand-over."""
+        cfg, arm = self.config, "robot0"
+        state = self._arms[arm]
+        stage, memory = state.stage, state.memory
+        pos, rot = s.eef_pos[arm], s.eef_rot[arm]
+
+        if stage in ("lid_reach", "lid_descend", "lid_close"):
+            grip = s.lid_handle_pos + cfg.lid_grip_height * UP + self._grasp_offset["lid"]
+            grip_rot = self._choose_grasp(arm, s, [s.lid_handle_rot[:, 1]])  # the handle runs along the lid's y
+            return self._grasp(arm, s, "lid", grip, grip_rot, s.holds_lid, then="lid_lift")
+
+        if stage in ("lid_lift", "lid_aside"):
+            if self._dropped(arm, s.holds_lid):  # grasp it again if it still covers the bin, else carry on without it
+                covering = np.all(np.abs(s.lid_handle_pos[:2] - self._start_bin_xy) < self._bin_half_size / 2)
+                self._enter(arm, "lid_reach" if covering else "payload_reach")
+                return _Command(pos + 0.02 * UP, rot, OPEN)
+            hand_above_handle = pos[2] - s.lid_handle_pos[2]
+            lifted_z = self._rim_z + cfg.lid_lift_height + self._lid_size[2] + self._lid_handle_height / 2
+            lifted_z += hand_above_handle
+            if stage == "lid_lift":
+                if pos[2] > lifted_z - cfg.reach_tolerance:
+                    self._enter(arm, "lid_aside", rot=memory["rot"])
+                return _Command(np.array([*memory["pos"][:2], lifted_z]), memory["rot"], CLOSE)
+            target = self._lid_aside + hand_above_handle * UP
+            beside_bin = np.abs(s.lid_handle_pos[0] - self._start_bin_xy[0]) > (
+                self._bin_half_size[0] + self._lid_size[0] / 2 + cfg.lid_aside_gap / 2)
+            if not beside_bin:  # stay up until the lid has cleared the bin's walls
+                target[2] = max(target[2], lifted_z)
+            if self._reached(arm, s, target, memory["rot"], 2 * cfg.reach_tolerance):  # (no need to be exact)
+                self._enter(arm, "lid_release", pos=pos, rot=rot)
+            return _Command(target, memory["rot"], CLOSE)
+
+        if stage == "lid_release":
+            return self._release(arm, then="payload_reach")
+
+        if stage in ("payload_reach", "payload_descend", "payload_close"):
+            grip = (s.payload_pos - cfg.handover_grip_offset * s.payload_axis + self._grasp_offset["payload"]
+                    + cfg.payload_grip_height * UP)
+            return self._grasp(arm, s, "payload", grip, self._payload_grip_rotation(s),
+                               s.holds_payload[arm], then="payload_lift")
+
+        if stage in ("payload_lift", "carry", "present"):
+            if self._dropped(arm, s.holds_payload[arm]):  # grasp again if it fell back into the start bin
+                in_bin = np.all(np.abs(s.payload_pos[:2] - self._start_bin_xy) < self._bin_half_size)
+                self._enter(arm, "payload_reach" if in_bin else "failed", pos=pos, rot=rot)
+                return _Command(pos + 0.02 * UP, rot, OPEN)
+            if stage == "payload_lift":
+                # The hammer nearly spans the bin: centre it on the way up so that its head does not drag along a
+                # wall (which twists it in the grip).
+                clear_z = self._rim_z + cfg.rim_clearance
+                centring = self._start_bin_xy - self._hammer_centre(s)[:2]
+                if s.payload_low_z > self._rim_z + cfg.rim_clearance / 2:  # clear of the walls: carry on rising
+                    self._enter(arm, "carry", rot=memory["rot"])
+                return _Command(np.array([*(pos[:2] + centring), pos[2] + clear_z - s.payload_low_z]),
+                                memory["rot"], CLOSE)
+            # Bring the handle's centre to the hand-over point, turned to run along world y.
+            target = pos + (self._handover - s.payload_pos)
+            carry_rot = self._payload_carry_rotation(rot)
+            if stage == "carry":
+                if self._reached(arm, s, target, carry_rot, cfg.reach_tolerance):
+                    self._enter(arm, "present")
+                return _Command(target, carry_rot, CLOSE, cfg.carry_rot_action)
+            if self._arms["robot1"].stage == "handover_hold":  # present: robot1 holds the handle now
+                self._enter(arm, "release", pos=pos, rot=rot)
+            return _Command(target, carry_rot, CLOSE)
+
+        if stage == "release":
+            return self._release(arm, then="retreat", pos=pos, rot=rot)
+
+        if stage == "retreat":
+            # Straight up first: the open fingers straddle the handle, and the hammer's head is wider than they are.
+            target = memory["pos"] + cfg.retreat_distance * self._to_base[arm] + cfg.retreat_lift * UP
+            if pos[2] < memory["pos"][2] + cfg.retreat_lift - cfg.reach_tolerance:
+                target[:2] = memory["pos"][:2]
+            if self._reached(arm, s, target, memory["rot"], cfg.reach_tolerance):
+                self._enter(arm, "done", pos=target, rot=memory["rot"])
+            return _Command(target, memory["rot"], OPEN)
+
+        if stage in ("done", "failed"):
+            return _Command(memory.get("pos", pos), memory.get("rot", rot), OPEN)
+        raise AssertionError(f"robot0 has no stage {stage!r}")
+
+    # ------------------------------------------------------------------------------------------------- robot1
+    def _robot1(self, s: _Scene) -> _Command:
+        """robot1: trash into the trash bin, payload taken over and put into the target bin."""
+        cfg, arm = self.config, "robot1"
+        state = self._arms[arm]
+        stage, memory = state.stage, state.memory
+        pos, rot = s.eef_pos[arm], s.eef_rot[arm]
+
+        if stage in ("trash_reach", "trash_descend", "trash_close"):
+            if s.trash_in_trash_bin:  # (a trash cube dropped on the way may have landed there already)
+                self._enter(arm, "await_payload")
+                return _Command(pos, rot, OPEN)
+            grip = s.trash_pos + cfg.trash_grip_height * UP + self._grasp_offset["trash"]
+            # A cube can be gripped across either pair of faces: take whichever needs the smaller wrist turn.
+            grip_rot = self._choose_grasp(arm, s, [s.trash_rot[:, 0], s.trash_rot[:, 1]],
+                                          (self._to_base[arm], cfg.low_grasp_lean))
+            return self._grasp(arm, s, "trash", grip, grip_rot, s.holds_trash, then="trash_lift")
+
+        if stage in ("trash_lift", "trash_carry"):
+            if self._dropped(arm, s.holds_trash):
+                self._enter(arm, "trash_reach")
+                return _Command(pos + 0.02 * UP, rot, OPEN)
+            trash_low_z = s.trash_pos[2] - self._trash_half_size
+            clear_z = self._rim_z + cfg.rim_clearance
+            if stage == "trash_lift":
+                if trash_low_z > self._rim_z + cfg.rim_clearance / 2:  # clear of the walls: carry on rising
+                    self._enter(arm, "trash_carry", rot=memory["rot"])
+                return _Command(np.array([*memory["pos"][:2], pos[2] + clear_z - trash_low_z]), memory["rot"], CLOSE)
+            target = pos + (self._trash_drop - s.trash_pos)
+            if self._reached(arm, s, target, memory["rot"], cfg.reach_tolerance):
+                self._enter(arm, "trash_release", pos=pos, rot=rot)
+            return _Command(target, memory["rot"], CLOSE)
+
+        if stage == "trash_release":
+            return self._release(arm, then="await_payload")
+
+        if stage == "await_payload":
+            # Wait above and behind the grip point, out of the way of robot0's forearm as it brings the payload in.
+            hover = (self._handover + cfg.handover_grip_offset * WORLD_Y + cfg.await_back * self._to_base[arm]
+                     + cfg.await_height * UP)
+            # Move in above the grip point while robot0 brings the payload the last few centimetres ...
+            arriving = np.linalg.norm(s.payload_pos - self._handover) < cfg.handover_ready_radius
+            if self._arms["robot0"].stage in ("carry", "present") and arriving:
+                self._enter(arm, "handover_reach")
+            return _Command(hover, self._handover_grip_rotation(s, WORLD_Y), OPEN)
+
+        if stage in ("handover_reach", "handover_descend", "handover_close"):
+            # ... but go down onto the handle only once robot0 holds it still at the hand-over point.
+            presented = self._arms["robot0"].stage == "present" and self._payload_presented(s)
+            grip = s.payload_pos + cfg.handover_grip_offset * s.payload_axis + self._grasp_offset["handover"]
+            return self._grasp(arm, s, "handover", grip, self._handover_grip_rotation(s, s.payload_axis),
+                               s.holds_payload[arm], then="handover_hold", approach_height=cfg.approach_height / 2,
+                               may_descend=presented)
+
+        if stage == "handover_hold":
+            # robot0 lets go now; wait until its fingers have left the handle before pulling the payload away.
+            payload_top = s.payload_pos[2] + self._hammer_half_thickness
+            robot0_clear = s.eef_pos["robot0"][2] - FINGERTIP_REACH > payload_top + cfg.reach_tolerance
+            if self._arms["robot0"].stage in ("retreat", "done") and robot0_clear and not s.touches_payload["robot0"]:
+                self._enter(arm, "place_carry", rot=memory["rot"])
+            return _Command(memory["pos"], memory["rot"], CLOSE)
+
+        if stage in ("place_carry", "place_lower"):
+            if self._dropped(arm, s.holds_payload[arm]):
+                self._enter(arm, "retreat" if s.payload_in_target_bin else "failed", pos=pos, rot=rot)
+                return _Command(pos, rot, OPEN)
+            # Bring the hammer's middle over the bin's centre, the hand as it took the payload over: turning the hand
+            # about its finger axis would only swivel the hammer in the fingers.
+            place_rot = memory["rot"]
+            centre = self._hammer_centre(s)
+            if stage == "place_carry":
+                low_z = self._rim_z + cfg.rim_clearance
+                target = pos + np.array([*(self._place_xy - centre[:2]), low_z - s.payload_low_z])
+                if np.linalg.norm(self._place_xy - centre[:2]) < cfg.transit_radius:  # over the bin: lower it
+                    self._enter(arm, "place_lower", rot=memory["rot"])
+                return _Command(target, place_rot, CLOSE, cfg.carry_rot_action)
+            low_z = self._rim_z + cfg.place_release_height
+            target = pos + np.array([*(self._place_xy - centre[:2]), low_z - s.payload_low_z])
+            if s.payload_low_z < low_z + cfg.fine_tolerance:
+                self._enter(arm, "place_release", pos=pos, rot=rot)
+            return _Command(target, place_rot, CLOSE, cfg.carry_rot_action)
+
+        if stage == "place_release":
+            return self._release(arm, then="retreat", pos=pos, rot=rot)
+
+        if stage == "retreat":
+            target = memory["pos"] + cfg.retreat_lift * UP
+            if self._reached(arm, s, target, memory["rot"], cfg.reach_tolerance):
+                self._enter(arm, "done", pos=target, rot=memory["rot"])
+            return _Command(target, memory["rot"], OPEN)
+
+        if stage in ("done", "failed"):
+            return _Command(memory.get("pos", pos), memory.get("rot", rot), OPEN)
+        raise AssertionError(f"robot1 has no stage {stage!r}")
+
+    # ------------------------------------------------------------------------------------------ task geometry
+    def _hammer_centre(self, s: _Scene) -> np.ndarray:
+        """Middle of the hammer's length (handle plus head), half a head length from the handle's centre."""
+        return s.payload_pos + s.payload_head_dir * self._hammer_head_length / 2
+
+    def _choose_grasp(self, arm: str, s: _Scene, bar_axes: list[np.ndarray],
+                      lean: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+        """The top grasp, over bars along any of ``bar_axes`` and both mirror images of each, that needs the least
+        turn of the hand among those keeping the wrist's last joint (joint 7, ±2.9 rad) within
+        ``ExpertConfig.wrist_roll_limit``; ``lean`` = (direction, angle) tilts every option (``lean_towards``).
+
+        With the hand pointing down, joint 7 turns against the hand's turn about the vertical, so its value after a
+        turn is predicted from the turn's vertical component. Choosing by the smallest turn alone lets successive
+        grasps wind the wrist up to its stop."""
+        options = [top_grasp(sign * axis) for axis in bar_axes for sign in (1.0, -1.0)]
+        if lean is not None:
+            options = [lean_towards(r, *lean) for r in options]
+        turns = [rotation_error(r, s.eef_rot[arm]) for r in options]
+        joint7 = [s.wrist_roll[arm] - turn[2] for turn in turns]
+        safe = [i for i in range(len(options)) if abs(joint7[i]) < self.config.wrist_roll_limit]
+        best = min(safe, key=lambda i: np.linalg.norm(turns[i])) if safe else int(np.argmin(np.abs(joint7)))
+        return options[best]
+
+    def _payload_grip_rotation(self, s: _Scene) -> np.ndarray:
+        """robot0's grasp of the handle, leaning back towards its base (see ``ExpertConfig.low_grasp_lean``)."""
+        return self._choose_grasp("robot0", s, [s.payload_axis],
+                                  (self._to_base["robot0"], self.config.low_grasp_lean))
+
+    def _payload_carry_rotation(self, rot: np.ndarray) -> np.ndarray:
+        """robot0's grasp turned so that the handle runs along world y (the turn stays under 90°)."""
+        return lean_towards(grasp_rotation(WORLD_Y, rot), self._to_base["robot0"], self.config.low_grasp_lean)
+
+    def _handover_grip_rotation(self, s: _Scene, handle_axis: np.ndarray) -> np.ndarray:
+        """robot1's grasp of the presented handle, leaning towards robot0 (see ``ExpertConfig.handover_lean``)."""
+        return self._choose_grasp("robot1", s, [handle_axis], (-self._to_base["robot1"], self.config.handover_lean))
+
+    def _payload_presented(self, s: _Scene) -> bool:
+        """The payload is at the hand-over point and has stopped moving."""
+        return bool(s.payload_speed < self.config.settle_speed
+                    and np.linalg.norm(s.payload_pos - self._handover) < 2 * self.config.reach_tolerance)
+
+    # -------------------------------------------------------------------------------------------------- control
+    def _track(self, arm: str, s: _Scene, command: _Command) -> np.ndarray:
+        """Saturated proportional step towards a world-frame pose, as the arm's base-frame (7,) action."""
+        cfg = self.config
+        coasting = cfg.velocity_lookahead * s.eef_vel[arm]
+        pos_action = cfg.pos_gain * (command.pos - s.eef_pos[arm] - coasting) / OSC_POS_SCALE
+        rot_action = cfg.rot_gain * rotation_error(command.rot, s.eef_rot[arm]) / OSC_ROT_SCALE
+        action = np.zeros(ARM_ACTION_DIM)
+        # Each position component saturates on its own (the action space is a box), so that a long move along one
+        # axis does not starve the corrections along the others.
+        action[0:3] = np.clip(BASE_ROT[arm].T @ pos_action, -cfg.max_pos_action, cfg.max_pos_action)
+        max_rot = cfg.max_rot_action if command.max_rot is None else min(command.max_rot, cfg.max_rot_action)
+        action[3:6] = BASE_ROT[arm].T @ _cap_norm(rot_action, max_rot)
+        action[0:6] += self._rng.normal(0.0, cfg.noise, 6)
+        action[GRIPPER_INDEX] = command.gripper
+        return np.clip(action, -1.0, 1.0)
+
+
+def run_expert_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | None = None, on_step=None) -> dict:
+    """Reset sim to `seed`, run the expert until done; returns {"success": bool, "length": int, "seed": int}.
+
+    `on_step(obs, action, reward, done, info)` is called after each step (used by the demo writer and video
+    recorder). The episode ends where the simulator says so: at the first success (``SimConfig.terminate_on_success``)
+    or at the horizon.
+    """
+    expert = expert if expert is not None else ScriptedExpert()
+    sim.reset(seed)
+    expert.reset(sim)
+    done, success = False, False
+    while not done:
+        action = expert.act(sim)
+        obs, reward, done, info = sim.step(action)
+        success = success or bool(info["success"])
+        if on_step is not None:
+            on_step(obs, action, reward, done, info)
+    return {"success": success, "length": sim.t, "seed": int(seed)}
