@@ -18,9 +18,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, parameter in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(parameter.detach(), 1.0 - self.decay)
+        # One multi-tensor lerp instead of a kernel launch per parameter.
+        names = [n for n, p in model.named_parameters() if n in self.shadow]
+        params = dict(model.named_parameters())
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
