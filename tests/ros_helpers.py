@@ -39,6 +39,7 @@ class ConstantChunkPolicy:
         self.arm, self.recipe, self.image_size, self.sleep_s = arm, recipe, image_size, sleep_s
         self.uses_agentview, self.accepts_message = agentview, messages
         self.plans = 0
+        self.plan_intervals: list[tuple[float, float]] = []  # (start, end) monotonic seconds of each plan() call
         self.partner_seen = 0
         self.resets = 0
 
@@ -50,9 +51,11 @@ class ConstantChunkPolicy:
             assert obs["agentview_image"].shape == (self.image_size, self.image_size, 3)
 
     def plan(self, obs: dict) -> np.ndarray:
+        start = time.monotonic()
         self._check(obs)
         if self.sleep_s:
             time.sleep(self.sleep_s)
+        self.plan_intervals.append((start, time.monotonic()))
         self.plans += 1
         self.partner_seen += int("partner_message" in obs)
         c = self.recipe.execute_steps

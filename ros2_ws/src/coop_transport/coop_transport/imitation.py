@@ -17,10 +17,9 @@ import copy
 import csv
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +28,7 @@ import torch
 
 from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT, variant_spec
 from coop_transport.constants import ARMS
+from coop_transport.utils.atomic import replace_directory
 
 STATE_STD_FLOOR = 1e-2  # proprio dims that barely vary in the demos must not blow up when z-scored
 ACTION_STD_FLOOR = 1e-3
@@ -252,21 +252,16 @@ def save_train_state(path: Path, model, optimizer, ema, step: int, generator: to
     if ema is not None:
         tensors.update({f"ema/{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
     # Written beside the old state and swapped in, so a kill at any moment leaves one complete state on disk.
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"step": step, "optimizer_scalars": opt_scalars,
             "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
             "log_rows": log_rows[-2000:]}
     (tmp / "state.json").write_text(json.dumps(meta))
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_directory(tmp, path)
 
 
 def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generator) -> tuple[int, list]:
@@ -302,7 +297,7 @@ def train(config: ImitationConfig) -> dict:
 
     from coop_transport.pi0_policy import resolve_device
     from coop_transport.policy.checkpoint import save_checkpoint
-    from coop_transport.policy.config import config_to_dict, get_config
+    from coop_transport.policy.config import get_config
     from coop_transport.policy.ema import EMA
     from coop_transport.policy.image_transforms import augment_images
     from coop_transport.policy.model import build_model

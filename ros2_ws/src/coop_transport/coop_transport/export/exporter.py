@@ -22,7 +22,6 @@ import platform
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +29,7 @@ import numpy as np
 from coop_transport.export.manifest import (FORMAT, FORMAT_VERSION, checkpoint_identity, file_record, read_manifest,
                                             verify_file, write_manifest)
 from coop_transport.export.spec import DEFAULT_OPSET, ExportFileMissing
+from coop_transport.utils.atomic import replace_directory
 
 
 @dataclasses.dataclass
@@ -248,13 +248,7 @@ def export_model(model, config, out: pathlib.Path, samples: tuple[int, ...] = (1
     return manifest
 
 def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
+    replace_directory(tmp, out)
 
 
 def _jsonable(value):

@@ -17,7 +17,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import uuid
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from coop_transport.policy.config import Pi0Config, config_from_dict, config_to_dict
+from coop_transport.utils.atomic import replace_directory
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -118,13 +118,7 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             _fsync(tmp / name)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
