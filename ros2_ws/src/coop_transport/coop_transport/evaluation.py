@@ -112,16 +112,14 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     def frame():
         main = sim.render(video_camera, video_size, video_size)
         wrists = [obs[image_key(WRIST_CAMERA[a])] for a in ARMS if image_key(WRIST_CAMERA[a]) in obs]
-        if wrists:  # wrist views stacked at the right, scaled to the frame height
-            import numpy as _np
-
-            col = _np.concatenate(wrists, axis=0)
-            reps = max(1, video_size // col.shape[0])
-            col = col.repeat(reps, 0).repeat(reps, 1)[:video_size]
-            pad = video_size - col.shape[0]
-            col = _np.pad(col, ((0, pad), (0, 0), (0, 0)))
-            return _np.concatenate([main, col], axis=1)
-        return main
+        if not wrists:
+            return main
+        # Wrist views stacked in a column at the right, scaled up by whole pixels to the frame height.
+        column = np.concatenate(wrists, axis=0)
+        scale = max(1, video_size // column.shape[0])
+        column = column.repeat(scale, 0).repeat(scale, 1)[:video_size]
+        column = np.pad(column, ((0, video_size - column.shape[0]), (0, 0), (0, 0)))
+        return np.concatenate([main, column], axis=1)
 
     if writer:
         writer.add(frame())

@@ -1,0 +1,28 @@
+"""The evaluation harness with the scripted expert: summaries, per-seed outcomes, videos, bad controller names."""
+
+import json
+
+import imageio.v2 as imageio
+import pytest
+
+from coop_transport.evaluation import ControllerSpec, EvalConfig, build_controller, evaluate
+
+
+def test_evaluate_writes_summaries_and_videos(tmp_path):
+    spec = ControllerSpec("expert", {"cameras": True, "image_size": 32})
+    summary = evaluate(spec, EvalConfig(episodes=2, first_seed=5, workers=1, videos=1, horizon=4, video_size=64),
+                       tmp_path, progress=False)
+    assert [r["seed"] for r in summary["per_seed"]] == [5, 6]
+    assert summary["successes"] == 0 and summary["wilson95"][0] == 0.0  # 4 steps cannot solve the task
+    assert json.loads((tmp_path / "summary.json").read_text())["episodes"] == 2
+    assert "| 5 | no | 4 |" in (tmp_path / "summary.md").read_text()
+    video = imageio.get_reader(tmp_path / "videos" / "seed_0005.mp4")
+    frame = video.get_data(0)
+    assert frame.shape == (64, 64 + 32, 3)  # front view beside the two 32 px wrist views stacked
+    assert video.count_frames() == 5  # the reset frame and one per step
+    assert not (tmp_path / "videos" / "seed_0006.mp4").exists()
+
+
+def test_unknown_controller_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown controller kind 'expret'"):
+        build_controller(ControllerSpec("expret"))
