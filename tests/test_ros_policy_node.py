@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ros
 def test_tick_never_waits_for_slow_inference_and_overruns_hold():
     use_isolated_ros_env()
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image, JointState
@@ -48,7 +48,7 @@ def test_tick_never_waits_for_slow_inference_and_overruns_hold():
             pubs[2].publish(codec.pose_msg(np.array([0.5, 0.0, 0.2]), np.array([1.0, 0, 0, 0]), stamp, ""))
 
         feeder.create_timer(0.05, feed)
-        executor = MultiThreadedExecutor(num_threads=2, context=context)
+        executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
         executor.add_node(feeder)
         thread = threading.Thread(target=executor.spin, daemon=True)

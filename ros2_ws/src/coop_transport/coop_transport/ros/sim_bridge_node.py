@@ -30,7 +30,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.task import Future
@@ -327,7 +327,9 @@ def main(args=None) -> None:
     code = 0
     try:
         node = SimBridgeNode()
-        executor = MultiThreadedExecutor(num_threads=2)
+        # One executor thread is enough (stepping and rendering run in the bridge's own thread), and rclpy's
+        # MultiThreadedExecutor was seen to fire timers and callbacks at a fraction of their rate on 2-core machines.
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin_until_future_complete(node.finished)
         if node.finished.done() and node.finished.exception() is not None:
