@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from coop_transport.utils.stats import format_rate, wilson_interval
+from coop_transport.utils.jsonable import to_jsonable
 
 
 class Controller(Protocol):
@@ -219,7 +220,7 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     clip_actions = sum(r["stats"].get("clip_actions", 0) for r in results)
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
     return {
-        "controller": {"kind": spec.kind, "label": spec.name, "args": _jsonable(spec.args)},
+        "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
         "episodes": n,
         "successes": wins,
@@ -231,18 +232,6 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
         "wall_s": wall_s,
         "per_seed": results,
     }
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "__dataclass_fields__"):
-        return _jsonable(asdict(value))
-    return str(value)
 
 
 def markdown_summary(summary: dict) -> str:

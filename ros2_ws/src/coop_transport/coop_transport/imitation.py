@@ -29,6 +29,7 @@ import torch
 from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT, variant_spec
 from coop_transport.constants import ARMS
 from coop_transport.utils.atomic import replace_directory
+from coop_transport.utils.jsonable import to_jsonable
 
 STATE_STD_FLOOR = 1e-2  # proprio dims that barely vary in the demos must not blow up when z-scored
 ACTION_STD_FLOOR = 1e-3
@@ -310,7 +311,7 @@ def train(config: ImitationConfig) -> dict:
     model_config = get_config(config.model, setting=spec.model_setting, **overrides)
     run = config.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    (run / "imitation_config.json").write_text(json.dumps(_jsonable(asdict(config)), indent=2))
+    (run / "imitation_config.json").write_text(json.dumps(to_jsonable(asdict(config)), indent=2))
 
     tokenizer = make_tokenizer(model_config, config.weights)
     table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device)
@@ -331,7 +332,7 @@ def train(config: ImitationConfig) -> dict:
 
     extra = {"variant": config.variant, "prompts": dict(zip(ARMS, prompts)) if config.variant == "per-arm"
              else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
-             "data": str(config.data), "imitation_config": _jsonable(asdict(config)),
+             "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
              "weights_dir": str(config.weights) if config.weights else None}
     loss_fn = torch.compile(model.compute_loss) if config.compile else model.compute_loss
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
@@ -450,13 +451,3 @@ class _null_context:
 
     def __exit__(self, *exc):
         return False
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -30,6 +30,7 @@ from coop_transport.export.manifest import (FORMAT, FORMAT_VERSION, checkpoint_i
                                             verify_file, write_manifest)
 from coop_transport.export.spec import DEFAULT_OPSET, ExportFileMissing
 from coop_transport.utils.atomic import replace_directory
+from coop_transport.utils.jsonable import to_jsonable
 
 
 @dataclasses.dataclass
@@ -157,7 +158,7 @@ def export_policy(cfg: ExportConfig, log=print) -> dict[str, Any]:
                 "norm_stats": _to_json(ckpt.norm_stats),
                 "prompts": _prompts(config, extra, variant),
                 "recipe_defaults": dataclasses.asdict(recipe),
-                "export_settings": _jsonable(dataclasses.asdict(cfg)),
+                "export_settings": to_jsonable(dataclasses.asdict(cfg)),
                 "graphs": graphs,
                 "files": files,
                 **source.sections,  # e.g. "residual": the run's architecture, config and checkpoint hash
@@ -165,7 +166,7 @@ def export_policy(cfg: ExportConfig, log=print) -> dict[str, Any]:
             manifest["tensorrt"] = _engines(cfg, tmp, manifest, log)  # before parity: engines join the comparison
             manifest["parity"] = run_parity(cfg, tmp, manifest, reference, log, items)
             write_manifest(tmp, manifest)
-            _replace_dir(tmp, out)
+            replace_directory(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -246,20 +247,6 @@ def export_model(model, config, out: pathlib.Path, samples: tuple[int, ...] = (1
     }
     write_manifest(out, manifest)
     return manifest
-
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    replace_directory(tmp, out)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, pathlib.Path):
-        return str(value)
-    return value
-
 
 def _available_backends(cfg: ExportConfig, export_dir: pathlib.Path, manifest: dict, log) -> tuple[dict, dict]:
     """The parity backends that can run here, built; the others logged as skipped with the reason."""
