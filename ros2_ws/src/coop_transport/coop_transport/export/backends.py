@@ -188,6 +188,14 @@ def ort_session_options(threads: int | None = None, spinning: bool | None = None
     return options
 
 
+def _exported_input_specs(backend, batch_size: int, num_samples: int) -> list[TensorSpec]:
+    """Input specs of the exported graph for (batch, N), from the manifest (ONNX Runtime and TensorRT alike)."""
+    name = backend._by_shape.get((batch_size, num_samples))
+    if name is None:
+        raise _no_graph(backend.export_dir, batch_size, num_samples, backend._by_shape)
+    return [TensorSpec.from_dict(s) for s in backend.manifest["graphs"][name]["inputs"]]
+
+
 class OnnxRuntimeBackend(ChunkBackend):
     """The exported chunk graphs in ONNX Runtime sessions, one per exported (B, N); files verified by sha256."""
 
@@ -232,10 +240,7 @@ class OnnxRuntimeBackend(ChunkBackend):
         self.description = f"onnxruntime {ort.__version__}, providers {used}, threads {threads or 'default'}"
 
     def input_specs(self, batch_size: int, num_samples: int) -> list[TensorSpec]:
-        name = self._by_shape.get((batch_size, num_samples))
-        if name is None:
-            raise _no_graph(self.export_dir, batch_size, num_samples, self._by_shape)
-        return [TensorSpec.from_dict(s) for s in self.manifest["graphs"][name]["inputs"]]
+        return _exported_input_specs(self, batch_size, num_samples)
 
     def _run(self, inputs: dict[str, np.ndarray], batch_size: int, num_samples: int) -> np.ndarray:
         return self.sessions[(batch_size, num_samples)].run([ACTIONS], inputs)[0]
@@ -297,10 +302,7 @@ class TensorRTBackend(ChunkBackend):
         self.description = f"TensorRT {trt.__version__} {precision} on {torch.cuda.get_device_name(self.device)}"
 
     def input_specs(self, batch_size: int, num_samples: int) -> list[TensorSpec]:
-        name = self._by_shape.get((batch_size, num_samples))
-        if name is None:
-            raise _no_graph(self.export_dir, batch_size, num_samples, self._by_shape)
-        return [TensorSpec.from_dict(s) for s in self.manifest["graphs"][name]["inputs"]]
+        return _exported_input_specs(self, batch_size, num_samples)
 
     def _run(self, inputs: dict[str, np.ndarray], batch_size: int, num_samples: int) -> np.ndarray:
         torch = self.torch
