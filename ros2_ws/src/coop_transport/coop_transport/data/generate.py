@@ -543,10 +543,7 @@ def generate(config: GenerateConfig) -> Path:
                 f"finished demos are kept in {partial} and will be reused.")
         try:
             _merge(config, fingerprint, partial, tmp, summaries, wall_seconds=time.time() - t0)
-            with fmt.open_hdf5(tmp) as f:
-                fmt.validate(f, str(tmp))
-            fmt.fsync_path(tmp)
-            os.replace(tmp, out)
+            fmt.publish_validated(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -264,6 +264,15 @@ def open_hdf5(path: str | os.PathLike, mode: str = "r"):
         raise DatasetError(f"{os.fspath(path)}: HDF5 file is {what}: {msg}") from e
 
 
+def publish_validated(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Validate a finished temporary file, flush it to disk and move it to ``dst`` in one rename: a file at ``dst``
+    is always complete."""
+    with open_hdf5(tmp) as f:
+        validate(f, str(tmp))
+    fsync_path(tmp)
+    os.replace(tmp, dst)
+
+
 def read_array(f, name: str, path: str = "") -> np.ndarray:
     """Read a whole dataset, naming it in the error if its bytes cannot be read (truncated or corrupt file)."""
     try:

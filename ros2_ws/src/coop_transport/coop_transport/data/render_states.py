@@ -26,7 +26,6 @@ rendered for training on a GPU and images rendered at evaluation time on a CPU.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -222,10 +221,7 @@ def render_file(config: RenderConfig) -> Path:
             env_meta["env_kwargs"].update(camera_names=cams, camera_heights=config.image_size,
                                           camera_widths=config.image_size)
             data.attrs["env_args"] = json.dumps(env_meta, default=fmt.json_default)
-        with fmt.open_hdf5(tmp) as f:
-            fmt.validate(f, str(tmp))
-        fmt.fsync_path(tmp)
-        os.replace(tmp, dst)
+        fmt.publish_validated(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
