@@ -73,11 +73,7 @@ class PerArmPi0Controller:
         from coop_transport.recipe import ChunkedActor
 
         self.policy = policy
-        self.actors = {
-            arm: ChunkedActor(lambda obs, n, arm=arm: policy.sample_arm(obs, arm, n), recipe,
-                              policy.action_mean, policy.action_std)
-            for arm in ARMS
-        }
+        self.actors = {arm: ChunkedActor.for_arm(policy, arm, recipe) for arm in ARMS}
 
     def reset(self, sim, seed: int) -> None:
         _reset_noise(self.policy, seed)
@@ -100,8 +96,7 @@ class JointPi0Controller:
         from coop_transport.recipe import ChunkedActor
 
         self.policy = policy
-        self.actor = ChunkedActor(lambda obs, n: policy.sample_joint(obs, n), recipe, policy.action_mean,
-                                  policy.action_std)
+        self.actor = ChunkedActor.for_joint(policy, recipe)
 
     def reset(self, sim, seed: int) -> None:
         _reset_noise(self.policy, seed)

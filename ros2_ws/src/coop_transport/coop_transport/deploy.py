@@ -31,8 +31,7 @@ class ArmPolicy:
         self.policy = policy
         self.arm = arm
         self.recipe = recipe
-        self._actor = ChunkedActor(lambda obs, n: policy.sample_arm(obs, arm, n), recipe, policy.action_mean,
-                                   policy.action_std)
+        self._actor = ChunkedActor.for_arm(policy, arm, recipe)
 
     @property
     def image_size(self) -> int:

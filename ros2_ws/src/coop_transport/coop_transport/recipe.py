@@ -143,6 +143,17 @@ class ChunkedActor:
         self._queue: deque[np.ndarray] = deque()
         self.chunks_planned = 0
 
+    @classmethod
+    def for_arm(cls, policy, arm: str, config: RecipeConfig) -> "ChunkedActor":
+        """One arm of a per-arm policy (anything with ``sample_arm(obs, arm, n)`` and the demonstration
+        ``action_mean`` / ``action_std``: the PyTorch policy or an exported backend)."""
+        return cls(lambda obs, n: policy.sample_arm(obs, arm, n), config, policy.action_mean, policy.action_std)
+
+    @classmethod
+    def for_joint(cls, policy, config: RecipeConfig) -> "ChunkedActor":
+        """A joint (14-D) policy with ``sample_joint(obs, n)``."""
+        return cls(lambda obs, n: policy.sample_joint(obs, n), config, policy.action_mean, policy.action_std)
+
     def reset(self) -> None:
         self._queue.clear()
 
