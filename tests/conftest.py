@@ -23,3 +23,16 @@ def camera_sim():
 
     with TransportSim(SimConfig(wrist_cameras=True, agentview=True, image_size=64)) as s:
         yield s
+
+
+@pytest.fixture
+def torch_one_thread_seeded():
+    """torch on one thread with seed 0 for the test, restored afterwards. One thread: the project's 2-core machines
+    are shared, and two threads there run slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ from coop_transport.policy.config import StreamConfig
 from test_policy_model import make_batch
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_seeded")
 
 
 NORM_STATS = {"state": {"mean": np.arange(3, dtype=np.float32), "std": np.ones(3)}, "actions": {"q01": [-1.0, -2.0]}}

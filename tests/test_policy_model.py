@@ -51,14 +51,7 @@ def make_batch(config, batch_size=2, seed=0, with_actions=True):
     return batch
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # One thread: the project's 2-core machines are shared, and two threads there run slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_seeded")
 
 
 # ---- attention mask ------------------------------------------------------------------------------------------------
