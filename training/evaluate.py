@@ -55,8 +55,13 @@ class Config:
     """With a folder of checkpoints: copy the best by success to <out>/best."""
     device: str = "cpu"
     """Device for the policy in each worker (cpu keeps many workers cheap; cuda for big models)."""
+    backend: str = "torch"
+    """Inference backend (coop_transport.export.backends): torch | cudagraph (with --device cuda: one captured
+    graph per worker, ~10x faster than eager for the small model) | onnxruntime | tensorrt (exported policies)."""
     horizon: int = 500
     """Control steps per episode."""
+    progress: bool = True
+    """Show a progress bar."""
 
 
 def recipe_overrides(cfg: Config) -> dict:
@@ -86,7 +91,7 @@ def main(cfg: Config) -> dict:
     eval_config = EvalConfig(episodes=cfg.episodes, first_seed=cfg.first_seed, workers=cfg.workers, videos=cfg.video,
                              horizon=cfg.horizon)
     if cfg.controller == "expert":
-        summary = evaluate(ControllerSpec("expert"), eval_config, cfg.out)
+        summary = evaluate(ControllerSpec("expert"), eval_config, cfg.out, progress=cfg.progress)
         print(f"expert: {summary['successes']}/{summary['episodes']} -> {cfg.out / 'summary.md'}")
         return summary
     if cfg.controller != "pi0":
@@ -102,10 +107,10 @@ def main(cfg: Config) -> dict:
         for recipe_name, recipe in recipes.items():
             name = (policy.name if policy else "default") + ("" if len(recipes) == 1 else f" | {recipe_name}")
             spec = ControllerSpec("pi0", {"policy": str(policy) if policy else None, "recipe": recipe,
-                                          "device": cfg.device}, label=name)
+                                          "device": cfg.device, "backend": cfg.backend}, label=name)
             out = cfg.out / (policy.name if policy and len(policies) > 1 else "") / (
                 "" if len(recipes) == 1 else recipe_name.split(" (")[0].replace(" ", "_").replace("±", "pm"))
-            summary = evaluate(spec, eval_config, out)
+            summary = evaluate(spec, eval_config, out, progress=cfg.progress)
             step = json.loads((policy / "config.json").read_text()).get("step", 0) if policy else 0
             rows.append({"name": name, "policy": str(policy) if policy else "default", "recipe": recipe_name,
                          "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the shipped per-arm default policy on a GPU machine (MuJoCo rendering through EGL):
-# demonstrations with images -> imitation training -> closed-loop evaluation of its checkpoints -> best by success.
+# Reproduce the shipped policies on a GPU machine (MuJoCo rendering through EGL): demonstrations with images ->
+# imitation training of the per-arm (B1) and joint (B2) small policies side by side on one GPU -> closed-loop
+# evaluation of their checkpoints, the best chosen by simulated success on held-out reset seeds, then reported on
+# seeds 1-100.
 #
-#   WORKERS=16 TRAIN_BUDGET_S=600 bash training/reproduce_default.sh runs/default
+#   WORKERS=16 TRAIN_BUDGET_S=300 bash training/reproduce_default.sh runs/default
+#   STAGES=eval bash training/reproduce_default.sh runs/default      # one stage again (demos | train | select | eval)
 #
 # Every stage resumes where it stopped (demos from their shards, training from its state), so the script can be
 # rerun in chunks on machines that limit one command's time.
@@ -10,28 +13,59 @@ set -euo pipefail
 OUT=${1:-runs/default}
 PY=${PYTHON:-python3}
 WORKERS=${WORKERS:-$(nproc)}
+STAGES=${STAGES:-demos train select eval}
 EPISODES=${EPISODES:-200}
 STEPS=${STEPS:-30000}
 BATCH=${BATCH:-128}
 TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-}
-STOP_AT=${STOP_AT:-}  # stop training at this step (rerun to continue): for machines that limit one command's time
+CHECKPOINTS=${CHECKPOINTS:-5}
+COMPILE=${COMPILE:-1}         # torch.compile the loss (fewer kernels: the small model is launch-bound)
+VARIANTS=${VARIANTS:-per-arm joint}
+SELECT_SEEDS=${SELECT_SEEDS:-101}   # selection on reset seeds 101..(101 + SELECT_EPISODES - 1), disjoint from 1-100
+SELECT_EPISODES=${SELECT_EPISODES:-30}
 EVAL_EPISODES=${EVAL_EPISODES:-100}
-SAVE_EVERY=${SAVE_EVERY:-2500}
+DEVICE=${DEVICE:-cuda}         # policy device in evaluation workers
+BACKEND=${BACKEND:-cudagraph}  # one captured CUDA graph per worker
 mkdir -p "$OUT"
 export MUJOCO_GL=${MUJOCO_GL:-egl}
+DATA="$OUT/transport_scripted_96.hdf5"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-echo "== demonstrations: $EPISODES scripted episodes, 3 cameras at 96 px, $WORKERS workers"
-$PY training/demos.py --episodes "$EPISODES" --out "$OUT/transport_scripted_96.hdf5" --images --image-size 96 \
-    --workers "$WORKERS" --compression lzf --no-progress
-
-echo "== imitation: per-arm small policy"
-$PY training/imitation.py --variant per-arm --model small --data "$OUT/transport_scripted_96.hdf5" \
-    --out "$OUT/per-arm-small" --steps "$STEPS" --batch-size "$BATCH" --save-every "$SAVE_EVERY" --no-progress \
-    ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} ${STOP_AT:+--stop-at "$STOP_AT"}
-if [[ -n "$STOP_AT" ]] && [[ ! -d "$OUT/per-arm-small/checkpoints/step_$(printf %06d "$STEPS")" ]]; then
-    echo "training stopped at step $STOP_AT of $STEPS: rerun with a larger STOP_AT to continue"; exit 0
+if has demos; then
+    echo "== demonstrations: $EPISODES scripted episodes, 3 cameras at 96 px, $WORKERS workers"
+    $PY training/demos.py --episodes "$EPISODES" --out "$DATA" --images --image-size 96 \
+        --workers "$WORKERS" --compression lzf --no-progress
 fi
 
-echo "== evaluation: $EVAL_EPISODES episodes per checkpoint, reset seeds 1-$EVAL_EPISODES"
-$PY training/evaluate.py --policy "$OUT/per-arm-small/checkpoints" --episodes "$EVAL_EPISODES" \
-    --workers "$WORKERS" --select-best --out "$OUT/eval" --device cpu
+if has train; then
+    pids=()
+    for variant in $VARIANTS; do
+        echo "== imitation: $variant small policy (log: $OUT/$variant-small.log)"
+        $PY training/imitation.py --variant "$variant" --model small --data "$DATA" --out "$OUT/$variant-small" \
+            --steps "$STEPS" --batch-size "$BATCH" --num-checkpoints "$CHECKPOINTS" --no-progress \
+            $([[ "$COMPILE" == 1 ]] && echo --compile) ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} \
+            >"$OUT/$variant-small.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    for variant in $VARIANTS; do tail -n 3 "$OUT/$variant-small.log"; done
+    [[ $status == 0 ]] || { echo "a training run failed (exit $status)"; exit $status; }
+fi
+
+if has select; then
+    for variant in $VARIANTS; do
+        echo "== selection: $variant checkpoints on reset seeds $SELECT_SEEDS.. ($SELECT_EPISODES episodes each)"
+        $PY training/evaluate.py --policy "$OUT/$variant-small/checkpoints" --episodes "$SELECT_EPISODES" \
+            --first-seed "$SELECT_SEEDS" --workers "$WORKERS" --select-best --out "$OUT/select-$variant" \
+            --device "$DEVICE" --backend "$BACKEND" --no-progress
+    done
+fi
+
+if has eval; then
+    for variant in $VARIANTS; do
+        echo "== evaluation: best $variant checkpoint, reset seeds 1-$EVAL_EPISODES, the full recipe"
+        $PY training/evaluate.py --policy "$OUT/select-$variant/best" --episodes "$EVAL_EPISODES" \
+            --workers "$WORKERS" --out "$OUT/eval-$variant" --device "$DEVICE" --backend "$BACKEND" --no-progress
+    done
+fi

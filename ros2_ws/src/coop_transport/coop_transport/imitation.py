@@ -73,6 +73,8 @@ class ImitationConfig:
     """Use exactly these demonstrations (overrides --demos)."""
     save_every: int = 2_500
     """Steps between inference checkpoints (all kept, for success-based selection)."""
+    num_checkpoints: int | None = None
+    """Instead of --save-every: this many evenly spaced checkpoints over the run (after --time-budget-s fits it)."""
     log_every: int = 100
     """Steps between loss-log rows."""
     seed: int = 0
@@ -86,7 +88,7 @@ class ImitationConfig:
     progress: bool = True
     """Show a progress bar."""
     time_budget_s: float | None = None
-    """Wall-clock budget: after 50 steps the run shortens ``steps`` (and its LR schedule) to what fits."""
+    """Wall-clock budget: after 70 steps the run shortens ``steps`` (and its LR schedule) to what fits."""
     stop_at: int | None = None
     """Save and stop at this step without changing the schedule; the same command resumes (for machines that
     limit one command's time)."""
@@ -334,8 +336,7 @@ def train(config: ImitationConfig) -> dict:
              else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
              "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
              "weights_dir": str(config.weights) if config.weights else None}
-    loss_fn = torch.compile(model.compute_loss) if config.compile else model.compute_loss
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context()
+    train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -344,13 +345,18 @@ def train(config: ImitationConfig) -> dict:
                dynamic_ncols=True)
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     total_steps, run_start, start_step = config.steps, time.perf_counter(), step
+    save_every = _save_interval(config, total_steps)
     while step < total_steps:
-        if config.time_budget_s and step == start_step + 50:
-            # Fit the schedule to the budget: measured seconds per step, 10% kept back for checkpoints.
-            per_step = (time.perf_counter() - run_start) / 50
+        if config.time_budget_s and step == start_step + 20:
+            rate_start = time.perf_counter()  # after warm-up steps (torch.compile, cuDNN autotuning)
+        if config.time_budget_s and step == start_step + 70:
+            # Fit the schedule to the budget: seconds per step measured over 50 warm steps, 10% kept back for
+            # checkpoints.
+            per_step = (time.perf_counter() - rate_start) / 50
             fit = step + int((0.9 * config.time_budget_s - (time.perf_counter() - run_start)) / per_step)
             if fit < total_steps:
                 total_steps = max(step + 1, fit)
+                save_every = _save_interval(config, total_steps)
                 bar.total = total_steps
                 print(f"time budget {config.time_budget_s:.0f} s: training {total_steps} steps "
                       f"({1e3 * per_step:.1f} ms/step)")
@@ -360,16 +366,9 @@ def train(config: ImitationConfig) -> dict:
         batch = table.sample(config.batch_size, generator)
         if config.augment:
             batch["images"] = augment_images(batch["images"], generator)
-        with autocast:
-            loss, info = loss_fn(batch)
+        loss, grad_norm = train_step(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; last good state is in {state_dir}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
         step += 1
         window_loss += loss.item()
         window_steps += 1
@@ -381,7 +380,7 @@ def train(config: ImitationConfig) -> dict:
             log_rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if step % config.save_every == 0 or step == total_steps:
+        if step % save_every == 0 or step == total_steps:
             _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config, norm,
                                        step, extra, save_checkpoint)
             save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
@@ -406,6 +405,39 @@ def train(config: ImitationConfig) -> dict:
     (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
     _write_log(run, log_rows)
     return summary
+
+
+def _save_interval(config: ImitationConfig, total_steps: int) -> int:
+    if config.num_checkpoints:
+        return max(1, math.ceil(total_steps / config.num_checkpoints))
+    return config.save_every
+
+
+def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False):
+    """One optimization step as a function batch -> (loss, grad_norm), shared by training and bench/train_speed.py.
+
+    bf16 autocast on CUDA (π0 trains in bf16); ``compile`` runs the loss through torch.compile (fewer, fused
+    kernels: the small model is launch-bound on a GPU). A non-finite loss skips the update, so the caller can stop
+    with the last good weights intact.
+    """
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = torch.compile(model.compute_loss) if compile else model.compute_loss
+
+    def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context():
+            loss, _ = loss_fn(batch)
+        if not torch.isfinite(loss):
+            return loss.detach(), torch.tensor(float("nan"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        return loss.detach(), grad_norm
+
+    return step
 
 
 def _save_inference_checkpoint(path, model, ema, model_config, norm, step, extra, save_checkpoint):
