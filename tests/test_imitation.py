@@ -96,3 +96,23 @@ def test_bad_config_is_refused():
         ImitationConfig(variant="both")
     with pytest.raises(ValueError, match="steps"):
         ImitationConfig(steps=0)
+
+
+def test_warm_start_begins_from_the_checkpoint_and_keeps_its_statistics(demo_file, tmp_path):
+    from coop_transport.policy.checkpoint import load_checkpoint
+
+    first = tmp_path / "first"
+    train(_config(demo_file, first, 2, num_checkpoints=1))
+    source = load_checkpoint(first / "checkpoints" / "step_000002")
+    warm = tmp_path / "warm"
+    # lr=0: the warm run's weights must stay exactly the source checkpoint's
+    train(_config(demo_file, warm, 1, init_from=first / "checkpoints" / "step_000002", lr=1e-30, num_checkpoints=1))
+    result = load_checkpoint(warm / "checkpoints" / "step_000001")
+    for key, value in source.model.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[key], value, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(result.norm_stats["actions"]["mean"], source.norm_stats["actions"]["mean"])
+
+    with pytest.raises(ValueError, match="configuration differs"):
+        train(ImitationConfig(model="tiny", data=demo_file, out=tmp_path / "bad", steps=1, batch_size=4,
+                              action_horizon=8, init_from=first / "checkpoints" / "step_000002", progress=False,
+                              device="cpu"))

@@ -67,6 +67,9 @@ class ImitationConfig:
     """Global gradient-norm clip."""
     augment: bool = True
     """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
+    init_from: Path | None = None
+    """Start from this inference checkpoint's weights and normalization statistics (a warm start: fine-tune a
+    trained policy further with a fresh schedule); the model configuration must match. Ignored when resuming."""
     demos: int | None = None
     """Use only the first K training demonstrations (1 for the single-trajectory overfit probe)."""
     demo_names: tuple[str, ...] = ()
@@ -151,8 +154,11 @@ def floored_stats(stats, floor: float) -> dict:
     return d
 
 
-def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device):
-    """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names)."""
+def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device,
+                     norm_override: dict | None = None):
+    """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names).
+
+    norm_override: z-score with these statistics instead of the file's (a warm start keeps its checkpoint's)."""
     from coop_transport.data.dataset import load_demonstrations
 
     spec = variant_spec(config.variant)
@@ -177,6 +183,9 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
             stats = compute_norm_stats([t for t in trajs if t.demo in sel])
         norm = {"state": floored_stats(stats["proprio"], STATE_STD_FLOOR),
                 "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
+        if norm_override is not None:
+            norm = {key: {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
+                          for k, v in norm_override[key].items()} for key in ("state", "actions")}
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
@@ -316,8 +325,21 @@ def train(config: ImitationConfig) -> dict:
     (run / "imitation_config.json").write_text(json.dumps(to_jsonable(asdict(config)), indent=2))
 
     tokenizer = make_tokenizer(model_config, config.weights)
-    table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device)
+    state_dir = run / "train_state"
+    warm_start = None
+    if config.init_from and not (config.resume and (state_dir / "state.json").exists()):
+        from coop_transport.policy.checkpoint import load_checkpoint
+
+        warm_start = load_checkpoint(config.init_from, device="cpu")
+        if warm_start.config != model_config:
+            raise ValueError(f"--init-from {config.init_from}: its model configuration differs from --model "
+                             f"{config.model} with action_horizon {model_config.action_horizon}")
+    table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device,
+                                                   norm_override=warm_start.norm_stats if warm_start else None)
     model = build_model(model_config, weights=str(config.weights) if config.weights else None, device=device)
+    if warm_start is not None:
+        model.load_state_dict(warm_start.model.state_dict())
+        print(f"warm start from {config.init_from} (step {warm_start.step})")
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_lr = config.lr or (2.5e-5 if model_config.lora or config.weights else 3e-4)
     # fused AdamW: one kernel for all parameters instead of several per tensor (the GPU host is launch-bound).
@@ -326,7 +348,6 @@ def train(config: ImitationConfig) -> dict:
     ema = EMA(model, model_config.ema_decay) if model_config.ema_decay else None
     generator = torch.Generator().manual_seed(config.seed)
 
-    state_dir = run / "train_state"
     step, log_rows = 0, []
     if config.resume and (state_dir / "state.json").exists():
         step, log_rows = load_train_state(state_dir, model, optimizer, ema, generator)
