@@ -26,3 +26,15 @@ def test_evaluate_writes_summaries_and_videos(tmp_path):
 def test_unknown_controller_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown controller kind 'expret'"):
         build_controller(ControllerSpec("expret"))
+
+
+def test_missing_video_encoder_skips_videos_instead_of_losing_the_evaluation(tmp_path, monkeypatch, capsys):
+    import coop_transport.utils.video as video
+
+    monkeypatch.setattr(video, "mp4_writer_available", lambda: "no ffmpeg for imageio (test)")
+    spec = ControllerSpec("expert")
+    summary = evaluate(spec, EvalConfig(episodes=1, first_seed=5, workers=1, videos=1, horizon=3), tmp_path,
+                       progress=False)
+    assert summary["episodes"] == 1 and (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "videos").exists()
+    assert "evaluating without videos" in capsys.readouterr().out

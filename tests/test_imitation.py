@@ -116,3 +116,17 @@ def test_warm_start_begins_from_the_checkpoint_and_keeps_its_statistics(demo_fil
         train(ImitationConfig(model="tiny", data=demo_file, out=tmp_path / "bad", steps=1, batch_size=4,
                               action_horizon=8, init_from=first / "checkpoints" / "step_000002", progress=False,
                               device="cpu"))
+
+
+@pytest.mark.slow
+def test_shipped_default_policy_runs_a_short_closed_loop_episode():
+    """The committed per-arm default loads from the package and drives both arms for a few control steps."""
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+    from coop_transport.pi0_policy import Pi0Policy, default_policy_dir
+
+    policy = Pi0Policy.load(device="cpu")
+    assert policy.variant == "per-arm" and default_policy_dir().is_dir()
+    summary = evaluate(ControllerSpec("pi0", {"device": "cpu"}), EvalConfig(episodes=1, workers=1, horizon=12),
+                       progress=False)
+    assert summary["episodes"] == 1 and summary["mean_length"] == 12
+    assert 0.0 <= summary["clip_activation_rate"] <= 1.0

@@ -178,9 +178,17 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
     out = Path(out) if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    videos = config.videos
+    if videos and out:
+        from coop_transport.utils.video import mp4_writer_available
+
+        reason = mp4_writer_available()
+        if reason:  # checked before any episode runs: a missing encoder must not cost the evaluation
+            print(f"warning: evaluating without videos: {reason}")
+            videos = 0
     jobs = []
     for i, seed in enumerate(config.seeds):
-        video = str(out / "videos" / f"seed_{seed:04d}.mp4") if out and i < config.videos else None
+        video = str(out / "videos" / f"seed_{seed:04d}.mp4") if out and i < videos else None
         jobs.append((seed, video, config.video_camera, config.video_size))
     start = time.perf_counter()
     results = []

@@ -8,6 +8,18 @@ from pathlib import Path
 import numpy as np
 
 
+def mp4_writer_available() -> str | None:
+    """None if mp4 files can be written here, else the reason (imageio's ffmpeg plugin needs imageio-ffmpeg;
+    without it imageio would silently pick another format for the .mp4 name, or fail mid-run)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as error:  # ImportError, or the bundled binary missing
+        return f"no ffmpeg for imageio ({type(error).__name__}: {error}); pip install imageio-ffmpeg"
+    return None
+
+
 class VideoWriter:
     """Collects (H, W, 3) uint8 frames and writes an H.264 mp4 atomically on ``close()``."""
 
@@ -30,7 +42,7 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.stem + ".tmp" + self.path.suffix)
         # macro_block_size=1 keeps odd sizes exact instead of resizing with a warning.
-        with imageio.get_writer(tmp, fps=self.fps, codec="libx264", quality=7, macro_block_size=1) as writer:
+        with imageio.get_writer(tmp, format="FFMPEG", fps=self.fps, codec="libx264", quality=7, macro_block_size=1) as writer:
             for frame in self.frames:
                 writer.append_data(frame)
         os.replace(tmp, self.path)
