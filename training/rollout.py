@@ -1,8 +1,9 @@
 """Run one closed-loop TwoArmTransport episode, save it as a video and print whether it succeeded.
 
 Usage:
-    python training/rollout.py                      # the scripted expert on reset seed 1 -> data/rollout.mp4
-    python training/rollout.py --seed 7 --video data/seed7.mp4 --video-size 320
+    python training/rollout.py                      # the shipped π0 default on reset seed 1 -> data/rollout.mp4
+    python training/rollout.py --controller expert  # the scripted demonstrator instead
+    python training/rollout.py --policy runs/imitation/per-arm-small/checkpoints/step_030000 --seed 7
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from coop_transport.sim import SimConfig, TransportSim
 
 @dataclass
 class Config:
-    controller: str = "expert"
-    """What acts: 'expert' (the privileged scripted demonstrator)."""
+    controller: str = "pi0"
+    """What acts: 'pi0' (a π0 checkpoint under the inference recipe) or 'expert' (the privileged scripted
+    demonstrator)."""
+    policy: Path | None = None
+    """π0 checkpoint directory (default: the per-arm policy shipped in the package)."""
     seed: int = 1
     """Reset seed of the scene."""
     video: Path = Path("data/rollout.mp4")
@@ -29,12 +33,19 @@ class Config:
     """Camera shown in the video."""
     video_size: int = 256
     """Video frame size in pixels (square)."""
+    horizon: int = 400
+    """Control steps before the episode ends (20 Hz: 20 s; the expert needs about 300)."""
 
 
 def main(config: Config) -> dict:
-    controller, sim_overrides = build_controller(ControllerSpec(config.controller))
+    params = {}
+    if config.controller == "pi0":
+        params = {"policy": str(config.policy) if config.policy else None, "device": "cpu", "threads": 2}
+    elif config.policy is not None:
+        raise ValueError("--policy applies to --controller pi0 only")
+    controller, sim_overrides = build_controller(ControllerSpec(config.controller, params))
     start = time.perf_counter()
-    with TransportSim(SimConfig(**sim_overrides)) as sim:
+    with TransportSim(SimConfig(horizon=config.horizon, **sim_overrides)) as sim:
         result = run_episode(sim, controller, config.seed, config.video, config.camera, config.video_size)
     wall = time.perf_counter() - start
     verdict = "SUCCESS" if result["success"] else "FAILURE"
