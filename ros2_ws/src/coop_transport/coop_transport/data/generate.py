@@ -79,6 +79,9 @@ class GenerateConfig:
     """Keep only successful expert episodes, retrying with the next seed; off: keep every episode (tests)."""
     max_attempts: int = 10
     """Seeds tried per demonstration before giving up."""
+    seed_offset: int = 0
+    """Demonstration i starts from the reset seed of index i + seed_offset: a held-out test file (e.g. 50000)
+    shares no initial state with a training file made with the default 0."""
     valid_fraction: float = 0.1
     """Fraction of demonstrations in ``mask/valid`` (seeded split, at least one when there are two or more)."""
     split_seed: int = fmt.VALID_SPLIT_SEED
@@ -102,6 +105,9 @@ class GenerateConfig:
             bad.append(f"episodes={self.episodes} (must be >= 1)")
         if self.episodes > fmt.DEMO_SEED_STRIDE:
             bad.append(f"episodes={self.episodes} (at most {fmt.DEMO_SEED_STRIDE}, or reset seeds would collide)")
+        if not 0 <= self.seed_offset or self.seed_offset + self.episodes > fmt.DEMO_SEED_STRIDE:
+            bad.append(f"seed_offset={self.seed_offset} (seed_offset + episodes must lie in [0, "
+                       f"{fmt.DEMO_SEED_STRIDE}])")
         if self.workers < 1:
             bad.append(f"workers={self.workers} (must be >= 1)")
         if self.max_attempts < 1:
@@ -186,7 +192,8 @@ def shard_fingerprint(config: GenerateConfig) -> dict:
         "expert_config": _expert_config(config.runner),
         "horizon": config.horizon,
         "successful_only": config.successful_only,
-        "seed_scheme": f"{fmt.DEMO_SEED_BASE} + i + {fmt.DEMO_SEED_STRIDE} * attempt",
+        "seed_scheme": f"{fmt.DEMO_SEED_BASE} + i + {config.seed_offset} + {fmt.DEMO_SEED_STRIDE} * attempt"
+        if config.seed_offset else f"{fmt.DEMO_SEED_BASE} + i + {fmt.DEMO_SEED_STRIDE} * attempt",
         "images": config.images,
         "image_size": config.image_size if config.images else None,
         "cameras": list(config.cameras) if config.images else [],
@@ -352,7 +359,7 @@ def _run_demo(index: int) -> dict:
     t_start = time.perf_counter()
     steps = 0
     for attempt in range(config.max_attempts):
-        seed = fmt.demo_seed(index, attempt)
+        seed = fmt.demo_seed(index + config.seed_offset, attempt)
         t0 = time.perf_counter()
         record, _ = record_episode(_W["sim"], seed, _W["runner"], _W["object_keys"], _W["labels_fn"])
         if "object_layout" not in _W:

@@ -1,0 +1,79 @@
+"""Imitation diagnostics: teacher-forced alignment and statistics, and the single-trajectory overfit probe."""
+
+import numpy as np
+import pytest
+
+from coop_transport import diagnostics
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    from coop_transport.data.generate import GenerateConfig, generate
+
+    out = tmp_path_factory.mktemp("demos") / "tiny.hdf5"
+    generate(GenerateConfig(out=out, episodes=2, workers=1, images=True, image_size=32, horizon=24,
+                            successful_only=False, progress=False))
+    return out
+
+
+class OraclePolicy:
+    """Predicts exactly what the demonstration did next (found by its proprio), optionally with an offset."""
+
+    variant, horizon, prompts = "per-arm", 12, {"robot0": "a", "robot1": "b"}
+
+    def __init__(self, demo_file, offset=0.0):
+        from coop_transport.data.dataset import load_demonstrations
+
+        with load_demonstrations(demo_file) as f:
+            self.trajs = f.arm_trajectories(None, images="none")
+        self.offset = offset
+
+    def make_batch(self, images, states, prompts):
+        return list(states)
+
+    def sample_batch(self, batch, num_samples):
+        out = []
+        for state in batch:
+            for t in self.trajs:
+                hits = np.flatnonzero(np.all(t.proprio == state, axis=1))
+                if len(hits):
+                    i = hits[0]
+                    chunk = t.actions[i:i + self.horizon]
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.horizon - len(chunk), 0)])
+                    out.append(np.repeat(chunk[None] + self.offset, num_samples, 0))
+                    break
+            else:
+                raise AssertionError("observation not from the file")
+        return np.stack(out)
+
+
+def test_teacher_forced_compares_each_chunk_with_the_actions_that_followed(demo_file):
+    report = diagnostics.teacher_forced(OraclePolicy(demo_file), demo_file, split=None, stride=3, chunk=5)
+    assert report.dims == list(diagnostics.ACTION_NAMES)
+    assert max(report.mae) == 0.0 and sum(report.outliers) == 0
+    assert all(r == pytest.approx(1.0) or np.isnan(r) for r in report.pearson_r)
+    # 2 demos x 2 arms x 24 steps: 8 observations per trajectory, the last chunks cut at the trajectory end
+    assert report.predictions == 4 * sum(min(5, 24 - i) for i in range(0, 24, 3))
+
+    shifted = diagnostics.teacher_forced(OraclePolicy(demo_file, offset=0.6), demo_file, split=None, chunk=5)
+    assert np.allclose(shifted.mae, 0.6) and all(n == shifted.predictions for n in shifted.outliers)
+    assert "| gripper |" in shifted.markdown()
+
+
+def test_teacher_forced_rejects_unknown_demos_and_a_chunk_beyond_the_horizon(demo_file):
+    with pytest.raises(ValueError, match="no demonstrations"):
+        diagnostics.teacher_forced(OraclePolicy(demo_file), demo_file, demos=["demo_9"])
+    with pytest.raises(ValueError, match="exceeds the policy's action horizon"):
+        diagnostics.teacher_forced(OraclePolicy(demo_file), demo_file, split=None, chunk=13)
+
+
+@pytest.mark.slow
+def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_file, tmp_path):
+    result = diagnostics.overfit_probe(demo_file, "demo_1", tmp_path, model="tiny", steps=4, batch_size=4, runs=2,
+                                       horizon=6, device="cpu", progress=False)
+    assert result["train"]["trajectories"] == 2  # one demonstration, both arms
+    assert result["reset_seed"] == 1001 and result["closed_loop_runs"] == 2
+    assert 0 <= result["closed_loop_successes"] <= 2
+    assert result["teacher_forced"]["demos"] == ["demo_1"]
+    with pytest.raises(ValueError, match="no demonstration 'demo_7'"):
+        diagnostics.overfit_probe(demo_file, "demo_7", tmp_path / "x", model="tiny", steps=1)
