@@ -58,6 +58,9 @@ class Args:
     """Recipe N (empty = config default)."""
     clip_sigma: str = ""
     """Recipe k (empty = config default)."""
+    backend: str = ""
+    """Inference backend of both policy nodes (empty = config: torch; onnx needs an export next to the checkpoint,
+    or one named by the node's export_dir: python export/export.py --out <checkpoint>/export)."""
     out: Path | None = None
     """Write the figures as JSON here."""
     log_dir: Path | None = None
@@ -192,7 +195,8 @@ def main(args: Args) -> dict:
     frames = ensure_frames(args)
     overrides = {"use_sim_time": "false", "policy_factory": args.policy_factory, "left_policy": args.left_policy,
                  "right_policy": args.right_policy, "chunk_length": args.chunk_length,
-                 "num_samples": args.num_samples, "clip_sigma": args.clip_sigma}
+                 "num_samples": args.num_samples, "clip_sigma": args.clip_sigma,
+                 "backend": args.backend}
     sim_graph = graph.build_graph("sim", overrides)
     namespaces = sim_graph.nodes[0].parameters["arm_namespaces"]
     replay = NodeSpec(name="replay", executable="replay_node", module="coop_transport.ros.replay_node",
