@@ -46,9 +46,11 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The small config at random init, exported for N=1 and N=4 (what `python export/export.py` does)."""
+    """The shipped default (small config), exported for N=1 and N=4: exactly what `python export/export.py` does."""
+    from coop_transport.pi0_policy import default_policy_dir
+
     root = tmp_path_factory.mktemp("export")
-    checkpoint = make_checkpoint(root / "ckpt")
+    checkpoint = default_policy_dir()
     lines = []
     manifest = main(ExportConfig(out=root / "onnx", checkpoint=checkpoint, samples=(1, 4), parity_trials=2,
                                  parity_backends=("onnxruntime-cpu",)), log=lines.append)
@@ -76,7 +78,10 @@ def test_manifest_describes_the_export(exported):
     assert manifest["source_checkpoint"]["weights_sha256"] == checkpoint_meta["weights_sha256"]
     assert manifest["source_checkpoint"]["config_sha256"] == sha256_file(exported["checkpoint"] / "config.json")
     assert set(manifest["graphs"]) == {"pi0_chunk_b1_n1", "pi0_chunk_b1_n4"}
-    config = get_config("small")
+    from coop_transport.policy.config import config_from_dict
+
+    config = config_from_dict(checkpoint_meta["config"])  # the default's: small, action horizon 32
+    assert config.name == "small"
     graph = manifest["graphs"]["pi0_chunk_b1_n4"]
     assert [(i["name"], tuple(i["shape"]), i["dtype"]) for i in graph["inputs"]] == [
         ("image_wrist", (1, 96, 96, 3), "uint8"), ("image_agentview", (1, 96, 96, 3), "uint8"),
@@ -108,7 +113,7 @@ def test_onnxruntime_matches_pytorch_on_fresh_inputs(exported, torch_backend, nu
         expected = torch_backend.sample(inputs, num_samples)
         actual = ort.sample(inputs, num_samples)
         per_dim = np.abs(actual - expected).reshape(-1, 7).max(axis=0)
-        assert actual.shape == (num_samples, 16, 7) and np.all(np.isfinite(actual))
+        assert actual.shape == (num_samples, 32, 7)  # the default predicts 32-step chunks and np.all(np.isfinite(actual))
         assert per_dim.max() < TOL, per_dim
         assert np.abs(expected).mean() > 0.1  # not trivially zero
 
@@ -202,7 +207,7 @@ def test_exported_policy_runs_without_pytorch(exported):
             f"policy = load_backend_policy({str(exported['out'])!r}, 'onnxruntime', threads=1)\n"
             "obs = {'proprio': np.zeros(18, np.float32), 'wrist_image': np.zeros((96, 96, 3), np.uint8),\n"
             "       'agentview_image': np.zeros((96, 96, 3), np.uint8)}\n"
-            "assert policy.sample_arms({'robot0': obs, 'robot1': obs}, 4)['robot1'].shape == (4, 16, 7)\n"
+            "assert policy.sample_arms({'robot0': obs, 'robot1': obs}, 4)['robot1'].shape == (4, 32, 7)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
