@@ -210,3 +210,19 @@ def test_bringup_command_line_runs_episodes_and_stops(tmp_path):
     assert "success 0/2" in proc.stdout and "required node /sim_bridge exited with 0" in proc.stdout
     for log in tmp_path.glob("*policy_node.log"):
         assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.slow
+def test_bringup_runs_the_shipped_default_policy(tmp_path):
+    """The launch defaults as a user runs them (no policy arguments: the shipped per-arm π0 on both arms, 96 px
+    wrist and agentview cameras), for a short episode."""
+    env = isolated_ros_env()
+    env["ROS_DOMAIN_ID"] = str((int(env["ROS_DOMAIN_ID"]) + 25) % 100 + 1)
+    proc = subprocess.run([sys.executable, "-m", "coop_transport.bringup", "sim", "--episodes", "1",
+                           "--log-dir", str(tmp_path), "horizon:=15", "first_seed:=74"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any(line.startswith("episode   1  seed   74") for line in proc.stdout.splitlines()), proc.stdout
+    for log in tmp_path.glob("*policy_node.log"):
+        text = log.read_text()
+        assert "Traceback" not in text and "per_arm_small" in text, text

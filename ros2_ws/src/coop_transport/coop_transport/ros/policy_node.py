@@ -147,8 +147,14 @@ class PolicyNode(Node):
         if expected_arch and actual_arch is not None and expected_arch != actual_arch:
             raise ValueError(f"architecture {expected_arch!r} requested, the checkpoint is {actual_arch!r}")
         self.image_size = int(self.policy.image_size)
+        if g("policy_path"):
+            source = g("policy_path")
+        else:  # say which file a robot is about to be driven by, also when nothing was configured
+            from coop_transport.pi0_policy import default_policy_dir
+
+            source = f"the shipped default {default_policy_dir()}"
         self.get_logger().info(
-            f"{self.arm}: loaded {type(self.policy).__name__} via {g('policy_factory')} in "
+            f"{self.arm}: loaded {type(self.policy).__name__} from {source} via {g('policy_factory')} in "
             f"{time.perf_counter() - t0:.1f} s (image {self.image_size}px, agentview={self.policy.uses_agentview}, "
             f"message in={self.policy.accepts_message}, recipe C={self.recipe.execute_steps} "
             f"N={self.recipe.num_samples} clip={self.recipe.clip_sigma})")
