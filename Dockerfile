@@ -35,7 +35,11 @@ RUN grep -v '^ros-kilted-' /opt/coop_transport/requirements.txt > /tmp/requireme
 COPY launch /opt/coop_transport/launch
 COPY config /opt/coop_transport/config
 COPY ros2_ws/src /opt/coop_transport/ros2_ws/src
+COPY export /opt/coop_transport/export
 WORKDIR /opt/coop_transport/ros2_ws
+# The default policy's ONNX export, installed beside it as package data (backend "auto" uses it on CPU hosts).
+RUN PYTHONPATH=src/coop_transport python3 /opt/coop_transport/export/export.py --parity-trials 1 \
+        --out src/coop_transport/coop_transport/assets/policies/per_arm_small/export
 # colcon from the venv: the node executables then run on the venv's interpreter (torch, mujoco, robosuite).
 RUN rm -rf src/coop_transport/build src/coop_transport/*.egg-info \
     && . /opt/ros/jazzy/setup.sh \

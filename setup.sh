@@ -30,4 +30,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e ros2_ws/src/coop_transport
+# The shipped default's ONNX export, next to it: the policy nodes' backend "auto" runs it through ONNX Runtime on a
+# CPU (2x faster than eager PyTorch there, which is what keeps two policy nodes on 2 cores at 20 Hz). Re-made on
+# every run so that it always matches the committed checkpoint (an export of another checkpoint is refused).
+.venv/bin/python export/export.py --out ros2_ws/src/coop_transport/coop_transport/assets/policies/per_arm_small/export \
+    --parity-trials 1 | tail -n 2
 echo "setup.sh: environment ready in .venv"

@@ -357,3 +357,26 @@ def test_external_data_graph(tiny_with_residual):
     (out / graph["external_data"]).write_bytes(b"\0" * 16)
     with pytest.raises(ExportError, match="truncated"):
         make_backend("onnxruntime", export_dir=out)
+
+
+def test_auto_backend_prefers_a_matching_export_on_cpu(exported, tmp_path):
+    import shutil
+
+    from coop_transport.deploy import auto_backend, load_arm_policy
+    from coop_transport.export.runtime import BackendPolicy
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(exported["checkpoint"] / name, checkpoint / name)
+    assert auto_backend(str(checkpoint), device="cpu") == "torch"  # no export yet: eager PyTorch
+    shutil.copytree(exported["out"], checkpoint / "export")
+    assert auto_backend(str(checkpoint), device="cpu") == "onnxruntime"
+    policy = load_arm_policy(str(checkpoint), "robot0", backend="auto", device="cpu", threads=1)
+    assert isinstance(policy.policy, BackendPolicy)
+    assert auto_backend(str(exported["out"]), device="cpu") == "onnxruntime"  # an export directory itself
+
+    other = make_checkpoint(tmp_path / "other", seed=3)  # the same export beside another checkpoint: refused
+    shutil.copytree(exported["out"], other / "export")
+    with pytest.raises(Exception, match="(?i)checkpoint"):
+        load_arm_policy(str(other), "robot0", backend="auto", device="cpu", threads=1)

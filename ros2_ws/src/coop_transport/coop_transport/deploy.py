@@ -6,6 +6,8 @@ checkpoint, architecture and inference backend sit behind it.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 
 from coop_transport.export.backends import BACKENDS, canonical_backend  # noqa: F401  (numpy-only import)
@@ -54,17 +56,47 @@ class ArmPolicy:
                 "clipped_actions": c.clipped_actions, "backend": backend}
 
 
+def auto_backend(path: str | None, export: str | None = None, device: str = "auto") -> str:
+    """The fastest backend available for this checkpoint here (measured, bench/policy_latency.py): CUDA graphs on
+    a GPU; on a CPU, ONNX Runtime (2.1-2.5x faster than eager for the small default) when the checkpoint has an
+    export (``python export/export.py --out <checkpoint>/export``; setup.sh makes the default's), else PyTorch
+    eager. An export made from another checkpoint is refused later by the exported backend, never used silently."""
+    import importlib.util
+
+    from coop_transport.export.runtime import DEFAULT_EXPORT_SUBDIR, is_export_dir
+
+    if is_export_dir(path):
+        return "onnxruntime"
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return "torch-cudagraph"
+    if path:
+        checkpoint = pathlib.Path(path)
+    else:
+        from coop_transport.pi0_policy import default_policy_dir
+
+        checkpoint = default_policy_dir()
+    export_dir = pathlib.Path(export) if export else checkpoint / DEFAULT_EXPORT_SUBDIR
+    if is_export_dir(export_dir) and importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    return "torch"
+
+
 def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeConfig(), backend: str = "torch",
                     device: str = "auto", threads: int | None = None, export: str | None = None) -> ArmPolicy:
     """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty) or an export
     directory (``python export/export.py --out DIR``), run by ``backend`` (``coop_transport.export.backends``:
-    torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt; alias onnx). Exported
+    torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt; alias onnx; or auto, see
+    ``auto_backend``). Exported
     backends given a checkpoint use ``export`` (default ``<checkpoint>/export``) and refuse an export made from
     another checkpoint."""
     from coop_transport.constants import ARMS
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    if backend == "auto":
+        backend = auto_backend(path, export, device)
     backend = canonical_backend(backend)  # ValueError naming the available backends
     from coop_transport.residual.checkpoint import is_residual_checkpoint
 

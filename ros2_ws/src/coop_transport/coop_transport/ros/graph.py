@@ -83,7 +83,8 @@ _POLICY_ARGS = [
     LaunchArgument("right_policy", "", "Checkpoint of the right arm's (robot1) policy; empty = the shipped default."),
     LaunchArgument("policy_factory", DEFAULT_POLICY_FACTORY, "'module:function' that loads each arm's policy."),
     LaunchArgument("architecture", "", "Expected message architecture (V4, V5, V6); empty = from the checkpoint."),
-    LaunchArgument("backend", "", "Inference backend (torch, onnx); empty = config (torch)."),
+    LaunchArgument("backend", "", "Inference backend (auto, torch, onnx, cudagraph); empty = config (auto: CUDA "
+                   "graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch)."),
     LaunchArgument("chunk_length", "", "Recipe: actions executed per chunk (C); empty = config/default (10)."),
     LaunchArgument("num_samples", "", "Recipe: samples averaged per chunk (mean-of-N); empty = default (4)."),
     LaunchArgument("clip_sigma", "", "Recipe: clip actions to mean +- k std (<= 0 disables); empty = default (2)."),

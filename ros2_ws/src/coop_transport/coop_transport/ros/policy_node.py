@@ -90,7 +90,8 @@ class PolicyNode(Node):
         d("arm", "", _p(f"Which arm this node drives: one of {ARMS} (robot0 = payload arm)."))
         d("policy_path", "", _p("Checkpoint of this arm's policy; empty = the shipped default."))
         d("policy_factory", DEFAULT_POLICY_FACTORY, _p("'module:function' that loads the policy."))
-        d("backend", "torch", _p("Inference backend passed to the factory (torch, onnx, ...)."))
+        d("backend", "auto", _p("Inference backend passed to the factory (auto, torch, onnx, ...); auto: CUDA "
+                                "graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch."))
         d("inference_threads", 0, _p("CPU threads for inference (passed to the factory as threads=); 0 = its "
                                      "default. Leave a core for the control tick on small machines."))
         d("architecture", "", _p("Expected architecture (V4, V5, V6); empty = whatever the checkpoint says."))
