@@ -266,3 +266,61 @@ class PolicyServer:
                 else:
                     job.future.set_result((result, {"infer_ms": infer_ms, "queue_ms": (start - job.queued) * 1e3,
                                                     "batch_size": len(jobs)}))
+
+
+# ------------------------------------------------------------------------------------------- child process
+class ServerProcess:
+    """``python -m coop_transport.serve ...`` in a child process of its own (tests, benches): ``start()`` returns
+    once it listens, with its port; ``kill()`` is a crash (SIGKILL), ``stop()`` a clean shutdown (SIGTERM)."""
+
+    def __init__(self, args: tuple[str, ...] = (), port: int = 0, log_path=None, env: dict | None = None):
+        self.args, self.port, self.log_path, self.env = tuple(args), port, log_path, env
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        import os
+        import subprocess
+        import sys
+
+        err = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "coop_transport.serve", "--port", str(self.port),
+                                      *self.args], stdout=subprocess.PIPE, stderr=err, text=True,
+                                     env=self.env or dict(os.environ), start_new_session=True)
+        ready = threading.Event()
+        line: list[str] = []
+
+        def read():  # the first stdout line is "listening on ws://HOST:PORT"
+            text = self.proc.stdout.readline()
+            line.append(text)
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout) or not line[0].startswith("listening on ws://"):
+            self.kill()
+            raise RuntimeError(f"policy server did not start (exit code {self.proc.poll()}, said {line!r}); "
+                               f"log: {self.log_path}")
+        self.port = int(line[0].rsplit(":", 1)[1])
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._signal(signal.SIGTERM, timeout)
+
+    def _signal(self, sig, timeout: float = 10.0) -> None:
+        import os
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
