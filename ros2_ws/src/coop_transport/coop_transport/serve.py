@@ -42,6 +42,8 @@ class ServeConfig:
     """CPU threads for inference; 0 = the library default."""
     max_batch: int = 8
     """Most requests (from concurrent clients) run in one model call."""
+    batch_wait_ms: float = 2.0
+    """With several clients connected, wait up to this long for their requests to share a model call (0: never)."""
     max_num_samples: int = 16
     """Largest num_samples a request may ask for."""
     max_message_bytes: int = 4 * 2 ** 20
@@ -78,7 +80,8 @@ def main(cfg: ServeConfig) -> None:
     description = f"{cfg.policy or default_policy_dir()} ({policy.variant}, {cfg.backend})"
     runner = PolicyRunner(policy, max_num_samples=cfg.max_num_samples, seed=cfg.seed, description=description)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
-    server = PolicyServer(runner, ServerConfig(cfg.host, cfg.port, api_key, cfg.max_message_bytes, cfg.max_batch))
+    server = PolicyServer(runner, ServerConfig(cfg.host, cfg.port, api_key, cfg.max_message_bytes, cfg.max_batch,
+                                                 cfg.batch_wait_ms))
     # One line on stdout once listening: scripts and tests read the port from it.
     server.run(on_ready=lambda s: print(f"listening on ws://{cfg.host}:{s.port}", flush=True))
     print(f"stopped: {server.stats}", file=sys.stderr)

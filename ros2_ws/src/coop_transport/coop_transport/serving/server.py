@@ -3,7 +3,9 @@
 One asyncio event loop owns the connections: it decodes and checks each request (a malformed one is answered with
 a text error on that connection only) and queues it. One inference thread runs the model: it takes everything
 queued when it becomes free (up to ``max_batch`` requests) and runs it as one batched forward pass per sample
-count N, so concurrent clients share model calls without any added waiting when the server is idle.
+count N. While other connections are open it waits up to ``batch_wait_ms`` for their requests to join: clients in
+a closed loop would otherwise alternate, one request per model call, and never share one (bench/serve_latency.py
+measures both); a lone client never waits.
 
     runner = PolicyRunner(Pi0Policy.load())
     PolicyServer(runner, ServerConfig(port=8000)).run()          # blocks; python -m coop_transport.serve does this
@@ -115,6 +117,8 @@ class ServerConfig:
     """Largest request accepted; a larger one closes its connection with code 1009 (message too big)."""
     max_batch: int = 8
     """Most requests run in one model call."""
+    batch_wait_ms: float = 2.0
+    """With other connections open, wait up to this long for their requests to join a model call (0: never)."""
 
     def __post_init__(self):
         if self.max_message_bytes < 1024 or self.max_batch < 1:
@@ -145,6 +149,7 @@ class PolicyServer:
         self.config = config
         self.port: int | None = None
         self.stats = ServerStats()
+        self._open_connections = 0
         self._metadata = packb(runner.metadata())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -206,6 +211,7 @@ class PolicyServer:
     # --------------------------------------------------------------------------------------- connections
     async def _handle(self, ws, queue: asyncio.Queue) -> None:
         self.stats.connections += 1
+        self._open_connections += 1
         peer = ws.remote_address
         log.info("connection from %s", peer)
         try:
@@ -219,6 +225,8 @@ class PolicyServer:
                 prev_total_ms = (time.perf_counter() - start) * 1e3
         except websockets.ConnectionClosed as closed:
             log.info("connection from %s closed (%s)", peer, closed)
+        finally:
+            self._open_connections -= 1
 
     async def _answer(self, message, queue: asyncio.Queue, prev_total_ms: float | None) -> bytes | str:
         """The reply to one message: packed actions, or a text error naming the problem."""
@@ -245,11 +253,23 @@ class PolicyServer:
         return packb({"actions": actions[0] if request.chunk_only else actions, "server_timing": timing})
 
     async def _batch_loop(self, queue: asyncio.Queue, pool: ThreadPoolExecutor) -> None:
-        """Take everything queued (up to max_batch) whenever the model is free; never wait for more."""
+        """Take everything queued (up to max_batch) whenever the model is free, waiting up to batch_wait_ms for
+        requests of other open connections."""
+        wait = self.config.batch_wait_ms / 1e3
         while True:
             jobs = [await queue.get()]
-            while len(jobs) < self.config.max_batch and not queue.empty():
-                jobs.append(queue.get_nowait())
+            deadline = self._loop.time() + wait
+            while len(jobs) < self.config.max_batch:
+                if not queue.empty():
+                    jobs.append(queue.get_nowait())
+                    continue
+                remaining = deadline - self._loop.time()
+                if self._open_connections <= len(jobs) or remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
             start = time.perf_counter()
             try:
                 results = await self._loop.run_in_executor(pool, self.runner.run, [j.request for j in jobs])
@@ -273,8 +293,10 @@ class ServerProcess:
     """``python -m coop_transport.serve ...`` in a child process of its own (tests, benches): ``start()`` returns
     once it listens, with its port; ``kill()`` is a crash (SIGKILL), ``stop()`` a clean shutdown (SIGTERM)."""
 
-    def __init__(self, args: tuple[str, ...] = (), port: int = 0, log_path=None, env: dict | None = None):
+    def __init__(self, args: tuple[str, ...] = (), port: int = 0, log_path=None, env: dict | None = None,
+                 command: tuple[str, ...] | None = None):
         self.args, self.port, self.log_path, self.env = tuple(args), port, log_path, env
+        self.command = command  # default: this interpreter's -m coop_transport.serve; anything printing the same line
         self.proc = None
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
@@ -283,8 +305,8 @@ class ServerProcess:
         import sys
 
         err = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "coop_transport.serve", "--port", str(self.port),
-                                      *self.args], stdout=subprocess.PIPE, stderr=err, text=True,
+        command = self.command or (sys.executable, "-m", "coop_transport.serve")
+        self.proc = subprocess.Popen([*command, "--port", str(self.port), *self.args], stdout=subprocess.PIPE, stderr=err, text=True,
                                      env=self.env or dict(os.environ), start_new_session=True)
         ready = threading.Event()
         line: list[str] = []
