@@ -195,3 +195,55 @@ def test_evaluation_through_the_server_matches_in_process(server, tmp_path):
     assert served["clip_activation_rate"] == local["clip_activation_rate"]
     assert s["stats"]["clip_per_dim"] == l["stats"]["clip_per_dim"] and s["stats"]["chunks"] == l["stats"]["chunks"] == 12
     assert (tmp_path / "served" / "summary.md").exists()
+
+
+def test_joint_policy_is_served_with_its_own_keys(tmp_path):
+    """A joint (14-D, three cameras, 36-D state) policy: openpi's client with the joint keys and RemotePolicy's
+    sample_joint (what the evaluator's joint controller calls) both match in-process sampling."""
+    from coop_transport.pi0_policy import Pi0Policy
+    from coop_transport.policy import build_model, get_config, save_checkpoint
+    from coop_transport.serving.client import RemotePolicy
+    from coop_transport.serving.server import PolicyRunner, PolicyServer, ServerConfig
+
+    config = get_config("tiny", "joint")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    norm = {"state": {"mean": rng.normal(size=config.state_dim), "std": rng.uniform(0.5, 2, config.state_dim)},
+            "actions": {"mean": rng.normal(size=14) * 0.1, "std": rng.uniform(0.1, 1, 14)}}
+    path = save_checkpoint(tmp_path / "joint", build_model(config).eval(), config, norm, step=1,
+                           extra={"variant": "joint", "prompts": {"joint": "bins"}})
+    policy = Pi0Policy.load(path, device="cpu")
+    server = PolicyServer(PolicyRunner(policy), ServerConfig(port=0)).start()
+    try:
+        s, h, p = policy.image_size, policy.horizon, config.action_pad_dim
+        images = {f"observation/{slot}_image": rng.integers(0, 255, (s, s, 3), dtype=np.uint8)
+                  for slot in ("robot0_wrist", "robot1_wrist", "agentview")}
+        state = rng.standard_normal(36).astype(np.float32)
+        noise = rng.standard_normal((3, h, p)).astype(np.float32)
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
+        meta = client.get_server_metadata()
+        assert meta["variant"] == "joint" and meta["action_dim"] == 14 and meta["arms"] == []
+        assert set(meta["observation_keys"]) == {*images, "observation/state"}
+        served = client.infer({**images, "observation/state": state, "num_samples": 3, "noise": noise})["actions"]
+        batch = policy.make_batch([{k.split("/")[1][:-len("_image")]: v for k, v in images.items()}], [state],
+                                  [policy.prompts["joint"]])
+        local = policy.sample_batch(batch, 3, noise=torch.from_numpy(noise))[0]
+        assert served.shape == (3, h, 14) and np.abs(served - local).max() < 1e-5
+        with pytest.raises(RuntimeError, match=r"unknown keys \['arm'\]"):
+            client.infer({**images, "observation/state": state, "arm": "robot0"})
+
+        # RemotePolicy from a simulation-style observation (robosuite keys), noise drawn on the client
+        obs = {"robot0_eye_in_hand_image": images["observation/robot0_wrist_image"],
+               "robot1_eye_in_hand_image": images["observation/robot1_wrist_image"],
+               "agentview_image": images["observation/agentview_image"]}
+        for arm in ("robot0", "robot1"):
+            obs.update({f"{arm}_eef_pos": rng.normal(size=3), f"{arm}_eef_quat": np.array([1.0, 0, 0, 0]),
+                        f"{arm}_gripper_qpos": np.array([0.02, -0.02]), f"{arm}_joint_pos": rng.normal(size=7)})
+        remote = RemotePolicy(f"127.0.0.1:{server.port}")
+        np.testing.assert_allclose(remote.sample_joint(obs, 2, noise=noise[:2]),
+                                   policy.sample_joint(obs, 2, noise=torch.from_numpy(noise[:2])), atol=1e-5)
+        with pytest.raises(ValueError, match="needs a per-arm policy"):
+            remote.sample_arm({}, "robot0")
+        remote.close()
+    finally:
+        server.stop()
