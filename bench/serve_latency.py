@@ -237,8 +237,9 @@ def main(cfg: Config) -> None:
 
     log_dir = Path(tempfile.mkdtemp(prefix="serve_latency_"))
     load = os.getloadavg()
-    print(f"# Remote inference over openpi's websocket protocol (loopback) — {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores, {cfg.threads} inference thread(s); load {load[0]:.2f} before\n")
+    cpu = platform.processor() or platform.machine()
+    print(f"# Remote inference over openpi's websocket protocol (loopback) — {cpu}, {os.cpu_count()} cores, "
+          f"{cfg.threads} inference thread(s); load {load[0]:.2f} before\n")
     server = start_server(("--threads", str(cfg.threads)), log_dir / "server.log")
     try:
         print("## Latency: shipped per-arm default (96 px), in-process vs served\n")

@@ -38,8 +38,8 @@ def policy():
 
 
 def _observation(arm_obs: dict, arm: str) -> dict:
-    return {"observation/wrist_image": arm_obs["wrist_image"], "observation/agentview_image": arm_obs["agentview_image"],
-            "observation/state": arm_obs["proprio"], "arm": arm}
+    return {"observation/wrist_image": arm_obs["wrist_image"],
+            "observation/agentview_image": arm_obs["agentview_image"], "observation/state": arm_obs["proprio"], "arm": arm}
 
 
 def _good_observation(size: int = 96) -> dict:
@@ -193,7 +193,8 @@ def test_evaluation_through_the_server_matches_in_process(server, tmp_path):
     s, l = served["per_seed"][0], local["per_seed"][0]
     assert s["length"] == l["length"] == 30
     assert served["clip_activation_rate"] == local["clip_activation_rate"]
-    assert s["stats"]["clip_per_dim"] == l["stats"]["clip_per_dim"] and s["stats"]["chunks"] == l["stats"]["chunks"] == 12
+    assert s["stats"]["clip_per_dim"] == l["stats"]["clip_per_dim"]
+    assert s["stats"]["chunks"] == l["stats"]["chunks"] == 12
     assert (tmp_path / "served" / "summary.md").exists()
 
 

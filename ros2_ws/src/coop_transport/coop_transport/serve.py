@@ -19,9 +19,8 @@ from pathlib import Path
 
 import tyro
 
+from coop_transport.serving.protocol import API_KEY_ENV
 from coop_transport.serving.server import PolicyRunner, PolicyServer, ServerConfig
-
-API_KEY_ENV = "COOP_TRANSPORT_API_KEY"
 
 
 @dataclass

@@ -187,7 +187,7 @@ class PolicyNode(Node):
         self._ready: tuple[int, float, np.ndarray] | None = None  # (epoch, source stamp, (C, 7)) from the worker
         self._pending = False  # a plan is in flight
         self._plan_requested = 0.0  # monotonic time of the latest plan request
-        self._server_fault: str | None = None  # set by the worker when plan() raised ConnectionError; cleared on success
+        self._server_fault: str | None = None  # set when plan() raised ConnectionError; cleared by a good plan
         self._tick_walls: deque[float] = deque(maxlen=20)  # wall time of recent ticks (tick period on sim time)
         self._epoch = 0  # bumped on episode reset and watchdog drops: stale plans are discarded
         self._had_chunk = False

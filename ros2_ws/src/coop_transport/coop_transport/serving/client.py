@@ -21,9 +21,8 @@ import websockets
 from websockets.sync.client import connect
 
 from coop_transport.adapters import arm_images, joint_images, joint_proprio
-from coop_transport.serving.protocol import ARM_KEY, STATE_KEY, image_key, packb, unpackb
+from coop_transport.serving.protocol import API_KEY_ENV, ARM_KEY, STATE_KEY, image_key, packb, unpackb
 
-API_KEY_ENV = "COOP_TRANSPORT_API_KEY"
 # Metadata that must not change when the client reconnects (a restarted server with another policy is refused).
 _FIXED_METADATA = ("variant", "image_size", "horizon", "action_dim", "action_pad_dim", "action_mean", "action_std")
 

@@ -44,6 +44,7 @@ import msgpack
 import numpy as np
 
 PROTOCOL = "openpi-websocket"
+API_KEY_ENV = "COOP_TRANSPORT_API_KEY"  # the API key for server and clients, kept out of command lines
 PROTOCOL_VERSION = 1
 STATE_KEY = "observation/state"
 ARM_KEY = "arm"

@@ -306,7 +306,8 @@ class ServerProcess:
 
         err = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
         command = self.command or (sys.executable, "-m", "coop_transport.serve")
-        self.proc = subprocess.Popen([*command, "--port", str(self.port), *self.args], stdout=subprocess.PIPE, stderr=err, text=True,
+        self.proc = subprocess.Popen([*command, "--port", str(self.port), *self.args], stdout=subprocess.PIPE,
+                                     stderr=err, text=True,
                                      env=self.env or dict(os.environ), start_new_session=True)
         ready = threading.Event()
         line: list[str] = []
