@@ -131,6 +131,7 @@ CASES = [
     ("sim", {}),
     ("sim", {"use_sim_time": "false", "chunk_length": "25", "clip_sigma": "2", "left_policy": "/ckpt/left",
              "architecture": "V5", "horizon": "40", "agentview": "true", "right_namespace": "rechts"}),
+    ("sim", {"policy_server": "127.0.0.1:8000", "policy_server_timeout": "0.5"}),
     ("franka", {}),
     ("franka", {"cameras": "none", "start_franka": "false", "num_samples": "1", "clip_sigma": "-1"}),
 ]
@@ -184,6 +185,12 @@ def test_graph_contents_and_typed_overrides():
     with pytest.raises(ValueError, match="chunk_length"):
         graph.build_graph("sim", {"chunk_length": "ten"})
     assert parse_overrides(["a:=1", "b:=x:=y"]) == {"a": "1", "b": "x:=y"}
+    assert "policy_server" not in left.parameters  # local inference unless a server is named
+    remote = graph.build_graph("sim", {"policy_server": "10.0.0.5:8000", "policy_server_timeout": "0.5"})
+    for node in remote.nodes[1:]:
+        assert node.parameters["policy_server"] == "10.0.0.5:8000" and node.parameters["policy_server_timeout"] == 0.5
+    with pytest.raises(ValueError, match="left_policy.*policy_server"):
+        graph.build_graph("sim", {"policy_server": "10.0.0.5:8000", "left_policy": "/ckpt"})
 
 
 def test_package_installs_launch_and_config():

@@ -6,6 +6,12 @@ Usage:
     python training/evaluate.py --policy runs/imitation/per-arm-small/checkpoints --select-best --out runs/eval/sel
     python training/evaluate.py --controller expert --episodes 100 --out runs/eval/expert
     python training/evaluate.py --recipe-ablation --out runs/eval/ablation       # the paper's Table 2 ladder
+    python training/evaluate.py --policy-server 127.0.0.1:8000 --out runs/eval/served  # a served policy
+
+``--policy-server host:port`` evaluates the policy a server (``python -m coop_transport.serve``) serves: each worker
+connects as its own client (the server batches their requests), the recipe runs in the workers, and with
+``--noise-seed`` the flow noise is drawn in the workers and sent, so the result matches an in-process evaluation
+with the same ``--noise-seed``.
 
 ``--policy`` may name one checkpoint directory or a run's ``checkpoints/`` folder: every checkpoint in it is
 evaluated on the same seeds, a success-versus-step plot is written, and (with ``--select-best``) the best one by
@@ -60,6 +66,10 @@ class Config:
     graph per worker, ~10x faster than eager for the small model) | onnxruntime | tensorrt (exported policies)."""
     horizon: int = 500
     """Control steps per episode."""
+    policy_server: str | None = None
+    """host:port of a policy server to evaluate instead of loading --policy here."""
+    noise_seed: int | None = None
+    """Flow noise from a stream restarted at every episode (paired comparisons: backends, served vs in-process)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -97,6 +107,8 @@ def main(cfg: Config) -> dict:
     if cfg.controller != "pi0":
         raise ValueError(f"unknown controller {cfg.controller!r}; use pi0 or expert")
 
+    if cfg.policy_server and cfg.policy:
+        raise ValueError("give --policy or --policy-server, not both (the server's --policy decides)")
     policies = checkpoints_in(cfg.policy) if cfg.policy else [None]
     if cfg.recipe_ablation:
         recipes = {name: {k: v for k, v in asdict(r).items()} for name, r in ABLATION_LADDER.items()}
@@ -106,13 +118,18 @@ def main(cfg: Config) -> dict:
     for policy in policies:
         for recipe_name, recipe in recipes.items():
             name = (policy.name if policy else "default") + ("" if len(recipes) == 1 else f" | {recipe_name}")
-            spec = ControllerSpec("pi0", {"policy": str(policy) if policy else None, "recipe": recipe,
-                                          "device": cfg.device, "backend": cfg.backend}, label=name)
+            args = {"policy": str(policy) if policy else None, "recipe": recipe, "device": cfg.device,
+                    "backend": cfg.backend, "noise_seed": cfg.noise_seed}
+            if cfg.policy_server:
+                args["policy_server"] = cfg.policy_server
+                name = f"served {cfg.policy_server}" + name[len("default"):]
+            spec = ControllerSpec("pi0", args, label=name)
             out = cfg.out / (policy.name if policy and len(policies) > 1 else "") / (
                 "" if len(recipes) == 1 else recipe_name.split(" (")[0].replace(" ", "_").replace("±", "pm"))
             summary = evaluate(spec, eval_config, out, progress=cfg.progress)
             step = json.loads((policy / "config.json").read_text()).get("step", 0) if policy else 0
-            rows.append({"name": name, "policy": str(policy) if policy else "default", "recipe": recipe_name,
+            rows.append({"name": name, "policy": str(policy) if policy else (
+                         f"served {cfg.policy_server}" if cfg.policy_server else "default"), "recipe": recipe_name,
                          "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],
                          "successes": summary["successes"], "episodes": summary["episodes"],
                          "mean_length": summary["mean_length"], "clip_activation_rate": summary["clip_activation_rate"]})

@@ -111,13 +111,16 @@ class JointPi0Controller:
 
 @register_controller("pi0")
 def make_pi0(policy: str | None = None, recipe: dict | None = None, device: str = "auto", threads: int = 1,
-             seed: int = 0, backend: str = "torch", export: str | None = None, noise_seed: int | None = None):
+             seed: int = 0, backend: str = "torch", export: str | None = None, noise_seed: int | None = None,
+             policy_server: str | None = None, server_timeout: float = 30.0):
     """A π0 checkpoint (the shipped default when ``policy`` is None), per-arm or joint as the checkpoint says.
 
     backend: an inference backend of ``coop_transport.export.backends`` (torch, onnxruntime, tensorrt, ...);
     exported backends read ``export`` (an export directory of this checkpoint; ``policy`` may also be the export
     directory itself). noise_seed: draw the flow noise from a stream restarted at every episode (same noise for
     every backend on the same reset seeds: paired closed-loop parity); None keeps torch's RNG, seeded by ``seed``.
+    policy_server: ``host:port`` of a policy server (``python -m coop_transport.serve``) to query instead of loading
+    a policy here (``policy`` must be None); the recipe runs here and noise_seed's noise is drawn here and sent.
     """
     import torch
 
@@ -128,7 +131,13 @@ def make_pi0(policy: str | None = None, recipe: dict | None = None, device: str 
     torch.set_num_threads(threads)  # one thread per worker process: workers, not threads, scale evaluation
     torch.manual_seed(seed)
     backend = canonical_backend(backend)
-    if backend == "torch" and not is_export_dir(policy):
+    if policy_server:
+        from coop_transport.serving.client import RemotePolicy
+
+        if policy:
+            raise ValueError("give a policy or a policy_server, not both (the server's --policy decides)")
+        loaded = RemotePolicy(policy_server, timeout=server_timeout)
+    elif backend == "torch" and not is_export_dir(policy):
         loaded = Pi0Policy.load(policy, device=device)
     else:
         loaded = load_backend_policy(policy, backend, device=device, threads=threads, export_dir=export)

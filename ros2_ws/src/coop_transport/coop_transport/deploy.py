@@ -51,9 +51,15 @@ class ArmPolicy:
 
     def stats(self) -> dict:
         c = self._actor.counters
-        backend = getattr(getattr(self.policy, "backend", None), "name", "torch")
-        return {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate,
-                "clipped_actions": c.clipped_actions, "backend": backend}
+        backend = getattr(getattr(self.policy, "backend", None), "name", None) or getattr(self.policy, "name", "torch")
+        out = {"chunks": self._actor.chunks_planned, "clip_action_rate": c.action_rate,
+               "clipped_actions": c.clipped_actions, "backend": backend}
+        for key, value in getattr(self.policy, "counters", {}).items():  # a served policy's connection counters
+            out[f"server_{key}"] = value
+        timing = getattr(self.policy, "last_server_timing", {})
+        if "infer_ms" in timing:
+            out["server_infer_ms"] = round(float(timing["infer_ms"]), 2)
+        return out
 
 
 def auto_backend(path: str | None, export: str | None = None, device: str = "auto") -> str:
@@ -84,17 +90,34 @@ def auto_backend(path: str | None, export: str | None = None, device: str = "aut
 
 
 def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeConfig(), backend: str = "torch",
-                    device: str = "auto", threads: int | None = None, export: str | None = None) -> ArmPolicy:
+                    device: str = "auto", threads: int | None = None, export: str | None = None,
+                    policy_server: str | None = None, server_timeout: float = 1.0,
+                    server_wait: float = 30.0) -> ArmPolicy:
     """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty) or an export
     directory (``python export/export.py --out DIR``), run by ``backend`` (``coop_transport.export.backends``:
     torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt; alias onnx; or auto, see
     ``auto_backend``). Exported
     backends given a checkpoint use ``export`` (default ``<checkpoint>/export``) and refuse an export made from
-    another checkpoint."""
+    another checkpoint.
+
+    ``policy_server`` (``host:port``) instead queries a policy server (``python -m coop_transport.serve``) through
+    ``serving.client.RemotePolicy``: waiting up to ``server_wait`` s for it at start, each request answered within
+    ``server_timeout`` s or raising ``PolicyUnavailable``; the recipe still runs here. ``path`` must then be empty
+    (the server's ``--policy`` decides)."""
     from coop_transport.constants import ARMS
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    if policy_server:
+        if path:
+            raise ValueError(f"policy_path {path!r} and policy_server {policy_server!r} both given; the server's "
+                             f"--policy decides which policy a remote node runs")
+        from coop_transport.serving.client import RemotePolicy
+
+        remote = RemotePolicy(policy_server, timeout=server_timeout, connect_wait=server_wait)
+        if remote.variant != "per-arm":
+            raise ValueError(f"{policy_server} serves a {remote.variant!r} policy; one arm's node needs a per-arm one")
+        return ArmPolicy(remote, arm, recipe)
     if backend == "auto":
         backend = auto_backend(path, export, device)
     backend = canonical_backend(backend)  # ValueError naming the available backends

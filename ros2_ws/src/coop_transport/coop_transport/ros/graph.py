@@ -82,6 +82,10 @@ _POLICY_ARGS = [
     LaunchArgument("left_policy", "", "Checkpoint of the left arm's (robot0) policy; empty = the shipped default."),
     LaunchArgument("right_policy", "", "Checkpoint of the right arm's (robot1) policy; empty = the shipped default."),
     LaunchArgument("policy_factory", DEFAULT_POLICY_FACTORY, "'module:function' that loads each arm's policy."),
+    LaunchArgument("policy_server", "", "host:port of a policy server (python -m coop_transport.serve) that both "
+                   "arms' policy nodes query instead of loading left_policy/right_policy; empty = local inference."),
+    LaunchArgument("policy_server_timeout", "", "Remote mode: seconds (wall) without an answer before the watchdog "
+                   "holds the arm; empty = config/default (1.0)."),
     LaunchArgument("architecture", "", "Expected message architecture (V4, V5, V6); empty = from the checkpoint."),
     LaunchArgument("backend", "", "Inference backend (auto, torch, onnx, cudagraph); empty = config (auto: CUDA "
                    "graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch)."),
@@ -166,8 +170,13 @@ def _policy_overrides(values: dict[str, str], arm: str) -> dict:
     side = "left" if arm == "robot0" else "right"
     params = {"arm": arm, "policy_factory": values["policy_factory"] or DEFAULT_POLICY_FACTORY}
     if values[f"{side}_policy"]:
+        if values["policy_server"]:
+            raise ValueError(f"{side}_policy:={values[f'{side}_policy']!r} and policy_server:="
+                             f"{values['policy_server']!r} both given; the server's --policy decides in remote mode")
         params["policy_path"] = values[f"{side}_policy"]
-    params.update(_typed(values, {"architecture": ("architecture", str), "backend": ("backend", str),
+    params.update(_typed(values, {"policy_server": ("policy_server", str),
+                                  "policy_server_timeout": ("policy_server_timeout", float),
+                                  "architecture": ("architecture", str), "backend": ("backend", str),
                                   "chunk_length": ("chunk_length", int), "num_samples": ("num_samples", int),
                                   "clip_sigma": ("clip_sigma", float)}))
     return params

@@ -2,6 +2,8 @@
 
 Usage: ``ros2 run coop_transport policy_node --ros-args -r __ns:=/left -p arm:=robot0 [-p policy_path:=CKPT]``
 (or ``python -m coop_transport.ros.policy_node --ros-args ...``; ``python -m coop_transport.bringup`` starts it).
+Remote inference: ``-p policy_server:=host:port`` queries a policy server (``python -m coop_transport.serve``)
+instead of loading the policy here; chunk execution, recipe and watchdog are the same.
 
 Data flow (topics relative to the arm's namespace; layouts in TOPICS.md):
   wrist_camera/image_raw, joint_states, eef_pose [, agentview/image_raw, partner_message]  ->  command, message, plan
@@ -9,13 +11,16 @@ Data flow (topics relative to the arm's namespace; layouts in TOPICS.md):
 Every tick (timer on the node clock: simulated time when ``use_sim_time``) publishes exactly one command:
 - the next action of the current chunk, through the safety filters (velocity limit, workspace box); or
 - **hold** (zero delta, last gripper command) when the wrist image or the joint state/eef pose is older than its
-  limit (watchdog), when the chunk is used up before the next one is ready (inference overrun), or before the
-  first chunk.
+  limit (watchdog), when the policy server is lost or has not answered within ``policy_server_timeout`` (watchdog:
+  the chunk is dropped, planning retries and the node resumes when the server answers again), when the chunk is
+  used up before the next one is ready (inference overrun), or before the first chunk.
 A worker thread plans the next chunk from the latest observation when the current one runs low (``replan_margin``
 actions left); the tick swaps it in when the current one is used up and never waits for inference.
 
 The policy comes from ``policy_factory`` (default ``coop_transport.deploy:load_arm_policy``), called once as
-``factory(policy_path or None, arm=..., recipe=RecipeConfig(...), backend=...)``; see ``ArmPolicy`` below.
+``factory(policy_path or None, arm=..., recipe=RecipeConfig(...), backend=...)`` (plus ``policy_server=...,
+server_timeout=..., server_wait=...`` in remote mode); see ``ArmPolicy`` below. A ``ConnectionError`` raised by
+``plan`` (``serving.client.PolicyUnavailable``: a lost server) trips the watchdog.
 """
 
 from __future__ import annotations
@@ -92,6 +97,12 @@ class PolicyNode(Node):
         d("policy_factory", DEFAULT_POLICY_FACTORY, _p("'module:function' that loads the policy."))
         d("backend", "auto", _p("Inference backend passed to the factory (auto, torch, onnx, ...); auto: CUDA "
                                 "graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch."))
+        d("policy_server", "", _p("host:port of a policy server (python -m coop_transport.serve) to query instead "
+                                  "of loading the policy here; empty = local inference. API key: environment "
+                                  "variable COOP_TRANSPORT_API_KEY."))
+        d("policy_server_timeout", 1.0, _p("Remote mode: a plan not answered within this many seconds (wall) trips "
+                                           "the watchdog; the node reconnects and resumes when the server answers."))
+        d("policy_server_wait", 30.0, _p("Remote mode: seconds to wait for the server at start-up."))
         d("inference_threads", 0, _p("CPU threads for inference (passed to the factory as threads=); 0 = its "
                                      "default. Leave a core for the control tick on small machines."))
         d("architecture", "", _p("Expected architecture (V4, V5, V6); empty = whatever the checkpoint says."))
@@ -139,6 +150,13 @@ class PolicyNode(Node):
         t0 = time.perf_counter()
         factory = load_factory(g("policy_factory"))
         extra = {"threads": g("inference_threads")} if g("inference_threads") > 0 else {}
+        self.policy_server = g("policy_server").strip()
+        self.server_timeout = float(g("policy_server_timeout"))
+        if self.policy_server:
+            if not self.server_timeout > 0:
+                raise ValueError(f"policy_server_timeout must be positive, got {self.server_timeout}")
+            extra.update(policy_server=self.policy_server, server_timeout=self.server_timeout,
+                         server_wait=float(g("policy_server_wait")))
         self.policy = factory(g("policy_path") or None, arm=self.arm, recipe=self.recipe, backend=g("backend"),
                               **extra)
         missing = [a for a in REQUIRED_POLICY_ATTRS if not hasattr(self.policy, a)]
@@ -148,7 +166,9 @@ class PolicyNode(Node):
         if expected_arch and actual_arch is not None and expected_arch != actual_arch:
             raise ValueError(f"architecture {expected_arch!r} requested, the checkpoint is {actual_arch!r}")
         self.image_size = int(self.policy.image_size)
-        if g("policy_path"):
+        if self.policy_server:
+            source = f"the policy server {self.policy_server}"
+        elif g("policy_path"):
             source = g("policy_path")
         else:  # say which file a robot is about to be driven by, also when nothing was configured
             from coop_transport.pi0_policy import default_policy_dir
@@ -174,6 +194,8 @@ class PolicyNode(Node):
         self._lock = threading.Lock()
         self._ready: tuple[int, float, np.ndarray] | None = None  # (epoch, source stamp, (C, 7)) from the worker
         self._pending = False  # a plan is in flight
+        self._plan_requested = 0.0  # monotonic time of the latest plan request
+        self._server_fault: str | None = None  # set when plan() raised ConnectionError; cleared by a good plan
         self._tick_walls: deque[float] = deque(maxlen=20)  # wall time of recent ticks (tick period on sim time)
         self._epoch = 0  # bumped on episode reset and watchdog drops: stale plans are discarded
         self._had_chunk = False
@@ -184,7 +206,8 @@ class PolicyNode(Node):
         # ---- counters for diagnostics
         self.counts = {"images": 0, "commands": 0, "holds": 0, "watchdog_trips": 0, "overruns": 0,
                        "plans": 0, "plan_errors": 0, "partner_messages": 0, "messages_sent": 0,
-                       "speed_scaled": 0, "workspace_zeroed": 0, "episodes": 0}
+                       "speed_scaled": 0, "workspace_zeroed": 0, "episodes": 0, "server_errors": 0,
+                       "server_recoveries": 0}
         self.dropped: dict[str, int] = {}
         self._last_reject_log: dict[str, float] = {}
         self.latencies: deque[float] = deque(maxlen=200)
@@ -296,16 +319,17 @@ class PolicyNode(Node):
         now = codec.to_sec(now_msg)
         stale, trip = self._watchdog(now)
         if stale:
-            if trip and not (self._holding_reason or "").startswith("watchdog"):
-                self.counts["watchdog_trips"] += 1
-                self.get_logger().warning(f"watchdog: {stale}; holding", throttle_duration_sec=LOG_THROTTLE_S)
-                with self._lock:  # the chunk was planned from what is now old data
-                    self._epoch += 1
-                    self._ready = None
-                self._chunk.clear()
-                self._had_chunk = False
+            if trip:
+                self._trip(stale)
             self._hold(now_msg, f"watchdog: {stale}" if trip else stale,
                        DiagnosticStatus.ERROR if trip else DiagnosticStatus.WARN)
+            return
+        fault = self._policy_fault()
+        if fault:  # a lost or silent policy server: hold, and keep asking (each plan request reconnects)
+            self._trip(fault)
+            if not self._pending:
+                self._request_plan(now)
+            self._hold(now_msg, f"watchdog: {fault}", DiagnosticStatus.ERROR)
             return
 
         self._tick_walls.append(time.monotonic())
@@ -346,6 +370,29 @@ class PolicyNode(Node):
                        f"running{partner}")
         self.pub_command.publish(codec.command_msg(command, now_msg, self.command_frame))
         self.counts["commands"] += 1
+
+    def _trip(self, reason: str) -> None:
+        """A watchdog trip (counted once per holding spell): drop the chunk and any plan in flight."""
+        if (self._holding_reason or "").startswith("watchdog"):
+            return
+        self.counts["watchdog_trips"] += 1
+        self.get_logger().warning(f"watchdog: {reason}; holding", throttle_duration_sec=LOG_THROTTLE_S)
+        with self._lock:  # the chunk was planned from what is now old data
+            self._epoch += 1
+            self._ready = None
+        self._chunk.clear()
+        self._had_chunk = False
+
+    def _policy_fault(self) -> str | None:
+        """Why the policy cannot be trusted to deliver: the server was lost, or (remote mode) a plan has waited
+        longer than policy_server_timeout (wall clock); None when fine."""
+        if self._server_fault is not None:
+            return self._server_fault
+        if self.policy_server and self._pending:
+            waited = time.monotonic() - self._plan_requested
+            if waited > self.server_timeout:
+                return f"policy server has not answered for {waited:.1f} s (limit {self.server_timeout} s)"
+        return None
 
     def _watchdog(self, now: float) -> tuple[str | None, bool]:
         """(reason to hold, whether it is a watchdog trip) for stale inputs; (None, False) when all is fresh.
@@ -408,6 +455,7 @@ class PolicyNode(Node):
 
     def _request_plan(self, now: float) -> None:
         self._pending = True
+        self._plan_requested = time.monotonic()
         with self._lock:
             epoch = self._epoch
         self._jobs.put(("plan", (epoch, self._wrist[0], self.arm_observation(now))))
@@ -431,11 +479,22 @@ class PolicyNode(Node):
                 if not np.all(np.isfinite(actions)):
                     raise ValueError("plan() returned NaN or inf")
                 message = self.policy.message(obs)
+            except ConnectionError as err:  # the policy server is gone or silent: the tick's watchdog holds
+                self.counts["server_errors"] += 1
+                if self._server_fault is None:
+                    self.get_logger().error(f"policy server lost: {err}")
+                    self._server_fault = f"policy server unavailable ({err})"
+                self._pending = False
+                continue
             except Exception as err:  # a failing plan holds the arm; it must not kill the node
                 self.counts["plan_errors"] += 1
                 self.get_logger().error(f"planning failed: {err!r}", throttle_duration_sec=LOG_THROTTLE_S)
                 self._pending = False
                 continue
+            if self._server_fault is not None:
+                self.counts["server_recoveries"] += 1
+                self.get_logger().info("policy server answers again; resuming")
+                self._server_fault = None
             self.latencies.append(time.perf_counter() - t0)
             self.counts["plans"] += 1
             with self._lock:
@@ -461,6 +520,7 @@ class PolicyNode(Node):
             "dropped_frames": str(sum(v for k, v in self.dropped.items() if "image" in k)),
             "partner_message": self._partner_state(codec.to_sec(self.get_clock().now().to_msg()))
             if self.policy.accepts_message else "n/a",
+            "policy_server": self.policy_server or "local",
             **{k: str(v) for k, v in self.counts.items()},
             **{f"dropped/{k}": str(v) for k, v in sorted(self.dropped.items())},
         }
