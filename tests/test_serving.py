@@ -248,3 +248,63 @@ def test_joint_policy_is_served_with_its_own_keys(tmp_path):
         remote.close()
     finally:
         server.stop()
+
+
+def test_residual_v5_policy_is_served_with_its_message(tmp_path):
+    """A per-arm residual run (V5: learned 16-D messages) served like π0: openpi's client sends the partner's message
+    as an observation key and gets the executed chunk and this arm's message, equal to the local agent step with the
+    same noise seed; π0-only keys are refused; the node's remote mode refuses residual servers with a reason."""
+    from coop_transport.pi0_policy import Pi0Policy
+    from coop_transport.policy import build_model, get_config, save_checkpoint
+    from coop_transport.residual.checkpoint import load_policy, save_policy
+    from coop_transport.residual.config import ResidualConfig
+    from coop_transport.residual.system import ResidualSystem, make_agents
+    from coop_transport.serving.client import RemotePolicy
+    from coop_transport.serving.server import PolicyServer, ResidualRunner, ServerConfig
+
+    config = get_config("tiny")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    norm = {"state": {"mean": rng.normal(size=18), "std": rng.uniform(0.5, 2, 18)},
+            "actions": {"mean": rng.normal(size=7) * 0.1, "std": rng.uniform(0.1, 1, 7)}}
+    checkpoint = save_checkpoint(tmp_path / "vla", build_model(config).eval(), config, norm, step=1,
+                                 extra={"variant": "per-arm", "prompts": {"robot0": "left", "robot1": "right"}})
+    vla = Pi0Policy.load(checkpoint, device="cpu")
+    rconfig = ResidualConfig(arch="V5", vla=checkpoint, chunk=4, latent_dim=32, encoder_width=16, encoder_heads=2,
+                             encoder_layers=1, hidden_dim=32)
+    agents = make_agents(rconfig.spec, rconfig, vla)
+    for p in agents.parameters():  # off the zero initialization, so that the message changes the actions
+        p.data += 0.05 * torch.randn_like(p)
+    run = save_policy(tmp_path / "v5", ResidualSystem(rconfig.spec, rconfig, vla, agents, "cpu"), rconfig, 0)
+
+    server = PolicyServer(ResidualRunner(load_policy(run, "cpu")), ServerConfig(port=0)).start()
+    try:
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
+        meta = client.get_server_metadata()
+        assert meta["architecture"] == "V5" and meta["chunk"] == 4 and meta["sends_message"]
+        assert meta["optional_keys"]["observation/partner_message"]["shape"] == [16]
+        s = meta["image_size"]
+        obs = {"observation/wrist_image": rng.integers(0, 255, (s, s, 3), dtype=np.uint8),
+               "observation/agentview_image": rng.integers(0, 255, (s, s, 3), dtype=np.uint8),
+               "observation/state": rng.standard_normal(18).astype(np.float32), "arm": "robot0"}
+        received = rng.standard_normal(16).astype(np.float32)
+        served = client.infer({**obs, "observation/partner_message": received, "noise_seed": 5})
+        assert served["actions"].shape == (4, 7) and served["message"].shape == (16,)
+
+        local = load_policy(run, "cpu")
+        arm_obs = {"wrist_image": obs["observation/wrist_image"],
+                   "agentview_image": obs["observation/agentview_image"], "proprio": obs["observation/state"]}
+        actions, sent = local.agent_plan("robot0", arm_obs, torch.Generator().manual_seed(5), received)
+        np.testing.assert_allclose(served["actions"], actions, atol=1e-5)
+        np.testing.assert_allclose(served["message"], sent, atol=1e-5)
+        silent = client.infer({**obs, "noise_seed": 5})  # no message: the zero message, other actions
+        assert np.abs(silent["actions"] - served["actions"]).max() > 1e-6
+
+        with pytest.raises(RuntimeError, match="unknown keys"):
+            client.infer({**obs, "num_samples": 4})
+        with pytest.raises(RuntimeError, match=r"observation/partner_message has shape \(4,\)"):
+            client.infer({**obs, "observation/partner_message": np.zeros(4, np.float32)})
+        with pytest.raises(ValueError, match="serves a residual-RL policy"):
+            RemotePolicy(f"127.0.0.1:{server.port}", connect_wait=2)
+    finally:
+        server.stop()

@@ -20,13 +20,14 @@ from pathlib import Path
 import tyro
 
 from coop_transport.serving.protocol import API_KEY_ENV
-from coop_transport.serving.server import PolicyRunner, PolicyServer, ServerConfig
+from coop_transport.serving.server import PolicyRunner, PolicyServer, ResidualRunner, ServerConfig
 
 
 @dataclass
 class ServeConfig:
     policy: Path | None = None
-    """Checkpoint or export directory of a per-arm or joint π0 policy; default: the shipped per-arm small policy."""
+    """Checkpoint or export directory of a per-arm or joint π0 policy, or a residual-RL run or checkpoint (V4, V5,
+    V6); default: the shipped per-arm small policy."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0: every interface; give an API key then)."""
     port: int = 8000
@@ -58,7 +59,8 @@ def load_policy(path: Path | None, backend: str = "torch", device: str = "auto",
     from coop_transport.residual.checkpoint import is_residual_checkpoint
 
     if path is not None and is_residual_checkpoint(str(path)):
-        raise ValueError(f"{path} is a residual-RL checkpoint; the server serves π0 policies (per-arm or joint) only")
+        raise ValueError(f"{path} is a residual-RL checkpoint: serve it with make_runner (python -m "
+                         "coop_transport.serve --policy RUN does)")
     if threads:
         import torch
 
@@ -71,13 +73,30 @@ def load_policy(path: Path | None, backend: str = "torch", device: str = "auto",
     return load_backend_policy(path, backend, device=device, threads=threads or None)
 
 
-def main(cfg: ServeConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def make_runner(cfg: ServeConfig):
+    """The runner of ``cfg.policy``: a residual-RL run or checkpoint (V4, V5, V6; PyTorch) or a π0 policy."""
     from coop_transport.pi0_policy import default_policy_dir
+    from coop_transport.residual.checkpoint import is_residual_checkpoint
 
+    if cfg.policy is not None and is_residual_checkpoint(str(cfg.policy)):
+        from coop_transport.residual.checkpoint import load_policy as load_residual
+
+        if cfg.backend not in ("torch", "eager"):
+            raise ValueError(f"residual policies are served with the torch backend, not {cfg.backend!r}")
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        system = load_residual(cfg.policy, cfg.device)
+        return ResidualRunner(system, seed=cfg.seed, description=f"{cfg.policy} ({system.spec.name}, residual)")
     policy = load_policy(cfg.policy, cfg.backend, cfg.device, cfg.threads)
     description = f"{cfg.policy or default_policy_dir()} ({policy.variant}, {cfg.backend})"
-    runner = PolicyRunner(policy, max_num_samples=cfg.max_num_samples, seed=cfg.seed, description=description)
+    return PolicyRunner(policy, max_num_samples=cfg.max_num_samples, seed=cfg.seed, description=description)
+
+
+def main(cfg: ServeConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runner = make_runner(cfg)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     server = PolicyServer(runner, ServerConfig(cfg.host, cfg.port, api_key, cfg.max_message_bytes, cfg.max_batch,
                                                  cfg.batch_wait_ms))

@@ -73,6 +73,10 @@ class RemotePolicy:
                     raise PolicyUnavailable(f"no policy server at {self.uri} within {connect_wait} s") from None
                 time.sleep(min(self.retry_interval, max(0.0, deadline - time.monotonic())))
         m = self.metadata
+        if m.get("architecture"):
+            raise ValueError(f"{self.uri} serves a residual-RL policy ({m['architecture']}), which plans whole "
+                             "executed chunks and exchanges messages: query it with openpi_client (keys in its "
+                             "metadata); the remote mode of the policy node runs served π0 policies")
         self.variant = m["variant"]
         self.image_size = int(m["image_size"])
         self.horizon = int(m["horizon"])

@@ -28,6 +28,12 @@ Observation keys (one scheme per policy variant; the metadata lists them with sh
     noise        (N, H, P) float32             the flow noise (standard normal; P = action_pad_dim), for parity
     noise_seed   int >= 0                      noise = numpy.random.default_rng(noise_seed).standard_normal((N, H, P))
 
+Residual-RL policies (per-arm V4, V5, V6; ``ResidualRunner``) read the same per-arm keys plus, for V5 and V6, the
+optional ``observation/partner_message`` ((16,) for V5, (C, 7) for V6; absent = the partner's message is missing or
+stale, the zero message); they apply the recipe themselves, so ``num_samples`` and ``noise`` are not accepted
+(``noise_seed`` seeds their π0 noise). Their response is ``actions``, the (C, 7) executed chunk (π0 reference plus
+the bounded residual), and ``message``, what this arm sends its partner (V5 (16,), V6 (C, 7); absent for V4).
+
 Response: ``actions``, the chunk in environment units, (H, D) float32 without ``num_samples`` (openpi's convention)
 and (N, H, D) with it (the client applies the recipe: mean-of-N, first C actions, ±kσ clipping with the metadata's
 ``action_mean`` / ``action_std``), and ``server_timing`` (ms): ``infer_ms`` (the batched model call this request was
@@ -49,6 +55,7 @@ PROTOCOL_VERSION = 1
 STATE_KEY = "observation/state"
 ARM_KEY = "arm"
 OPTIONAL_KEYS = ("num_samples", "noise", "noise_seed")
+PARTNER_MESSAGE_KEY = "observation/partner_message"  # residual V5 / V6 policies: the partner arm's latest message
 ALLOWED_DTYPE_KINDS = "biuf"  # bool, int, uint, float: nothing that builds Python objects
 MAX_DIMS = 8
 
@@ -145,6 +152,13 @@ class ObservationSchema:
     action_pad_dim: int
     prompt_keys: tuple[str, ...]  # per-arm: the arms; joint: ("joint",)
     max_num_samples: int = 16
+    partner_message_shape: tuple[int, ...] | None = None  # residual V5 (16,) / V6 (C, 7); None: no message input
+    flow_noise: bool = True  # False (residual policies): the policy draws its own noise; only noise_seed applies
+
+    @property
+    def optional_keys(self) -> tuple[str, ...]:
+        keys = OPTIONAL_KEYS if self.flow_noise else ("noise_seed",)
+        return keys + ((PARTNER_MESSAGE_KEY,) if self.partner_message_shape else ())
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -168,6 +182,10 @@ class ObservationSchema:
         optional = {"num_samples": {"range": [1, self.max_num_samples], "dtype": "int"},
                     "noise": {"shape": ["num_samples", self.horizon, self.action_pad_dim], "dtype": "float32"},
                     "noise_seed": {"range": [0, 2 ** 63 - 1], "dtype": "int"}}
+        if self.partner_message_shape:
+            optional[PARTNER_MESSAGE_KEY] = {"shape": list(self.partner_message_shape), "dtype": "float32 or float64",
+                                             "absent": "no message (the partner's is missing or stale)"}
+        optional = {k: v for k, v in optional.items() if k in self.optional_keys}
         return {"observation_keys": keys, "optional_keys": optional}
 
 
@@ -182,6 +200,7 @@ class Request:
     chunk_only: bool  # no num_samples in the request: answer (H, D), openpi's single chunk
     noise: np.ndarray | None  # (N, H, P) float32, or None: the server draws it
     noise_seed: int | None
+    partner_message: np.ndarray | None = None  # residual V5 / V6: float32 in the schema's shape
 
 
 def _int(value, key: str, low: int, high: int) -> int:
@@ -213,10 +232,10 @@ def parse_request(obs, schema: ObservationSchema) -> Request:
     bad_keys = [k for k in obs if not isinstance(k, str)]
     if bad_keys:
         raise RequestError(f"keys must be strings, got {bad_keys[:5]!r}")
-    unknown = sorted(set(obs) - set(schema.required_keys) - set(OPTIONAL_KEYS))
+    unknown = sorted(set(obs) - set(schema.required_keys) - set(schema.optional_keys))
     if unknown:
         raise RequestError(f"unknown keys {unknown}; a {schema.variant} policy reads {list(schema.required_keys)} "
-                           f"and optionally {list(OPTIONAL_KEYS)}")
+                           f"and optionally {list(schema.optional_keys)}")
     missing = [k for k in schema.required_keys if k not in obs]
     if missing:
         raise RequestError(f"missing keys {missing}; a {schema.variant} policy reads {list(schema.required_keys)}")
@@ -241,7 +260,11 @@ def parse_request(obs, schema: ObservationSchema) -> Request:
         noise = _array(obs, "noise", (n, schema.horizon, schema.action_pad_dim), ("float32",))
     if "noise_seed" in obs:
         seed = _int(obs["noise_seed"], "noise_seed", 0, 2 ** 63 - 1)
-    return Request(images, state, prompt_key, n, chunk_only, noise, seed)
+    message = None
+    if PARTNER_MESSAGE_KEY in obs:
+        message = _array(obs, PARTNER_MESSAGE_KEY, tuple(schema.partner_message_shape),
+                         ("float32", "float64")).astype(np.float32)
+    return Request(images, state, prompt_key, n, chunk_only, noise, seed, message)
 
 
 def seeded_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:

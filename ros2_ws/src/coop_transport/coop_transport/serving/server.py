@@ -104,6 +104,64 @@ class PolicyRunner:
         return np.asarray(actions, dtype=np.float32)  # (B, N, H, D)
 
 
+class ResidualRunner:
+    """A per-arm residual-RL policy (V4, V5, V6: π0 reference under the recipe plus each arm's bounded residual and,
+    for V5 / V6, its message head): checked requests in, {"actions": (C, 7), "message": ...} out. Each request is
+    one agent step of its arm (``ResidualSystem.agent_plan``), run in arrival order; the partner's message is the
+    request's ``observation/partner_message``."""
+
+    def __init__(self, system, seed: int | None = None, description: str = ""):
+        import torch
+
+        from coop_transport.constants import ARMS, ARM_ACTION_DIM, PROPRIO_DIM
+
+        if system.spec.vla_variant != "per-arm":
+            raise ValueError(f"{system.spec.name} is centralized (one agent for both arms): serve its per-arm "
+                             "architectures (V4, V5, V6) or its π0 checkpoint")
+        self.system = system
+        chunk = system.recipe.execute_steps
+        received = {"learned": (16,), "chunk": (chunk, ARM_ACTION_DIM)}.get(system.spec.message)
+        if received is not None and system.agents is not None:
+            dim = system.agents[ARMS[0]].received_dim  # trust the networks over the table above
+            received = (dim,) if len(received) == 1 else received
+        self.schema = ObservationSchema("per-arm", ("wrist", "agentview"), int(system.vla.image_size), PROPRIO_DIM,
+                                        chunk, ARM_ACTION_DIM, ARM_ACTION_DIM, tuple(ARMS), 1,
+                                        partner_message_shape=received, flow_noise=False)
+        self.description = description
+        self._rng = np.random.default_rng(seed)
+        self._generator = torch.Generator()
+
+    def metadata(self) -> dict:
+        s = self.schema
+        return {"server": "coop_transport", "protocol": PROTOCOL, "protocol_version": PROTOCOL_VERSION,
+                "policy": self.description, "variant": "per-arm", "architecture": self.system.spec.name,
+                "backend": "torch", "image_size": s.image_size, "state_dim": s.state_dim, "horizon": s.horizon,
+                "chunk": s.horizon, "action_dim": s.action_dim, "arms": list(s.prompt_keys),
+                "sends_message": self.system.spec.message in ("learned", "chunk"),
+                "recipe": {"execute_steps": self.system.recipe.execute_steps,
+                           "num_samples": self.system.recipe.num_samples,
+                           "clip_sigma": self.system.recipe.clip_sigma},
+                **s.describe()}
+
+    def run(self, requests: list[Request]) -> list[dict | Exception]:
+        results = []
+        for r in requests:
+            try:
+                seed = r.noise_seed if r.noise_seed is not None else int(self._rng.integers(2 ** 62))
+                self._generator.manual_seed(seed % (2 ** 63))
+                arm_obs = {"wrist_image": r.images["wrist"], "agentview_image": r.images["agentview"],
+                           "proprio": r.state}
+                actions, sent = self.system.agent_plan(r.prompt_key, arm_obs, self._generator, r.partner_message)
+                out = {"actions": np.asarray(actions, dtype=np.float32)}
+                if sent is not None:
+                    out["message"] = np.asarray(sent, dtype=np.float32)
+                results.append(out)
+            except Exception as err:  # this request's client hears why; the others go on
+                log.exception("residual policy call failed")
+                results.append(err)
+        return results
+
+
 # ------------------------------------------------------------------------------------------------ the server
 @dataclass(frozen=True)
 class ServerConfig:
@@ -250,6 +308,8 @@ class PolicyServer:
         timing["decode_ms"] = (queued - start) * 1e3
         if prev_total_ms is not None:
             timing["prev_total_ms"] = prev_total_ms
+        if isinstance(actions, dict):  # a residual policy: its executed chunk and the message it sends
+            return packb({**actions, "server_timing": timing})
         return packb({"actions": actions[0] if request.chunk_only else actions, "server_timing": timing})
 
     async def _batch_loop(self, queue: asyncio.Queue, pool: ThreadPoolExecutor) -> None:
