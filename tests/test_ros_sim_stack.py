@@ -88,8 +88,12 @@ def test_episode_runs_to_its_end_at_20hz_with_messages_between_arms(stack):
     for ns in ("left", "right"):
         stamps = [_sec(m.header.stamp) for _, m in listener.get(f"/{ns}/command")]
         episode = [t for t in stamps if start - 1e-6 <= t < end["stamp"] - 1e-6]
-        assert len(episode) == int(end["step"]), f"{ns}: one command per control tick"
-        assert np.allclose(np.diff(episode), DT), f"{ns}: commands at 20 Hz of simulated time"
+        # The bridge's zero holds (above) prove a command arrived for every step. This listener may join the DDS
+        # graph a moment late on a loaded machine and miss the first one (volatile topics are not replayed), so it
+        # checks that, from the first command it saw, none is missing and each came one 20 Hz tick after the last.
+        assert int(end["step"]) - 2 <= len(episode) <= int(end["step"]), f"{ns}: one command per control tick"
+        assert np.allclose(np.diff(episode), DT), f"{ns}: commands at 20 Hz of simulated time, no gap"
+        assert abs(episode[-1] - (end["stamp"] - DT)) < 1e-6, f"{ns}: a command for the episode's last step"
         commands = [m for _, m in listener.get(f"/{ns}/command")]
         assert sum(not _is_hold(c) for c in commands) > len(commands) // 2, "commands come from the policy"
 
