@@ -30,4 +30,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e ros2_ws/src/coop_transport
+# Simulated FR3 arms (franky-sim) for the libfranka backend's robot-in-the-loop test and bench: an environment of
+# their own, because they need mujoco 4 and robosuite needs mujoco 3.3.7 (about 660 MB).
+if [[ ! -x .venv-franky-sim/bin/python ]]; then
+    "$PYTHON" -m venv .venv-franky-sim
+fi
+.venv-franky-sim/bin/python -m pip install -q --upgrade pip
+.venv-franky-sim/bin/python -m pip install -q -r requirements-franky-sim.txt
 echo "setup.sh: environment ready in .venv"
