@@ -15,7 +15,6 @@ import pytest
 
 from ros_helpers import TESTS_DIR, Listener, start_node, stop_process, use_isolated_ros_env, wait_until
 
-pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 ADDRESSES = {"left": "127.0.0.1", "right": "127.0.0.2"}
 ARMS = {"left": "robot0", "right": "robot1"}
@@ -36,6 +35,134 @@ def bridge_args(ns: str) -> list[str]:
             "-p", "workspace_min:=[0.30, -0.30, 0.10]", "-p", "workspace_max:=[0.75, 0.30, 0.65]"]
 
 
+# --------------------------------------------------------------------- the arm driver against a fake franky
+class _Limit:
+    def __init__(self):
+        self.value = None
+
+    def set(self, value):
+        self.value = value
+
+
+class _FakeRobot:
+    """franky.Robot's surface as LibfrankaArm uses it; ``reflex`` makes the running motion end with a
+    ControlException (franky-sim has no reflexes to provoke)."""
+
+    def __init__(self, franky, hostname, realtime_config=None):
+        from coop_transport.ros.franka_kinematics import tcp_pose
+
+        self.franky, self.q = franky, np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8])
+        self.pose = tcp_pose(self.q)
+        self.pose[:3, 3] += franky.ee_offset
+        self.in_control, self.has_errors, self.reflex, self.t = False, False, None, 0.0
+        self.targets, self.recoveries = [], 0
+        self.relative_dynamics_factor = None
+        for name in ("translation", "rotation"):
+            for kind in ("velocity", "acceleration", "jerk"):
+                setattr(self, f"{name}_{kind}_limit", _Limit())
+        franky.robots.append(self)
+
+    @property
+    def state(self):
+        import types
+
+        self.t += 0.001
+        return types.SimpleNamespace(q=self.q, dq=np.zeros(7), O_T_EE=types.SimpleNamespace(matrix=self.pose),
+                                     time=types.SimpleNamespace(to_sec=lambda t=self.t: t), robot_mode="Move")
+
+    @property
+    def is_in_control(self):
+        return self.in_control
+
+    def move(self, motion, asynchronous=False):
+        self.targets.append(motion.target)
+        self.in_control = not motion.finish
+
+    def poll_motion(self):
+        if self.reflex:
+            self.in_control, self.has_errors, reason, self.reflex = False, True, self.reflex, None
+            raise self.franky.ControlException(reason)
+        return True
+
+    def join_motion(self, timeout=None):
+        return True
+
+    def recover_from_errors(self):
+        self.recoveries += 1
+        self.has_errors = False
+        return True
+
+    def stop(self):
+        self.in_control = False
+
+
+def _fake_franky(ee_offset=(0.0, 0.0, 0.0)):
+    import types
+
+    franky = types.SimpleNamespace(robots=[], ee_offset=np.array(ee_offset),
+                                   ControlException=type("ControlException", (Exception,), {}),
+                                   NetworkException=type("NetworkException", (Exception,), {}),
+                                   RealtimeConfig=types.SimpleNamespace(Enforce=0, Ignore=1),
+                                   ReferenceType=types.SimpleNamespace(Absolute=0),
+                                   Affine=lambda m: np.array(m))
+    franky.Robot = lambda hostname, realtime_config=None: _FakeRobot(franky, hostname, realtime_config)
+    franky.CartesianMotion = lambda target, ref, return_when_finished=True: types.SimpleNamespace(
+        target=target, finish=return_when_finished)
+    return franky
+
+
+def test_libfranka_arm_reports_a_reflex_and_recovers_only_on_enable():
+    from coop_transport.ros.libfranka_arm import LibfrankaArm, LibfrankaConfig, MotionLimits
+
+    franky, states, faults = _fake_franky(), [], []
+    arm = LibfrankaArm(LibfrankaConfig("fake-arm", limits=MotionLimits(linear_velocity=0.05), gripper=False,
+                                       state_rate=200.0), states.append, faults.append, franky)
+    arm.connect()
+    robot = franky.robots[0]
+    assert robot.translation_velocity_limit.value == 0.05 and robot.translation_jerk_limit.value == 5.0
+    assert robot.relative_dynamics_factor == 1.0 and not robot.targets  # nothing moves before engage
+    pose = arm.engage()
+    assert np.allclose(robot.targets[-1], pose) and arm.following
+    target = pose.copy()
+    target[0, 3] += 0.01
+    arm.set_target(target)
+    wait_until(lambda: np.allclose(robot.targets[-1], target), 2, message="the target sent")
+    arm.set_target(target)  # the same target again: not re-sent
+    time.sleep(0.05)
+    assert len(robot.targets) == 2 and states
+
+    robot.reflex = "libfranka: Move command aborted: motion aborted by reflex! [\"cartesian_reflex\"]"
+    wait_until(lambda: faults, 2, message="the reflex reported")
+    assert faults[0].kind == "reflex" and "cartesian_reflex" in faults[0].reason
+    assert not arm.following and robot.recoveries == 0  # never recovered silently
+    arm.set_target(pose)
+    time.sleep(0.05)
+    assert len(robot.targets) == 2, "no targets while faulted"
+
+    arm.engage()  # the operator's enable: recover, then hold where the arm is
+    assert robot.recoveries == 1 and arm.following and arm.counts["recoveries"] == 1
+    assert arm.shutdown() == "stopped at rest" and not robot.in_control
+
+
+def test_libfranka_arm_refuses_a_foreign_end_effector_and_bad_limits():
+    from coop_transport.ros.libfranka_arm import LibfrankaArm, LibfrankaConfig, MotionLimits
+
+    franky = _fake_franky(ee_offset=(0.0, 0.0, 0.02))  # O_T_EE 2 cm from the Franka Hand TCP (another EE in Desk)
+    arm = LibfrankaArm(LibfrankaConfig("fake-arm", gripper=False), lambda s: None, lambda f: None, franky)
+    arm.connect()
+    with pytest.raises(RuntimeError, match="Desk"):
+        arm.engage()
+    assert not franky.robots[0].targets
+    arm.shutdown()
+    with pytest.raises(ValueError, match="linear_jerk"):
+        MotionLimits(linear_jerk=0.0)
+    with pytest.raises(ValueError, match="angular_velocity"):
+        MotionLimits(angular_velocity=3.0)  # above the robot's 2.5 rad/s
+    with pytest.raises(ValueError, match="hostname"):
+        LibfrankaConfig("")
+
+
+# ------------------------------------------------------------------------ two simulated arms, real protocol
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
     from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401
@@ -74,6 +201,8 @@ def cell(tmp_path_factory):
         assert "libfranka shutdown: stopped at rest" in (logs / "bridge_left.log").read_text()
 
 
+@pytest.mark.ros
+@pytest.mark.slow
 def test_two_simulated_fr3_arms_through_the_libfranka_bridge(cell):
     from sensor_msgs.msg import JointState
     from std_srvs.srv import SetBool
