@@ -119,7 +119,7 @@ def test_libfranka_arm_reports_a_reflex_and_recovers_only_on_enable():
                                        state_rate=200.0), states.append, faults.append, franky)
     arm.connect()
     robot = franky.robots[0]
-    assert robot.translation_velocity_limit.value == 0.05 and robot.translation_jerk_limit.value == 5.0
+    assert robot.translation_velocity_limit.value == 0.05 and robot.translation_jerk_limit.value == 50.0
     assert robot.relative_dynamics_factor == 1.0 and not robot.targets  # nothing moves before engage
     pose = arm.engage()
     assert np.allclose(robot.targets[-1], pose) and arm.following
@@ -158,6 +158,8 @@ def test_libfranka_arm_refuses_a_foreign_end_effector_and_bad_limits():
         MotionLimits(linear_jerk=0.0)
     with pytest.raises(ValueError, match="angular_velocity"):
         MotionLimits(angular_velocity=3.0)  # above the robot's 2.5 rad/s
+    with pytest.raises(ValueError, match="raise the jerk limit"):
+        MotionLimits(linear_jerk=5.0)  # 0.1 s to build up 0.5 m/s^2: per-tick targets would be overshot
     with pytest.raises(ValueError, match="hostname"):
         LibfrankaConfig("")
 

@@ -32,6 +32,10 @@ from coop_transport.ros.franka_kinematics import tcp_pose
 from coop_transport.sim.frames import mat_to_axis_angle
 
 # franky's maxima (its ``Robot.*_limit`` defaults for Panda / FR3): a configured limit above one is refused.
+# The time to build up full acceleration (acceleration / jerk) must stay well inside one 20 Hz tick: each tick's
+# target starts a motion that takes over the running one, and with franky-sim a 4 cm sinusoid at 0.06 m/s tracked
+# within 6 mm at acceleration / jerk = 0.01 s but overshot its targets by 6 cm at 0.1 s (measured 2026-11-25).
+MAX_RAMP_S = 0.02
 FRANKY_MAX = {"translation_velocity": 1.7, "translation_acceleration": 13.0, "translation_jerk": 6500.0,
               "rotation_velocity": 2.5, "rotation_acceleration": 25.0, "rotation_jerk": 12500.0}
 
@@ -44,13 +48,13 @@ class MotionLimits:
     """m/s."""
     linear_acceleration: float = 0.5
     """m/s^2."""
-    linear_jerk: float = 5.0
+    linear_jerk: float = 50.0
     """m/s^3."""
     angular_velocity: float = 0.5
     """rad/s."""
     angular_acceleration: float = 2.0
     """rad/s^2."""
-    angular_jerk: float = 20.0
+    angular_jerk: float = 200.0
     """rad/s^3."""
 
     def __post_init__(self):
@@ -61,6 +65,11 @@ class MotionLimits:
             value = getattr(self, ours)
             if not 0 < value <= FRANKY_MAX[franky_name]:
                 raise ValueError(f"{ours} must be in (0, {FRANKY_MAX[franky_name]}], got {value}")
+        for kind in ("linear", "angular"):
+            ramp = getattr(self, f"{kind}_acceleration") / getattr(self, f"{kind}_jerk")
+            if ramp > MAX_RAMP_S:
+                raise ValueError(f"{kind}_acceleration / {kind}_jerk = {ramp:.3f} s: keep it <= {MAX_RAMP_S} s (raise "
+                                 f"the jerk limit), or targets that change every tick are overshot")
 
 
 @dataclass(frozen=True)
