@@ -184,6 +184,7 @@ def main(args: Args) -> dict:
                 "ticks": int(round((s1 - s0) / DT))})
 
         # ---- 2. steps: latency and tracking error after settling
+        time.sleep(args.settle_s)  # the arms come to rest after following
         latencies = {ns: [] for ns in ADDRESSES}
         errors = {ns: [] for ns in ADDRESSES}
         for trial in range(args.trials):
@@ -204,6 +205,8 @@ def main(args: Args) -> dict:
                          if codec.to_sec(m.header.stamp) >= sent[0]
                          and np.linalg.norm(position(ns, m) - rest[ns]) > args.onset_m]
                 latencies[ns].append(moved[0] - sent[0])
+        print("tracking errors after settling (mm):",
+              {ns: [round(e * 1000, 2) for e in errs] for ns, errs in errors.items()}, flush=True)
         for ns in ADDRESSES:
             lat = np.array(latencies[ns]) * 1000
             results[ns].update({"latency_ms_median": float(np.median(lat)),

@@ -36,8 +36,10 @@ def franky_sim_executable() -> Path:
 
 
 def port_in_use(hostname: str, port: int) -> bool:
-    """Whether something already listens on (hostname, port): binding fails then."""
+    """Whether something already listens on (hostname, port): binding fails then. SO_REUSEADDR: connections of a
+    server that just stopped (TIME_WAIT) do not count, as they do not stop a new server from listening."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((hostname, port))
         except OSError:
