@@ -54,7 +54,7 @@ class _FakeRobot:
         self.franky, self.q = franky, np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8])
         self.pose = tcp_pose(self.q)
         self.pose[:3, 3] += franky.ee_offset
-        self.in_control, self.has_errors, self.reflex, self.t = False, False, None, 0.0
+        self.in_control, self.has_errors, self.reflex, self.planner_failure, self.t = False, False, None, None, 0.0
         self.targets, self.recoveries = [], 0
         self.relative_dynamics_factor = None
         for name in ("translation", "rotation"):
@@ -82,6 +82,9 @@ class _FakeRobot:
         if self.reflex:
             self.in_control, self.has_errors, reason, self.reflex = False, True, self.reflex, None
             raise self.franky.ControlException(reason)
+        if self.planner_failure:
+            self.in_control, reason, self.planner_failure = False, self.planner_failure, None
+            raise RuntimeError(reason)
         return True
 
     def join_motion(self, timeout=None):
@@ -122,14 +125,22 @@ def test_libfranka_arm_reports_a_reflex_and_recovers_only_on_enable():
     assert robot.translation_velocity_limit.value == 0.05 and robot.translation_jerk_limit.value == 50.0
     assert robot.relative_dynamics_factor == 1.0 and not robot.targets  # nothing moves before engage
     pose = arm.engage()
-    assert np.allclose(robot.targets[-1], pose) and arm.following
+    assert arm.following and not robot.targets  # no zero-length motion: the first target starts one
+    arm.set_target(pose)
     target = pose.copy()
     target[0, 3] += 0.01
     arm.set_target(target)
-    wait_until(lambda: np.allclose(robot.targets[-1], target), 2, message="the target sent")
+    wait_until(lambda: robot.targets and np.allclose(robot.targets[-1], target), 2, message="the target sent")
     arm.set_target(target)  # the same target again: not re-sent
     time.sleep(0.05)
-    assert len(robot.targets) == 2 and states
+    assert len(robot.targets) == 1 and states
+
+    # a planner failure (no robot error) restarts the motion towards the latest target and is reported
+    robot.planner_failure = "Motion planner failed with error code -111"
+    wait_until(lambda: len(robot.targets) == 2, 2, message="the motion restarted")
+    assert np.allclose(robot.targets[-1], target) and arm.following and arm.counts["planner_restarts"] == 1
+    assert [f.kind for f in faults] == ["planner"] and not faults[0].disables_arm
+    faults.clear()
 
     robot.reflex = "libfranka: Move command aborted: motion aborted by reflex! [\"cartesian_reflex\"]"
     wait_until(lambda: faults, 2, message="the reflex reported")
@@ -139,8 +150,10 @@ def test_libfranka_arm_reports_a_reflex_and_recovers_only_on_enable():
     time.sleep(0.05)
     assert len(robot.targets) == 2, "no targets while faulted"
 
-    arm.engage()  # the operator's enable: recover, then hold where the arm is
+    arm.engage()  # the operator's enable: recover, then follow from where the arm is
     assert robot.recoveries == 1 and arm.following and arm.counts["recoveries"] == 1
+    arm.set_target(target)  # (the arm is at ``pose`` in this fake)
+    wait_until(lambda: len(robot.targets) == 3, 2, message="following again")
     assert arm.shutdown() == "stopped at rest" and not robot.in_control
 
 

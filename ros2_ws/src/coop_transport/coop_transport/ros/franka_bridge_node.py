@@ -221,10 +221,13 @@ class FrankaBridgeNode(Node):
         self._set_measured(state.pose[:3, 3], state.pose[:3, :3], f"{self.joint_prefix}_link0", stamp)
 
     def _on_arm_fault(self, fault: ArmFault) -> None:
-        """libfranka (the arm's I/O or gripper thread): a gripper fault is reported; any other disables the arm
-        until an enable call recovers it (never silently)."""
+        """libfranka (the arm's I/O or gripper thread): gripper faults and restarted planner failures are reported
+        (log; counters on diagnostics); any other fault disables the arm until an enable call recovers it."""
         if fault.kind == "gripper":
             self.get_logger().error(f"{self.arm} gripper: {fault.reason}", throttle_duration_sec=5.0)
+            return
+        if not fault.disables_arm:
+            self.get_logger().warning(f"{self.arm} {fault.kind}: {fault.reason}")
             return
         self.enabled, self.target, self.fault = False, None, fault
         self.counts["faults"] += 1

@@ -119,8 +119,14 @@ class ArmState:
 
 @dataclass(frozen=True)
 class ArmFault:
-    kind: str  # "reflex" (a control error the robot stopped on), "connection", "ee_frame", "gripper", "error"
+    kind: str  # "reflex" (a control error the robot stopped on), "connection", "error", "gripper", "planner"
     reason: str
+
+    @property
+    def disables_arm(self) -> bool:
+        """Whether the arm stopped following targets (until the next engage). A gripper fault leaves the arm
+        alone; a planner fault was restarted (see ``LibfrankaArm._on_exception``) and is only reported."""
+        return self.kind not in ("gripper", "planner")
 
 
 def _pose_matches_kinematics(q: np.ndarray, pose: np.ndarray) -> tuple[float, float]:
@@ -143,7 +149,8 @@ class LibfrankaArm:
         self.connected = False
         self.following = False  # engaged: targets are sent to the robot
         self.fault: ArmFault | None = None
-        self.counts = {"targets_sent": 0, "states": 0, "recoveries": 0, "gripper_commands": 0}
+        self.counts = {"targets_sent": 0, "states": 0, "recoveries": 0, "gripper_commands": 0,
+                       "planner_restarts": 0}
         self.ee_check: tuple[float, float] | None = None  # (m, rad) of the last frame check
         self._lock = threading.Lock()  # every call on self.robot
         self._pending_target: np.ndarray | None = None
@@ -152,6 +159,10 @@ class LibfrankaArm:
         self._io_thread: threading.Thread | None = None
         self._last_robot_time = -1.0
         self._last_sent: np.ndarray | None = None  # the last target sent to the robot
+        self._latest_target: np.ndarray | None = None  # the last target the bridge asked for
+        self._motion_running = False  # a motion we started has not been seen ending yet
+        self._last_move = 0.0  # time.monotonic() of the last move call
+        self._planner_restart_times: list[float] = []
         self.gripper = _GripperWorker(self) if config.gripper else None
 
     # ---------------------------------------------------------------------------------------------- connection
@@ -212,8 +223,10 @@ class LibfrankaArm:
                         raise RuntimeError("libfranka's automatic error recovery failed")
                     self.counts["recoveries"] += 1
                 pose = np.asarray(self.robot.state.O_T_EE.matrix, float)
-                self._pending_target = None
-                self._move(pose)
+                # No motion yet: the arm stands (held by the robot) until the first target that differs from here.
+                # A zero-length motion is avoided on purpose: Ruckig's synchronization can fail on it (franky-sim
+                # reported "Motion planner failed with error code -111" right after such a start).
+                self._pending_target, self._last_sent, self._latest_target = None, pose, pose
             except RuntimeError:
                 raise
             except Exception as err:
@@ -227,7 +240,7 @@ class LibfrankaArm:
         motion = f.CartesianMotion(f.Affine(np.ascontiguousarray(pose)), f.ReferenceType.Absolute,
                                    return_when_finished=finish)
         self.robot.move(motion, asynchronous=True)
-        self._last_sent = pose
+        self._last_sent, self._motion_running, self._last_move = pose, not finish, time.monotonic()
         self.counts["targets_sent"] += 1
 
     def disengage(self, hold_pose: np.ndarray | None = None) -> None:
@@ -248,6 +261,7 @@ class LibfrankaArm:
         that takes over re-plans from the robot's state, which let the arm drift past a repeated target (measured
         with franky-sim: 2 cm beyond a 4 cm step when the same target came every 50 ms)."""
         pose = np.array(pose, dtype=float)
+        self._latest_target = pose
         if self.following and not (self._last_sent is not None and np.allclose(pose, self._last_sent, atol=1e-9)):
             self._pending_target = pose
             self._wake.set()
@@ -284,9 +298,11 @@ class LibfrankaArm:
         with self._lock:
             if self.robot.is_in_control:
                 self.robot.poll_motion()  # raises the exception that ended the motion (reflex, network)
-            elif self.following:
+            elif self._motion_running and time.monotonic() - self._last_move > 0.1:  # not just starting
+                self._motion_running = False
                 self.robot.join_motion(0.0)  # the motion ended: join raises its reason
-                raise RuntimeError("the motion ended without an error report")
+                if self.following:
+                    raise RuntimeError("the motion ended without an error report")
             state = self.robot.state
         robot_time = float(state.time.to_sec())
         if robot_time == self._last_robot_time:
@@ -301,6 +317,9 @@ class LibfrankaArm:
     def _on_exception(self, err: Exception) -> None:
         f = self.franky
         name = type(err).__name__
+        self._motion_running = False
+        if self._restart_after_planner_failure(err):
+            return
         if isinstance(err, f.ControlException):
             kind = "reflex"
         elif isinstance(err, f.NetworkException) or "Net" in str(err):
@@ -312,6 +331,29 @@ class LibfrankaArm:
             self.connected = False
         self.fault = ArmFault(kind, f"{name}: {err}")
         self.on_fault(self.fault)
+
+    def _restart_after_planner_failure(self, err: Exception) -> bool:
+        """A failure of franky's trajectory planner (Ruckig) ends the motion before any command reaches the robot
+        and leaves the robot without errors: the motion is restarted towards the latest target, at most 3 times in
+        10 s, and reported. Anything else, or a robot with errors, is a fault that disables the arm."""
+        if not (self.following and "Motion planner failed" in str(err)):
+            return False
+        now = time.monotonic()
+        self._planner_restart_times = [t for t in self._planner_restart_times if now - t < 10.0]
+        try:
+            robot_ok = not self.robot.has_errors
+        except Exception:
+            robot_ok = False
+        if len(self._planner_restart_times) >= 3 or not robot_ok:
+            return False
+        self._planner_restart_times.append(now)
+        self.counts["planner_restarts"] += 1
+        self._last_sent = None  # resend even an unchanged target
+        if self._latest_target is not None:
+            self._pending_target = self._latest_target
+            self._wake.set()
+        self.on_fault(ArmFault("planner", f"{type(err).__name__}: {err}; motion restarted"))
+        return True
 
     # ---------------------------------------------------------------------------------------------- shutdown
     def shutdown(self) -> str:
