@@ -214,6 +214,8 @@ class FrankaBridgeNode(Node):
 
     def _on_arm_state(self, state: ArmState) -> None:
         """libfranka (the arm's I/O thread): joint states (fingers: half the hand's width each) and O_T_EE."""
+        if not self.context.ok():  # shutting down (a signal): the arm is being stopped, nothing to publish
+            return
         stamp = codec.to_stamp(state.wall_time)
         half_width = state.gripper_width / 2 if np.isfinite(state.gripper_width) else 0.0
         self.pub_joints.publish(codec.joint_state_msg(self.joint_names, [*state.q, half_width, half_width],
@@ -223,6 +225,8 @@ class FrankaBridgeNode(Node):
     def _on_arm_fault(self, fault: ArmFault) -> None:
         """libfranka (the arm's I/O or gripper thread): gripper faults and restarted planner failures are reported
         (log; counters on diagnostics); any other fault disables the arm until an enable call recovers it."""
+        if not self.context.ok():
+            return
         if fault.kind == "gripper":
             self.get_logger().error(f"{self.arm} gripper: {fault.reason}", throttle_duration_sec=5.0)
             return

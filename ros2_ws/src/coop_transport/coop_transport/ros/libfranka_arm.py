@@ -21,6 +21,7 @@ Plain Python: no rclpy here (the ROS side is ``franka_bridge_node``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -163,6 +164,7 @@ class LibfrankaArm:
         self._motion_running = False  # a motion we started has not been seen ending yet
         self._last_move = 0.0  # time.monotonic() of the last move call
         self._planner_restart_times: list[float] = []
+        self._callback_failed = False
         self.gripper = _GripperWorker(self) if config.gripper else None
 
     # ---------------------------------------------------------------------------------------------- connection
@@ -310,9 +312,19 @@ class LibfrankaArm:
         self._last_robot_time = robot_time
         width = self.gripper.width if self.gripper is not None else float("nan")
         self.counts["states"] += 1
-        self.on_state(ArmState(time.time(), robot_time, np.asarray(state.q, float).copy(),
-                               np.asarray(state.dq, float).copy(), np.asarray(state.O_T_EE.matrix, float).copy(),
-                               width, str(state.robot_mode).split(".")[-1]))
+        self._notify(self.on_state, ArmState(
+            time.time(), robot_time, np.asarray(state.q, float).copy(), np.asarray(state.dq, float).copy(),
+            np.asarray(state.O_T_EE.matrix, float).copy(), width, str(state.robot_mode).split(".")[-1]))
+
+    def _notify(self, callback, value) -> None:
+        """Call the owner's callback; its exceptions (e.g. publishing while ROS shuts down) are not robot faults:
+        logged once, the loop goes on."""
+        try:
+            callback(value)
+        except Exception:
+            if not self._callback_failed:
+                self._callback_failed = True
+                logging.getLogger(__name__).exception("libfranka arm %s: callback failed", self.config.hostname)
 
     def _on_exception(self, err: Exception) -> None:
         f = self.franky
@@ -330,7 +342,7 @@ class LibfrankaArm:
         if kind == "connection":
             self.connected = False
         self.fault = ArmFault(kind, f"{name}: {err}")
-        self.on_fault(self.fault)
+        self._notify(self.on_fault, self.fault)
 
     def _restart_after_planner_failure(self, err: Exception) -> bool:
         """A failure of franky's trajectory planner (Ruckig) ends the motion before any command reaches the robot
@@ -352,7 +364,7 @@ class LibfrankaArm:
         if self._latest_target is not None:
             self._pending_target = self._latest_target
             self._wake.set()
-        self.on_fault(ArmFault("planner", f"{type(err).__name__}: {err}; motion restarted"))
+        self._notify(self.on_fault, ArmFault("planner", f"{type(err).__name__}: {err}; motion restarted"))
         return True
 
     # ---------------------------------------------------------------------------------------------- shutdown
@@ -416,7 +428,7 @@ class _GripperWorker:
             self._gripper = f.Gripper(c.hostname)
         except Exception as err:
             self.error = f"cannot connect to the gripper: {type(err).__name__}: {err}"
-            self.arm.on_fault(ArmFault("gripper", self.error))
+            self.arm._notify(self.arm.on_fault, ArmFault("gripper", self.error))
             return
         running = None  # the future of the command in flight
         while not self._stop.is_set():
@@ -436,6 +448,6 @@ class _GripperWorker:
                 self.error = None
             except Exception as err:
                 self.error = f"{type(err).__name__}: {err}"
-                self.arm.on_fault(ArmFault("gripper", self.error))
+                self.arm._notify(self.arm.on_fault, ArmFault("gripper", self.error))
                 self._stop.wait(1.0)
             self._stop.wait(0.02)
