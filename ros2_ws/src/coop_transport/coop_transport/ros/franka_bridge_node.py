@@ -179,7 +179,7 @@ class FrankaBridgeNode(Node):
             self.fault = ArmFault("connection", str(err))
             self.get_logger().error(str(err))
 
-        # ------------------------------------------------------------------------------------------- robot state
+    # ------------------------------------------------------------------------------------------- robot state
     def _frame(self, measured_frame: str) -> str:
         return self.get_parameter("base_frame").value or measured_frame
 

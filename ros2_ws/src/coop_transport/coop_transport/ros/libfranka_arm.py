@@ -143,7 +143,11 @@ class LibfrankaArm:
     def __init__(self, config: LibfrankaConfig, on_state: Callable[[ArmState], None],
                  on_fault: Callable[[ArmFault], None], franky_module=None):
         if franky_module is None:
-            import franky as franky_module  # franky-control; imported here so that the ROS-only path needs none
+            try:  # franky-control; imported here so that the franka_ros2 path needs none
+                import franky as franky_module
+            except ImportError as err:
+                raise ImportError(f"the libfranka backend needs franky-control (pinned in requirements.txt): "
+                                  f"{err}") from err
         self.franky, self.config = franky_module, config
         self.on_state, self.on_fault = on_state, on_fault
         self.robot = None
@@ -191,6 +195,7 @@ class LibfrankaArm:
         self.ee_check = _pose_matches_kinematics(q, pose)
         with self._lock:
             self.robot, self.connected, self.following, self.fault = robot, True, False, None
+            self._motion_running, self._last_sent, self._pending_target = False, None, None
         self._last_robot_time = -1.0
         self._stop.clear()
         self._io_thread = threading.Thread(target=self._io_loop, name=f"libfranka-{c.hostname}", daemon=True)
