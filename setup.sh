@@ -30,6 +30,13 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e ros2_ws/src/coop_transport
+# Simulated FR3 arms (franky-sim) for the libfranka backend's robot-in-the-loop test and bench: an environment of
+# their own, because they need mujoco 4 and robosuite needs mujoco 3.3.7 (about 660 MB).
+if [[ ! -x .venv-franky-sim/bin/python ]]; then
+    "$PYTHON" -m venv .venv-franky-sim
+fi
+.venv-franky-sim/bin/python -m pip install -q --upgrade pip
+.venv-franky-sim/bin/python -m pip install -q -r requirements-franky-sim.txt
 # The shipped default's ONNX export, next to it: the policy nodes' backend "auto" runs it through ONNX Runtime on a
 # CPU (2x faster than eager PyTorch there, which is what keeps two policy nodes on 2 cores at 20 Hz). Re-made on
 # every run so that it always matches the committed checkpoint (an export of another checkpoint is refused).

@@ -196,7 +196,7 @@ def main(args: Args) -> dict:
     overrides = {"use_sim_time": "false", "policy_factory": args.policy_factory, "left_policy": args.left_policy,
                  "right_policy": args.right_policy, "chunk_length": args.chunk_length,
                  "num_samples": args.num_samples, "clip_sigma": args.clip_sigma,
-                 "backend": args.backend}
+                 "inference_backend": args.backend}
     sim_graph = graph.build_graph("sim", overrides)
     namespaces = sim_graph.nodes[0].parameters["arm_namespaces"]
     replay = NodeSpec(name="replay", executable="replay_node", module="coop_transport.ros.replay_node",

@@ -134,6 +134,7 @@ CASES = [
     ("sim", {"policy_server": "127.0.0.1:8000", "policy_server_timeout": "0.5"}),
     ("franka", {}),
     ("franka", {"cameras": "none", "start_franka": "false", "num_samples": "1", "clip_sigma": "-1"}),
+    ("franka", {"backend": "libfranka", "left_robot_ip": "127.0.0.1", "inference_backend": "onnx"}),
 ]
 
 
@@ -191,6 +192,25 @@ def test_graph_contents_and_typed_overrides():
         assert node.parameters["policy_server"] == "10.0.0.5:8000" and node.parameters["policy_server_timeout"] == 0.5
     with pytest.raises(ValueError, match="left_policy.*policy_server"):
         graph.build_graph("sim", {"policy_server": "10.0.0.5:8000", "left_policy": "/ckpt"})
+
+
+def test_franka_backends_share_the_graph():
+    """backend:=libfranka: the same policy nodes and bridges (only the bridges' robot parameters differ), no
+    franka_ros2 includes or controller spawners."""
+    ros2 = graph.build_graph("franka", {"cameras": "none"})
+    lib = graph.build_graph("franka", {"cameras": "none", "backend": "libfranka", "right_robot_ip": "10.0.0.3",
+                                       "inference_backend": "onnx"})
+    assert not lib.includes and len(ros2.includes) == 2
+    assert [n.full_name for n in lib.nodes] == [n.full_name for n in ros2.own_nodes]
+    bridges = {n.namespace: n.parameters for n in lib.nodes if n.name == "franka_bridge"}
+    assert bridges["left"] == {"arm": "robot0", "backend": "libfranka", "robot_type": "fr3", "robot_ip": "172.16.0.2"}
+    assert bridges["right"]["robot_ip"] == "10.0.0.3"
+    assert next(n for n in ros2.nodes if n.name == "franka_bridge").parameters["backend"] == "franka_ros2"
+    assert next(n for n in lib.nodes if n.name == "policy_node").parameters["backend"] == "onnx"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        graph.build_graph("franka", {"backend": "ros1"})
+    with pytest.raises(ValueError, match="franky-sim"):
+        graph.build_graph("franka", {"backend": "libfranka", "use_fake_hardware": "true"})
 
 
 def test_package_installs_launch_and_config():

@@ -87,8 +87,8 @@ _POLICY_ARGS = [
     LaunchArgument("policy_server_timeout", "", "Remote mode: seconds (wall) without an answer before the watchdog "
                    "holds the arm; empty = config/default (1.0)."),
     LaunchArgument("architecture", "", "Expected message architecture (V4, V5, V6); empty = from the checkpoint."),
-    LaunchArgument("backend", "", "Inference backend (auto, torch, onnx, cudagraph); empty = config (auto: CUDA "
-                   "graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch)."),
+    LaunchArgument("inference_backend", "", "Inference backend of the policies (auto, torch, onnx, cudagraph); empty = "
+                   "config (auto: CUDA graphs on a GPU, ONNX Runtime where the checkpoint has an export, else torch)."),
     LaunchArgument("chunk_length", "", "Recipe: actions executed per chunk (C); empty = config/default (10)."),
     LaunchArgument("num_samples", "", "Recipe: samples averaged per chunk (mean-of-N); empty = default (4)."),
     LaunchArgument("clip_sigma", "", "Recipe: clip actions to mean +- k std (<= 0 disables); empty = default (2)."),
@@ -112,10 +112,14 @@ LAUNCH_ARGUMENTS: dict[str, list[LaunchArgument]] = {
     ],
     "franka": _POLICY_ARGS + [
         LaunchArgument("params_file", "", "Parameter YAML; empty = share/coop_transport/config/franka.yaml."),
-        LaunchArgument("robot_type", "fr3", "franka_ros2 robot type (fr3, fer)."),
+        LaunchArgument("backend", "franka_ros2", "How the bridges drive the arms: franka_ros2 (its controllers, "
+                       "started here unless start_franka:=false) or libfranka (the control units directly through "
+                       "franky-control; no franka_ros2)."),
+        LaunchArgument("robot_type", "fr3", "franka_ros2 robot type (fr3, fer); the joint-name prefix."),
         LaunchArgument("left_robot_ip", "172.16.0.2", "Hostname or IP of the left arm's control unit."),
         LaunchArgument("right_robot_ip", "172.16.0.3", "Hostname or IP of the right arm's control unit."),
-        LaunchArgument("start_franka", "true", "Include franka_bringup for both arms (false: already running)."),
+        LaunchArgument("start_franka", "true", "franka_ros2 backend: include franka_bringup for both arms (false: "
+                       "already running)."),
         LaunchArgument("use_fake_hardware", "false", "franka_ros2 mock hardware (no robot; no gripper actions)."),
         LaunchArgument("controller", "cartesian_impedance_example_controller",
                        "franka_ros2 controller with an equilibrium_pose (PoseStamped) input."),
@@ -176,7 +180,7 @@ def _policy_overrides(values: dict[str, str], arm: str) -> dict:
         params["policy_path"] = values[f"{side}_policy"]
     params.update(_typed(values, {"policy_server": ("policy_server", str),
                                   "policy_server_timeout": ("policy_server_timeout", float),
-                                  "architecture": ("architecture", str), "backend": ("backend", str),
+                                  "architecture": ("architecture", str), "inference_backend": ("backend", str),
                                   "chunk_length": ("chunk_length", int), "num_samples": ("num_samples", int),
                                   "clip_sigma": ("clip_sigma", float)}))
     return params
@@ -235,9 +239,18 @@ def _build_sim(values, ns, params_file, ros_args):
 FRANKA_NAMESPACE = "franka_{ns}"  # franka_ros2's namespace of the arm whose policy namespace is {ns}
 
 
+FRANKA_BACKENDS = ("franka_ros2", "libfranka")
+
+
 def _build_franka(values, ns, params_file, ros_args):
     nodes, includes = [], []
     controller = values["controller"]
+    backend = values["backend"]
+    if backend not in FRANKA_BACKENDS:
+        raise ValueError(f"launch argument backend must be one of {FRANKA_BACKENDS}, got {backend!r}")
+    if backend == "libfranka" and _bool(values["use_fake_hardware"]):
+        raise ValueError("use_fake_hardware is franka_ros2's mock hardware; with backend:=libfranka use franky-sim "
+                         "(python -m coop_transport.franky_sim) as the robot instead")
     for arm in ARMS:
         side = "left" if arm == "robot0" else "right"
         franka_ns = FRANKA_NAMESPACE.format(ns=ns[arm])
@@ -250,12 +263,17 @@ def _build_franka(values, ns, params_file, ros_args):
             name="policy_node", executable="policy_node", module="coop_transport.ros.policy_node",
             namespace=ns[arm], params_files=(params_file,), parameters=params, ros_arguments=ros_args,
             remappings=tuple(policy_remaps), required=False))
+        bridge_params = {"arm": arm, "backend": backend, "robot_type": values["robot_type"]}
+        if backend == "franka_ros2":
+            bridge_params.update({"franka_namespace": franka_ns,
+                                  "equilibrium_pose_topic": f"{controller}/equilibrium_pose"})
+        else:
+            bridge_params["robot_ip"] = values[f"{side}_robot_ip"]
         nodes.append(NodeSpec(
             name="franka_bridge", executable="franka_bridge_node", module="coop_transport.ros.franka_bridge_node",
             namespace=ns[arm], params_files=(params_file,), ros_arguments=ros_args, required=True,
-            parameters={"arm": arm, "franka_namespace": franka_ns,
-                        "equilibrium_pose_topic": f"{controller}/equilibrium_pose"}))
-        if _bool(values["start_franka"]):
+            parameters=bridge_params))
+        if backend == "franka_ros2" and _bool(values["start_franka"]):
             includes.append(IncludeSpec("franka_bringup", "launch/franka.launch.py", {
                 "robot_type": values["robot_type"], "namespace": franka_ns, "robot_ip": values[f"{side}_robot_ip"],
                 "load_gripper": "true", "use_fake_hardware": values["use_fake_hardware"],
