@@ -127,7 +127,12 @@ def main(cfg: Config) -> dict:
             out = cfg.out / (policy.name if policy and len(policies) > 1 else "") / (
                 "" if len(recipes) == 1 else recipe_name.split(" (")[0].replace(" ", "_").replace("±", "pm"))
             summary = evaluate(spec, eval_config, out, progress=cfg.progress)
-            step = json.loads((policy / "config.json").read_text()).get("step", 0) if policy else 0
+            source = policy
+            if source is None and not cfg.policy_server:
+                from coop_transport.pi0_policy import default_policy_dir
+
+                source = default_policy_dir()
+            step = json.loads((source / "config.json").read_text()).get("step", 0) if source else 0
             rows.append({"name": name, "policy": str(policy) if policy else (
                          f"served {cfg.policy_server}" if cfg.policy_server else "default"), "recipe": recipe_name,
                          "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],
