@@ -6,7 +6,7 @@ Usage:
     python bench/train_speed.py --json runs/bench/train_speed.json
 
 Each row builds the model as training does (build_model: LoRA and frozen base for pi0-3b, EMA where the config
-keeps one, fused AdamW on CUDA, bf16 autocast) and times ``--steps`` optimizer steps of ``imitation.make_train_step``
+keeps one, the training loop's AdamW (imitation.make_optimizer), bf16 autocast) and times ``--steps`` optimizer steps of ``imitation.make_train_step``
 on a synthetic batch already on the device (the training loop's StepTable is device-resident too, so this is the
 loop's cost minus one gather), after ``--warmup`` untimed steps (torch.compile compiles in those). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps. pi0-3b runs at random init: speed does not depend on the weights.
@@ -21,7 +21,7 @@ import time
 import torch
 
 from coop_transport.adapters import variant_spec
-from coop_transport.imitation import make_train_step
+from coop_transport.imitation import ImitationConfig, make_optimizer, make_train_step
 from coop_transport.policy.config import get_config
 from coop_transport.policy.ema import EMA
 from coop_transport.policy.model import build_model
@@ -49,7 +49,7 @@ def time_training(name: str, variant: str, batch_size: int, mode: str, steps: in
     model = build_model(config, device=device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=ImitationConfig.weight_decay)
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
     step = make_train_step(model, optimizer, ema, grad_clip=1.0, compile=mode == "compile")
     batch = synthetic_batch(config, batch_size, device)

@@ -154,6 +154,21 @@ def floored_stats(stats, floor: float) -> dict:
     return d
 
 
+def _demo_norm_stats(config: ImitationConfig, demos, names: list[str]) -> dict:
+    """Floored z-score statistics of the training demonstrations (the file's train split, or exactly ``names``)."""
+    if config.demos is None and not config.demo_names:
+        stats = demos.norm_stats("arm" if config.variant == "per-arm" else "joint", split="train")
+    else:  # statistics of exactly the data trained on (single-trajectory overfit probe)
+        from coop_transport.data.dataset import compute_norm_stats
+
+        sel = set(names)
+        trajs = (demos.arm_trajectories(None, images="none") if config.variant == "per-arm"
+                 else demos.joint_trajectories(None, images="none"))
+        stats = compute_norm_stats([t for t in trajs if t.demo in sel])
+    return {"state": floored_stats(stats["proprio"], STATE_STD_FLOOR),
+            "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
+
+
 def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device,
                      norm_override: dict | None = None):
     """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names).
@@ -171,21 +186,10 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
             names = list(config.demo_names)
         elif config.demos is not None:
             names = names[: config.demos]
-        stats_variant = "arm" if config.variant == "per-arm" else "joint"
-        if config.demos is None and not config.demo_names:
-            stats = demos.norm_stats(stats_variant, split="train")
-        else:  # statistics of exactly the data trained on (single-trajectory overfit probe)
-            from coop_transport.data.dataset import compute_norm_stats
-
-            sel = set(names)
-            trajs = (demos.arm_trajectories(None, images="none") if config.variant == "per-arm"
-                     else demos.joint_trajectories(None, images="none"))
-            stats = compute_norm_stats([t for t in trajs if t.demo in sel])
-        norm = {"state": floored_stats(stats["proprio"], STATE_STD_FLOOR),
-                "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
-        if norm_override is not None:
-            norm = {key: {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
-                          for k, v in norm_override[key].items()} for key in ("state", "actions")}
+        if norm_override is not None:  # a warm start: the statistics its weights were trained against
+            norm = {key: to_jsonable(norm_override[key]) for key in ("state", "actions")}
+        else:
+            norm = _demo_norm_stats(config, demos, names)
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
@@ -342,9 +346,7 @@ def train(config: ImitationConfig) -> dict:
         print(f"warm start from {config.init_from} (step {warm_start.step})")
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_lr = config.lr or (2.5e-5 if model_config.lora or config.weights else 3e-4)
-    # fused AdamW: one kernel for all parameters instead of several per tensor (the GPU host is launch-bound).
-    optimizer = torch.optim.AdamW(trainable, lr=peak_lr, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, peak_lr, config.weight_decay)
     ema = EMA(model, model_config.ema_decay) if model_config.ema_decay else None
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -432,6 +434,14 @@ def _save_interval(config: ImitationConfig, total_steps: int) -> int:
     if config.num_checkpoints:
         return max(1, math.ceil(total_steps / config.num_checkpoints))
     return config.save_every
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (openpi's betas and eps); fused on CUDA: one kernel for all
+    parameters instead of several per tensor (the GPU host is launch-bound)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay,
+                             fused=next(model.parameters()).device.type == "cuda")
 
 
 def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False):
