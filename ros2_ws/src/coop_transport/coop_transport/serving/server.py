@@ -120,10 +120,10 @@ class ResidualRunner:
                              "architectures (V4, V5, V6) or its π0 checkpoint")
         self.system = system
         chunk = system.recipe.execute_steps
-        received = {"learned": (16,), "chunk": (chunk, ARM_ACTION_DIM)}.get(system.spec.message)
-        if received is not None and system.agents is not None:
-            dim = system.agents[ARMS[0]].received_dim  # trust the networks over the table above
-            received = (dim,) if len(received) == 1 else received
+        # What the agents read from their partner (ResidualSystem.agent_plan flattens it): V6 a reference chunk,
+        # V5 a learned vector, V4 nothing.
+        dim = system.agents[ARMS[0]].received_dim if system.agents is not None else 0
+        received = None if not dim else (chunk, ARM_ACTION_DIM) if system.spec.message == "chunk" else (dim,)
         self.schema = ObservationSchema("per-arm", ("wrist", "agentview"), int(system.vla.image_size), PROPRIO_DIM,
                                         chunk, ARM_ACTION_DIM, ARM_ACTION_DIM, tuple(ARMS), 1,
                                         partner_message_shape=received, flow_noise=False)
