@@ -148,6 +148,53 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, message: str =
     raise TimeoutError(f"timed out after {timeout} s waiting for {message}")
 
 
+# ------------------------------------------------------------------------------ in-process policy node
+def spin_with_feeder(context, node, arm: str = "robot0", image_size: int = 32, agentview: bool = False):
+    """Spin an in-process policy ``node`` with a feeder node that publishes black frames (wrist, and agentview when
+    asked), zero joint states and a fixed eef pose at 20 Hz of wall clock, and records the node's commands.
+
+    Returns (stop, commands): ``commands`` fills with (monotonic time, JointState); ``stop()`` shuts the executor
+    down and closes ``node``."""
+    import rclpy
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image, JointState
+
+    from coop_transport.ros import codec
+
+    feeder = rclpy.create_node("feeder", context=context)
+    cameras = ["wrist_camera/image_raw"] + (["agentview/image_raw"] if agentview else [])
+    image_pubs = [feeder.create_publisher(Image, topic, qos_profile_sensor_data) for topic in cameras]
+    joints_pub = feeder.create_publisher(JointState, "joint_states", 10)
+    pose_pub = feeder.create_publisher(PoseStamped, "eef_pose", 10)
+    commands = []
+    feeder.create_subscription(JointState, "command", lambda m: commands.append((time.monotonic(), m)), 50)
+    image = np.zeros((image_size, image_size, 3), np.uint8)
+    names = codec.arm_joint_names(arm)
+
+    def feed():
+        stamp = feeder.get_clock().now().to_msg()
+        for pub in image_pubs:
+            pub.publish(codec.image_msg(image, stamp))
+        joints_pub.publish(codec.joint_state_msg(names, np.zeros(9), None, stamp))
+        pose_pub.publish(codec.pose_msg(np.array([0.5, 0.0, 0.2]), np.array([1.0, 0, 0, 0]), stamp, ""))
+
+    feeder.create_timer(0.05, feed)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    executor.add_node(feeder)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+
+    def stop():
+        executor.shutdown(timeout_sec=2.0)
+        thread.join(timeout=2.0)
+        node.close()
+
+    return stop, commands
+
+
 # ------------------------------------------------------------------------------------------ listener node
 class Listener:
     """An rclpy node in this process that records messages of the given topics (with receive times) and the

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from ros_helpers import Listener, use_isolated_ros_env, wait_until
+from ros_helpers import Listener, spin_with_feeder, use_isolated_ros_env, wait_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -109,16 +109,9 @@ def test_a_slow_server_trips_the_watchdog_and_the_node_resumes_when_it_answers_a
     """In-process policy node on wall time in remote mode, fed 32 px frames at 20 Hz; the server's model becomes
     slower than policy_server_timeout, then fast again."""
     use_isolated_ros_env()
-    import threading
-
     import rclpy
-    from geometry_msgs.msg import PoseStamped
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image, JointState
 
-    from coop_transport.ros import codec
     from coop_transport.ros.policy_node import PolicyNode
     from coop_transport.serving.server import PolicyServer, ServerConfig
 
@@ -131,29 +124,7 @@ def test_a_slow_server_trips_the_watchdog_and_the_node_resumes_when_it_answers_a
             Parameter("arm", value="robot0"), Parameter("policy_server", value=f"127.0.0.1:{server.port}"),
             Parameter("policy_server_timeout", value=0.5), Parameter("chunk_length", value=4),
             Parameter("num_samples", value=2)])
-        feeder = rclpy.create_node("feeder", context=context)
-        pubs = (feeder.create_publisher(Image, "wrist_camera/image_raw", qos_profile_sensor_data),
-                feeder.create_publisher(Image, "agentview/image_raw", qos_profile_sensor_data),
-                feeder.create_publisher(JointState, "joint_states", 10),
-                feeder.create_publisher(PoseStamped, "eef_pose", 10))
-        commands = []
-        feeder.create_subscription(JointState, "command", lambda m: commands.append((time.monotonic(), m)), 50)
-        image = np.zeros((32, 32, 3), np.uint8)
-        names = codec.arm_joint_names("robot0")
-
-        def feed():
-            stamp = feeder.get_clock().now().to_msg()
-            pubs[0].publish(codec.image_msg(image, stamp))
-            pubs[1].publish(codec.image_msg(image, stamp))
-            pubs[2].publish(codec.joint_state_msg(names, np.zeros(9), None, stamp))
-            pubs[3].publish(codec.pose_msg(np.array([0.5, 0.0, 0.2]), np.array([1.0, 0, 0, 0]), stamp, ""))
-
-        feeder.create_timer(0.05, feed)
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node)
-        executor.add_node(feeder)
-        thread = threading.Thread(target=executor.spin, daemon=True)
-        thread.start()
+        stop, commands = spin_with_feeder(context, node, agentview=True)
         moves_since = lambda t0: sum(not _is_hold(m) for t, m in commands if t > t0)  # noqa: E731
         wait_until(lambda: moves_since(0) >= 10, 30, message="commands from the served chunks")
 
@@ -168,9 +139,7 @@ def test_a_slow_server_trips_the_watchdog_and_the_node_resumes_when_it_answers_a
         back = time.monotonic()
         wait_until(lambda: moves_since(back) >= 5, 30, message="commands once the server is fast again")
         assert node.policy.policy.counters["timeouts"] >= 1 and node.policy.policy.counters["connects"] >= 2
-        executor.shutdown(timeout_sec=2.0)
-        thread.join(timeout=2.0)
-        node.close()
+        stop()
     finally:
         context.try_shutdown()
         server.stop()
