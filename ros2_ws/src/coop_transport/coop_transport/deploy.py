@@ -6,8 +6,6 @@ checkpoint, architecture and inference backend sit behind it.
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 
 from coop_transport.export.backends import BACKENDS, canonical_backend  # noqa: F401  (numpy-only import)
@@ -69,7 +67,7 @@ def auto_backend(path: str | None, export: str | None = None, device: str = "aut
     eager. An export made from another checkpoint is refused later by the exported backend, never used silently."""
     import importlib.util
 
-    from coop_transport.export.runtime import DEFAULT_EXPORT_SUBDIR, is_export_dir
+    from coop_transport.export.runtime import checkpoint_and_export, is_export_dir
 
     if is_export_dir(path):
         return "onnxruntime"
@@ -77,13 +75,7 @@ def auto_backend(path: str | None, export: str | None = None, device: str = "aut
 
     if device != "cpu" and torch.cuda.is_available():
         return "torch-cudagraph"
-    if path:
-        checkpoint = pathlib.Path(path)
-    else:
-        from coop_transport.pi0_policy import default_policy_dir
-
-        checkpoint = default_policy_dir()
-    export_dir = pathlib.Path(export) if export else checkpoint / DEFAULT_EXPORT_SUBDIR
+    _, export_dir = checkpoint_and_export(path, export)
     if is_export_dir(export_dir) and importlib.util.find_spec("onnxruntime") is not None:
         return "onnxruntime"
     return "torch"

@@ -202,6 +202,22 @@ def is_export_dir(path: str | pathlib.Path | None) -> bool:
     return path is not None and str(path) != "" and (pathlib.Path(path) / MANIFEST_FILE).is_file()
 
 
+def checkpoint_and_export(path: str | pathlib.Path | None, export_dir: str | pathlib.Path | None = None
+                          ) -> tuple[pathlib.Path | None, pathlib.Path]:
+    """(checkpoint, export directory) that ``path`` names: an export directory itself (checkpoint None: its manifest
+    names it), or a checkpoint (None: the shipped default) whose export is ``export_dir`` or ``<checkpoint>/export``
+    (which need not exist)."""
+    if is_export_dir(path):
+        return None, pathlib.Path(path)
+    if path:
+        checkpoint = pathlib.Path(path)
+    else:
+        from coop_transport.pi0_policy import default_policy_dir  # (imports torch)
+
+        checkpoint = default_policy_dir()
+    return checkpoint, pathlib.Path(export_dir) if export_dir else checkpoint / DEFAULT_EXPORT_SUBDIR
+
+
 def load_backend_policy(path: str | pathlib.Path | None, backend: str, device: str = "auto",
                         threads: int | None = None, export_dir: str | pathlib.Path | None = None,
                         **options) -> BackendPolicy:
@@ -213,17 +229,7 @@ def load_backend_policy(path: str | pathlib.Path | None, backend: str, device: s
     the manifest names (checked by hash).
     """
     name = canonical_backend(backend)
-    checkpoint = None
-    if is_export_dir(path):
-        export = pathlib.Path(path)
-    elif path:
-        checkpoint = pathlib.Path(path)
-    else:
-        from coop_transport.pi0_policy import default_policy_dir  # (imports torch)
-
-        checkpoint = default_policy_dir()
-    if checkpoint is not None:
-        export = pathlib.Path(export_dir) if export_dir else checkpoint / DEFAULT_EXPORT_SUBDIR
+    checkpoint, export = checkpoint_and_export(path, export_dir)
     if needs_export(name):
         if not is_export_dir(export):
             raise ExportFileMissing(f"backend {name!r} runs an exported policy, and {export} has no {MANIFEST_FILE}; "
