@@ -15,7 +15,8 @@ def test_evaluate_writes_summaries_and_videos(tmp_path):
     assert [r["seed"] for r in summary["per_seed"]] == [5, 6]
     assert summary["successes"] == 0 and summary["wilson95"][0] == 0.0  # 4 steps cannot solve the task
     assert json.loads((tmp_path / "summary.json").read_text())["episodes"] == 2
-    assert "| 5 | no | 4 |" in (tmp_path / "summary.md").read_text()
+    assert "| 5 | no | 4 | — |" in (tmp_path / "summary.md").read_text()  # no milestone in 4 steps
+    assert summary["per_seed"][0]["milestones"] == [] and summary["mean_milestones"] == 0
     video = imageio.get_reader(tmp_path / "videos" / "seed_0005.mp4")
     frame = video.get_data(0)
     assert frame.shape == (64, 64 + 32, 3)  # front view beside the two 32 px wrist views stacked
@@ -38,3 +39,15 @@ def test_missing_video_encoder_skips_videos_instead_of_losing_the_evaluation(tmp
     assert summary["episodes"] == 1 and (tmp_path / "summary.json").exists()
     assert not (tmp_path / "videos").exists()
     assert "evaluating without videos" in capsys.readouterr().out
+
+
+def test_stage_funnel_records_every_milestone_of_a_solved_episode(tmp_path):
+    from coop_transport.sim.labels import MILESTONES
+
+    summary = evaluate(ControllerSpec("expert"), EvalConfig(episodes=1, first_seed=1, workers=1, horizon=500),
+                       tmp_path, progress=False)
+    assert summary["successes"] == 1
+    assert summary["per_seed"][0]["milestones"] == list(MILESTONES)  # in task order
+    assert summary["milestone_rates"] == {m: 1.0 for m in MILESTONES} and summary["mean_milestones"] == len(MILESTONES)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 1 | yes |" in text and text.rstrip().endswith("| payload_in_target_bin |")

@@ -41,7 +41,9 @@ def test_train_checkpoints_and_resume_is_exact(demo_file, tmp_path):
     resumed = tmp_path / "resumed"
     train(_config(demo_file, resumed, 6, stop_at=3))  # stops between checkpoints, with its training state saved
     assert json.loads((resumed / "train_state" / "state.json").read_text())["step"] == 3
-    train(_config(demo_file, resumed, 6))  # the same command continues from step 3
+    train(_config(demo_file, resumed, 6, stop_after_s=0.0))  # out of time after one more step: saved, stopped
+    assert json.loads((resumed / "train_state" / "state.json").read_text())["step"] == 4
+    train(_config(demo_file, resumed, 6))  # the same command continues from step 4
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
@@ -130,3 +132,29 @@ def test_shipped_default_policy_runs_a_short_closed_loop_episode():
                        progress=False)
     assert summary["episodes"] == 1 and summary["mean_length"] == 12
     assert 0.0 <= summary["clip_activation_rate"] <= 1.0
+
+
+def test_data_parallel_training_with_torchrun(demo_file, tmp_path):
+    """Two processes (gloo on CPU) share each global batch; the ranks' weights are compared at every checkpoint
+    (a rank whose gradients were not averaged would diverge and stop the run); the run stops and resumes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "training" / "imitation.py"), "--model", "tiny", "--data", str(demo_file), "--out", str(run),
+           "--steps", "4", "--batch-size", "8", "--action-horizon", "12", "--save-every", "2", "--log-every", "1",
+           "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd + ["--stop-at", "3"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    state = json.loads((run / "train_state" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["rank_generator_states"]) == 2
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["batch_size_per_process"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert summary["final_loss"] is not None and np.isfinite(summary["final_loss"])

@@ -137,21 +137,24 @@ def main(cfg: Config) -> dict:
                          f"served {cfg.policy_server}" if cfg.policy_server else "default"), "recipe": recipe_name,
                          "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],
                          "successes": summary["successes"], "episodes": summary["episodes"],
-                         "mean_length": summary["mean_length"], "clip_activation_rate": summary["clip_activation_rate"]})
+                         "mean_length": summary["mean_length"], "clip_activation_rate": summary["clip_activation_rate"],
+                         "mean_milestones": summary["mean_milestones"]})
             print(f"{name}: {summary['successes']}/{summary['episodes']} "
                   f"[{100 * summary['wilson95'][0]:.1f}, {100 * summary['wilson95'][1]:.1f}]")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    table = ["| policy | recipe | step | success | Wilson 95% CI | mean length | clip rate |", "|---|---|---|---|---|---|---|"]
+    table = ["| policy | recipe | step | success | Wilson 95% CI | mean length | milestones reached (of 8) | clip rate |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         clip = "—" if r["clip_activation_rate"] is None else f"{100 * r['clip_activation_rate']:.1f}%"
         table.append(f"| {r['policy']} | {r['recipe']} | {r['step']} | {100 * r['success_rate']:.1f}% "
                      f"({r['successes']}/{r['episodes']}) | [{100 * r['wilson95'][0]:.1f}, {100 * r['wilson95'][1]:.1f}] "
-                     f"| {r['mean_length']:.0f} | {clip} |")
+                     f"| {r['mean_length']:.0f} | {r['mean_milestones']:.1f} | {clip} |")
     (cfg.out / "results.md").write_text("\n".join(table) + "\n")
     result = {"rows": rows}
     if len(policies) > 1 and len(recipes) == 1:
         plot_success_vs_step(rows, cfg.out / "success_vs_step.png")
-        best = max(rows, key=lambda r: (r["success_rate"], -r["step"]))
+        # Ties in success (common while a policy rarely succeeds) go to the one that gets further through the task.
+        best = max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))
         result["best"] = best
         print(f"best by simulated success: {best['policy']} ({100 * best['success_rate']:.1f}%)")
         if cfg.select_best:

@@ -12,7 +12,8 @@
 set -euo pipefail
 OUT=${1:-runs/default}
 PY=${PYTHON:-python3}
-WORKERS=${WORKERS:-$(nproc)}
+# Cores this process may use (not nproc: it answers OMP_NUM_THREADS when that is set).
+WORKERS=${WORKERS:-$($PY -c "import os; print(len(os.sched_getaffinity(0)))")}
 STAGES=${STAGES:-demos train select eval}
 EPISODES=${EPISODES:-200}
 STEPS=${STEPS:-30000}
@@ -38,10 +39,22 @@ if has demos; then
 fi
 
 if has train; then
-    pids=()
-    for variant in $VARIANTS; do
-        echo "== imitation: $variant small policy (log: $OUT/$variant-small.log)"
-        $PY training/imitation.py --variant "$variant" --model small --data "$DATA" --out "$OUT/$variant-small" \
+    # The GPUs are shared out between the variants' runs; a run given several trains data-parallel (torchrun,
+    # --batch-size is the global batch).
+    read -r -a variants <<<"$VARIANTS"
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    per_run=$(( ngpu / ${#variants[@]} )); (( per_run >= 1 )) || per_run=1
+    pids=(); i=0
+    for variant in "${variants[@]}"; do
+        launch=("$PY"); gpus=""
+        if (( ngpu > 0 )); then
+            gpus=$(seq -s, $(( (i * per_run) % ngpu )) $(( (i * per_run) % ngpu + per_run - 1 )))
+            (( per_run > 1 )) && launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$per_run")
+        fi
+        i=$(( i + 1 ))
+        echo "== imitation: $variant small policy on GPU(s) ${gpus:-none} (log: $OUT/$variant-small.log)"
+        CUDA_VISIBLE_DEVICES=${gpus:-${CUDA_VISIBLE_DEVICES:-}} "${launch[@]}" training/imitation.py --variant "$variant" \
+            --model small --data "$DATA" --out "$OUT/$variant-small" \
             --steps "$STEPS" --batch-size "$BATCH" --num-checkpoints "$CHECKPOINTS" --no-progress \
             $([[ "$COMPILE" == 1 ]] && echo --compile) ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} \
             >"$OUT/$variant-small.log" 2>&1 &

@@ -101,8 +101,10 @@ class EvalConfig:
 
 def run_episode(sim, controller: Controller, seed: int, video_path: Path | None = None,
                 video_camera: str = "frontview", video_size: int = 256) -> dict:
-    """One closed-loop episode; returns {seed, success, length, wall_s}."""
+    """One closed-loop episode; returns {seed, success, length, wall_s, milestones}: ``milestones`` lists the
+    task milestones (``sim.labels.MILESTONES``) the episode reached at any step, in task order."""
     from coop_transport.constants import ARMS, WRIST_CAMERA, image_key
+    from coop_transport.sim.labels import MILESTONES, reached_milestones
     from coop_transport.utils.video import VideoWriter
 
     start = time.perf_counter()
@@ -125,16 +127,19 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     if writer:
         writer.add(frame())
     success, done, t = False, False, 0
+    reached: set[str] = set()
     while not done:
         action = controller.act(sim)
         obs, _, done, info = sim.step(action)
         success = success or info["success"]
+        reached |= reached_milestones(sim)
         t += 1
         if writer:
             writer.add(frame())
     if writer:
         writer.close()
-    return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start}
+    return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start,
+            "milestones": [m for m in MILESTONES if m in reached]}
 
 
 # ------------------------------------------------------------------------------------------- worker processes
@@ -237,9 +242,19 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
         "mean_length": float(np.mean([r["length"] for r in results])),
         "mean_length_success": float(np.mean([r["length"] for r in results if r["success"]])) if wins else None,
         "clip_activation_rate": clipped / clip_actions if clip_actions else None,
+        "milestone_rates": milestone_rates(results),
+        "mean_milestones": float(np.mean([len(r.get("milestones", ())) for r in results])),
         "wall_s": wall_s,
         "per_seed": results,
     }
+
+
+def milestone_rates(results: list[dict]) -> dict[str, float]:
+    """Share of episodes that reached each task milestone (the stage funnel), in task order."""
+    from coop_transport.sim.labels import MILESTONES
+
+    n = max(len(results), 1)
+    return {m: sum(m in r.get("milestones", ()) for r in results) / n for m in MILESTONES}
 
 
 def markdown_summary(summary: dict) -> str:
@@ -256,10 +271,18 @@ def markdown_summary(summary: dict) -> str:
         f"| clip activation rate | {'—' if clip is None else f'{100 * clip:.1f}% of executed actions'} |",
         f"| wall time | {summary['wall_s']:.0f} s ({summary['config']['workers']} workers) |",
         "",
-        "| seed | success | length |",
-        "|---|---|---|",
     ]
-    lines += [f"| {r['seed']} | {'yes' if r['success'] else 'no'} | {r['length']} |" for r in summary["per_seed"]]
+    rates = summary.get("milestone_rates") or {}
+    if rates:
+        lines += ["Episodes that reached each task milestone (the stage funnel):", "",
+                  "| " + " | ".join(rates) + " |", "|" + "---|" * len(rates),
+                  "| " + " | ".join(f"{100 * v:.0f}%" for v in rates.values()) + " |", ""]
+    lines += [
+        "| seed | success | length | last milestone |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['seed']} | {'yes' if r['success'] else 'no'} | {r['length']} | "
+              f"{(r.get('milestones') or ['—'])[-1]} |" for r in summary["per_seed"]]
     return "\n".join(lines) + "\n"
 
 

@@ -91,10 +91,15 @@ class ImitationConfig:
     progress: bool = True
     """Show a progress bar."""
     time_budget_s: float | None = None
-    """Wall-clock budget: after 70 steps the run shortens ``steps`` (and its LR schedule) to what fits."""
+    """Wall-clock budget from the start (data loading included): after 70 steps the run shortens ``steps`` (and
+    its LR schedule) to what fits."""
     stop_at: int | None = None
     """Save and stop at this step without changing the schedule; the same command resumes (for machines that
     limit one command's time)."""
+    stop_after_s: float | None = None
+    """Save and stop once this many seconds have passed since the start (data loading included), without
+    changing the schedule; the same command resumes (a long run split over calls of a machine that limits one
+    command's time)."""
 
     def __post_init__(self):
         variant_spec(self.variant)
@@ -257,8 +262,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
 
 
 def save_train_state(path: Path, model, optimizer, ema, step: int, generator: torch.Generator,
-                     log_rows: list) -> None:
-    """Resumable training state: raw weights, AdamW moments, EMA shadow (safetensors) + step and RNG (JSON)."""
+                     log_rows: list, rank_generators: list | None = None) -> None:
+    """Resumable training state: raw weights, AdamW moments, EMA shadow (safetensors) + step and RNG (JSON).
+    ``rank_generators``: every data-parallel rank's batch-sampling generator state, in rank order."""
     from safetensors.torch import save_file
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -275,12 +281,17 @@ def save_train_state(path: Path, model, optimizer, ema, step: int, generator: to
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {"step": step, "optimizer_scalars": opt_scalars,
             "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+            "rank_generator_states": rank_generators if rank_generators and len(rank_generators) > 1 else None,
             "log_rows": log_rows[-2000:]}
     (tmp / "state.json").write_text(json.dumps(meta))
     replace_directory(tmp, path)
 
 
-def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generator) -> tuple[int, list]:
+def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generator, rank: int = 0,
+                     world_size: int = 1) -> tuple[int, list]:
+    """Restore a state written by ``save_train_state``. Data-parallel ranks take their own sampling generator
+    when the state was saved with as many ranks; otherwise rank r > 0 reseeds from (its seed, the step), so a
+    run may resume on a different number of GPUs."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "state.safetensors"))
@@ -301,8 +312,16 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
             optimizer.state[param] = state
     if ema is not None:
         ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
-    generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
+    by_rank = meta.get("rank_generator_states")
+    if by_rank and len(by_rank) == world_size:
+        generator.set_state(torch.tensor(by_rank[rank], dtype=torch.uint8))
+    elif rank == 0:
+        generator.set_state(torch.tensor(meta["generator_state"], dtype=torch.uint8))
+    else:
+        generator.manual_seed(generator.initial_seed() + 7919 * int(meta["step"]))
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    if rank:  # only rank 0's global RNG is saved: the others continue from a stream of their own
+        torch.manual_seed(torch.initial_seed() + rank + 7919 * int(meta["step"]))
     return int(meta["step"]), list(meta.get("log_rows", []))
 
 
@@ -318,15 +337,23 @@ def train(config: ImitationConfig) -> dict:
     from coop_transport.policy.image_transforms import augment_images
     from coop_transport.policy.model import build_model
     from coop_transport.policy.tokenizer import make_tokenizer
+    from coop_transport.utils import distributed as dist_utils
 
-    device = resolve_device(config.device)
+    run_start = time.perf_counter()  # budgets count loading the data and compiling too: they fit a command's limit
+    # torchrun sets the rank environment: one process per GPU, each with a 1/world share of --batch-size.
+    ctx, rank_device = dist_utils.init_from_env(config.device)
+    device = rank_device or resolve_device(config.device)
+    if config.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {ctx.world_size} processes")
+    local_batch = config.batch_size // ctx.world_size
     torch.manual_seed(config.seed)
     spec = variant_spec(config.variant)
     overrides = {"action_horizon": config.action_horizon} if config.action_horizon else {}
     model_config = get_config(config.model, setting=spec.model_setting, **overrides)
     run = config.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "imitation_config.json").write_text(json.dumps(to_jsonable(asdict(config)), indent=2))
+    if ctx.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "imitation_config.json").write_text(json.dumps(to_jsonable(asdict(config)), indent=2))
 
     tokenizer = make_tokenizer(model_config, config.weights)
     state_dir = run / "train_state"
@@ -343,31 +370,41 @@ def train(config: ImitationConfig) -> dict:
     model = build_model(model_config, weights=str(config.weights) if config.weights else None, device=device)
     if warm_start is not None:
         model.load_state_dict(warm_start.model.state_dict())
-        print(f"warm start from {config.init_from} (step {warm_start.step})")
+        if ctx.is_main:
+            print(f"warm start from {config.init_from} (step {warm_start.step})")
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_lr = config.lr or (2.5e-5 if model_config.lora or config.weights else 3e-4)
     optimizer = make_optimizer(model, peak_lr, config.weight_decay)
     ema = EMA(model, model_config.ema_decay) if model_config.ema_decay else None
-    generator = torch.Generator().manual_seed(config.seed)
+    # Rank r draws its own batches and flow noise (rank 0 exactly as a single-process run).
+    generator = torch.Generator().manual_seed(config.seed + ctx.rank)
 
     step, log_rows = 0, []
     if config.resume and (state_dir / "state.json").exists():
-        step, log_rows = load_train_state(state_dir, model, optimizer, ema, generator)
-        print(f"resuming {run} at step {step}")
+        step, log_rows = load_train_state(state_dir, model, optimizer, ema, generator, rank=ctx.rank,
+                                          world_size=ctx.world_size)
+        if ctx.is_main:
+            print(f"resuming {run} at step {step}")
+    dist_utils.broadcast_module(model, ctx)  # identical starting weights on every rank
+    if ema is not None:
+        dist_utils.broadcast_module(ema, ctx)
+    if ctx.rank and step == 0:
+        torch.manual_seed(config.seed + ctx.rank)  # after the (shared) initialization: each rank its own noise
 
     extra = {"variant": config.variant, "prompts": dict(zip(ARMS, prompts)) if config.variant == "per-arm"
              else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
              "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
              "weights_dir": str(config.weights) if config.weights else None}
-    train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile)
+    extra["world_size"] = ctx.world_size
+    train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile, dist_ctx=ctx)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
-    bar = tqdm(total=config.steps, initial=step, desc=f"imitation {config.variant}", disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc=f"imitation {config.variant}",
+               disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    total_steps, run_start, start_step = config.steps, time.perf_counter(), step
+    total_steps, start_step = config.steps, step
     save_every = _save_interval(config, total_steps)
     while step < total_steps:
         if config.time_budget_s and step == start_step + 20:
@@ -377,16 +414,18 @@ def train(config: ImitationConfig) -> dict:
             # checkpoints.
             per_step = (time.perf_counter() - rate_start) / 50
             fit = step + int((0.9 * config.time_budget_s - (time.perf_counter() - run_start)) / per_step)
+            fit = dist_utils.broadcast_int(fit, ctx, device)  # rank 0's clock decides for all
             if fit < total_steps:
                 total_steps = max(step + 1, fit)
                 save_every = _save_interval(config, total_steps)
                 bar.total = total_steps
-                print(f"time budget {config.time_budget_s:.0f} s: training {total_steps} steps "
+                if ctx.is_main:
+                    print(f"time budget {config.time_budget_s:.0f} s: training {total_steps} steps "
                       f"({1e3 * per_step:.1f} ms/step)")
         lr = lr_at(step, peak_lr, config.warmup_steps, total_steps, config.final_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = table.sample(config.batch_size, generator)
+        batch = table.sample(local_batch, generator)
         if config.augment:
             batch["images"] = augment_images(batch["images"], generator)
         loss, grad_norm = train_step(batch)
@@ -403,16 +442,27 @@ def train(config: ImitationConfig) -> dict:
             log_rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if step % save_every == 0 or step == total_steps:
-            _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config, norm,
-                                       step, extra, save_checkpoint)
-            save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
-            _write_log(run, log_rows)
-        elif config.stop_at is not None and step >= config.stop_at:
-            save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows)
-            _write_log(run, log_rows)
-        if config.stop_at is not None and step >= config.stop_at:
-            print(f"stopped at step {step} (--stop-at); rerun the same command to continue")
+        saved = step % save_every == 0 or step == total_steps
+        if saved:
+            dist_utils.check_in_sync(model, ctx, device)
+            generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
+            if ctx.is_main:
+                _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config,
+                                           norm, step, extra, save_checkpoint)
+                save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
+                _write_log(run, log_rows)
+        at_stop_step = config.stop_at is not None and step >= config.stop_at
+        out_of_time = config.stop_after_s is not None and dist_utils.any_rank(
+            time.perf_counter() - run_start >= config.stop_after_s, ctx, device)
+        if step < total_steps and (at_stop_step or out_of_time):
+            if not saved:
+                generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
+                if ctx.is_main:
+                    save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
+                    _write_log(run, log_rows)
+            if ctx.is_main:
+                print(f"stopped at step {step} of {total_steps} "
+                      f"({'--stop-at' if at_stop_step else '--stop-after-s'}); rerun the same command to continue")
             break
     bar.close()
     summary = {
@@ -424,9 +474,12 @@ def train(config: ImitationConfig) -> dict:
         "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "trajectories": table.num_trajectories, "steps_in_table": len(table),
+        "world_size": ctx.world_size, "batch_size_per_process": local_batch,
     }
-    (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    _write_log(run, log_rows)
+    if ctx.is_main:
+        (run / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        _write_log(run, log_rows)
+    dist_utils.shutdown(ctx)
     return summary
 
 
@@ -444,13 +497,18 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
                              fused=next(model.parameters()).device.type == "cuda")
 
 
-def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False):
+def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False, dist_ctx=None):
     """One optimization step as a function batch -> (loss, grad_norm), shared by training and bench/train_speed.py.
 
     bf16 autocast on CUDA (π0 trains in bf16); ``compile`` runs the loss through torch.compile (fewer, fused
     kernels: the small model is launch-bound on a GPU). A non-finite loss skips the update, so the caller can stop
-    with the last good weights intact.
+    with the last good weights intact. With a data-parallel ``dist_ctx`` (coop_transport.utils.distributed) the
+    returned loss is the mean over ranks, a non-finite loss on any rank skips the update on all of them, and the
+    gradients are averaged before clipping.
     """
+    from coop_transport.utils.distributed import DistContext, average_gradients, mean_loss_and_finite
+
+    dist_ctx = dist_ctx or DistContext()
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_fn = torch.compile(model.compute_loss) if compile else model.compute_loss
@@ -458,15 +516,17 @@ def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = Fal
     def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context():
             loss, _ = loss_fn(batch)
-        if not torch.isfinite(loss):
-            return loss.detach(), torch.tensor(float("nan"))
+        mean_loss, finite = mean_loss_and_finite(loss, dist_ctx)
+        if not finite:
+            return mean_loss, torch.tensor(float("nan"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(trainable, dist_ctx)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        return loss.detach(), grad_norm
+        return mean_loss, grad_norm
 
     return step
 

@@ -160,3 +160,25 @@ def task_potential(sim) -> float:
     phi += w["payload_over_target"] * ((p.payload_held[1] and over) or done_payload)
     phi += w["payload_in_target_bin"] * done_payload
     return float(phi)
+
+
+# The task's milestones in the order a successful episode reaches them, for evaluation's stage funnel: where a
+# failing policy stops tells more than its success rate (a missed grasp, a stalled hand-over, a dropped payload).
+MILESTONES = ("lid_off", "payload_grasped", "payload_lifted", "trash_grasped", "trash_disposed", "hand_over",
+              "payload_received", "payload_in_target_bin")
+
+
+def reached_milestones(sim) -> set[str]:
+    """The milestones of ``MILESTONES`` that hold in the current state (evaluation keeps the union over steps)."""
+    p = TaskPredicates(sim)
+    facts = {
+        "lid_off": p.lid_off,
+        "payload_grasped": p.payload_held[0],
+        "payload_lifted": p.payload_held[0] and p.payload_lifted,
+        "trash_grasped": p.trash_held,
+        "trash_disposed": p.trash_in_trash_bin,
+        "hand_over": p.payload_held[0] and p.payload_held[1],
+        "payload_received": p.payload_held[1] and not p.payload_held[0],
+        "payload_in_target_bin": p.payload_in_target_bin,
+    }
+    return {name for name, holds in facts.items() if holds}
