@@ -86,6 +86,29 @@ def test_closed_loop_evaluation_of_a_checkpoint(demo_file, tmp_path):
     assert "Wilson" in (tmp_path / "eval" / "summary.md").read_text()
 
 
+def test_checkpoint_selection_over_a_run(demo_file, tmp_path):
+    """training/evaluate.py over a run's checkpoints: every one on the same seeds, the best copied out; with equal
+    success (none solves 6 steps) the tie goes to the one that reached more milestones, then the later step."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("evaluate_cli", root / "training" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["evaluate_cli"] = cli  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(cli)
+    run = tmp_path / "run"
+    train(_config(demo_file, run, 4))
+    result = cli.main(cli.Config(policy=run / "checkpoints", out=tmp_path / "sel", episodes=1, workers=1, horizon=6,
+                                 chunk=3, select_best=True, progress=False))
+    assert [r["step"] for r in result["rows"]] == [2, 4]
+    assert all(r["mean_milestones"] == 0 for r in result["rows"])
+    assert result["best"]["step"] == 4
+    assert json.loads((tmp_path / "sel" / "best" / "config.json").read_text())["step"] == 4
+    assert "milestones reached" in (tmp_path / "sel" / "results.md").read_text()
+
+
 def test_learning_rate_schedule():
     assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
