@@ -116,114 +116,98 @@ def bridge_graph(log_dir: Path):
 
 def main(args: Args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
-    from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import PoseStamped
-    from ros_helpers import Listener, use_isolated_ros_env, wait_until
-    from sensor_msgs.msg import JointState
+    from ros_helpers import franky_sim_arms, use_isolated_ros_env, wait_until
     from std_srvs.srv import SetBool
 
     from coop_transport.bringup import Bringup
-    from coop_transport.franky_sim import FrankySimServer
     from coop_transport.ros import codec
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="franka_loop_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     env = use_isolated_ros_env()
-    sims = {ns: FrankySimServer(addr, log_dir / f"sim_{ns}.log") for ns, addr in ADDRESSES.items()}
-    bringup, listener, publisher = None, None, None
-    try:
-        for sim in sims.values():
-            sim.launch()
-        for sim in sims.values():
-            sim.wait_ready()
-        listener = Listener("franka_loop_bench")
-        for ns in ADDRESSES:
-            listener.record(JointState, f"/{ns}/joint_states")
-            listener.record(PoseStamped, f"/{ns}/eef_pose")
-        listener.record_diagnostics()
-        listener.record(DiagnosticArray, "/diagnostics")
-        listener.start()
-        bringup = Bringup(bridge_graph(log_dir), env=env, log_dir=log_dir)
-        bringup.start()
-        wait_until(lambda: all(listener.get(f"/{ns}/eef_pose") for ns in ADDRESSES), 60, message="robot state")
-        for ns in ADDRESSES:
-            response = listener.call(SetBool, f"/{ns}/enable", SetBool.Request(data=True))
-            if not response.success:
-                raise RuntimeError(f"{ns}: {response.message}")
-
-        def position(ns, msg=None):
-            p = (msg or listener.get(f"/{ns}/eef_pose")[-1][1]).pose.position
-            return np.array([p.x, p.y, p.z])
-
-        publisher = CommandPublisher(listener.node, list(ADDRESSES)).start()
-        results = {ns: {} for ns in ADDRESSES}
-
-        # ---- 1. following: rates and missed ticks
-        time.sleep(1.5)  # the first diagnostics with fresh commands
-        t0 = time.time()
-        late0 = publisher.late_ticks
-        while time.time() - t0 < args.follow_s:
-            phase = 2 * np.pi * (time.time() - t0) / 4.0
+    with franky_sim_arms(ADDRESSES, log_dir, "franka_loop_bench", diagnostics_history=True) as (sims, listener):
+        bringup, publisher = None, None
+        try:
+            bringup = Bringup(bridge_graph(log_dir), env=env, log_dir=log_dir)
+            bringup.start()
+            wait_until(lambda: all(listener.get(f"/{ns}/eef_pose") for ns in ADDRESSES), 60, message="robot state")
             for ns in ADDRESSES:
-                publisher.command[ns] = np.array([0.06 * np.sin(phase), 0, 0, 0, 0, 0, -1.0])
-            time.sleep(0.01)
-        t1 = time.time()
-        for ns in ADDRESSES:
-            publisher.command[ns] = np.array([0, 0, 0, 0, 0, 0, -1.0])
-        for ns in ADDRESSES:
-            # the bridge's counters between its first diagnostics after t0 and its last before t1 (1 Hz, stamped)
-            snapshots = [(codec.to_sec(m.header.stamp), {kv.key: kv.value for kv in st.values})
-                         for _, m in listener.get("/diagnostics") for st in m.status
-                         if st.name == f"coop_transport/franka_bridge/{ns}" and t0 <= codec.to_sec(m.header.stamp) <= t1]
-            (s0, first), (s1, last) = snapshots[0], snapshots[-1]
-            states = [t for t, _ in listener.get(f"/{ns}/joint_states") if t0 <= t <= t1]
-            results[ns].update({
-                "command_hz": (int(last["integrated"]) - int(first["integrated"])) / (s1 - s0),
-                "state_hz": len(states) / (t1 - t0),
-                "missed_ticks": int(last["late_commands"]) - int(first["late_commands"]) + publisher.late_ticks - late0,
-                "ticks": int(round((s1 - s0) / DT))})
+                response = listener.call(SetBool, f"/{ns}/enable", SetBool.Request(data=True))
+                if not response.success:
+                    raise RuntimeError(f"{ns}: {response.message}")
 
-        # ---- 2. steps: latency and tracking error after settling
-        time.sleep(args.settle_s)  # the arms come to rest after following
-        latencies = {ns: [] for ns in ADDRESSES}
-        errors = {ns: [] for ns in ADDRESSES}
-        for trial in range(args.trials):
-            sign = 1.0 if trial % 2 == 0 else -1.0
-            rest = {ns: position(ns) for ns in ADDRESSES}
-            t_start = time.time()
-            for ns in ADDRESSES:
-                publisher.command[ns] = np.array([sign * args.step_command, 0, 0, 0, 0, 0, -1.0])
-            time.sleep(args.step_ticks * DT - DT / 2)
+            def position(ns, msg=None):
+                p = (msg or listener.get(f"/{ns}/eef_pose")[-1][1]).pose.position
+                return np.array([p.x, p.y, p.z])
+
+            publisher = CommandPublisher(listener.node, list(ADDRESSES)).start()
+            results = {ns: {} for ns in ADDRESSES}
+
+            # ---- 1. following: rates and missed ticks
+            time.sleep(1.5)  # the first diagnostics with fresh commands
+            t0 = time.time()
+            late0 = publisher.late_ticks
+            while time.time() - t0 < args.follow_s:
+                phase = 2 * np.pi * (time.time() - t0) / 4.0
+                for ns in ADDRESSES:
+                    publisher.command[ns] = np.array([0.06 * np.sin(phase), 0, 0, 0, 0, 0, -1.0])
+                time.sleep(0.01)
+            t1 = time.time()
             for ns in ADDRESSES:
                 publisher.command[ns] = np.array([0, 0, 0, 0, 0, 0, -1.0])
-            time.sleep(args.settle_s)
             for ns in ADDRESSES:
-                sent = [t for t, c in publisher.published[ns] if t >= t_start and c[0] != 0.0]
-                expected = np.array([sign * args.step_command * POS_SCALE * len(sent), 0, 0])
-                errors[ns].append(float(np.linalg.norm(position(ns) - rest[ns] - expected)))
-                moved = [codec.to_sec(m.header.stamp) for _, m in listener.get(f"/{ns}/eef_pose")
-                         if codec.to_sec(m.header.stamp) >= sent[0]
-                         and np.linalg.norm(position(ns, m) - rest[ns]) > args.onset_m]
-                latencies[ns].append(moved[0] - sent[0])
-        print("tracking errors after settling (mm):",
-              {ns: [round(e * 1000, 2) for e in errs] for ns, errs in errors.items()}, flush=True)
-        for ns in ADDRESSES:
-            lat = np.array(latencies[ns]) * 1000
-            results[ns].update({"latency_ms_median": float(np.median(lat)),
-                                "latency_ms_p99": float(np.percentile(lat, 99)),
-                                "tracking_mm_median": float(np.median(errors[ns]) * 1000),
-                                "tracking_mm_max": float(np.max(errors[ns]) * 1000)})
-    finally:
-        if publisher is not None:
-            publisher.stop()
-        if bringup is not None:
-            bringup.stop()
-        if listener is not None:
-            listener.close()
-        for sim in sims.values():
-            sim.stop()
+                # the bridge's counters between its first diagnostics after t0 and its last before t1 (1 Hz, stamped)
+                name = f"coop_transport/franka_bridge/{ns}"
+                snapshots = [(codec.to_sec(m.header.stamp), {kv.key: kv.value for kv in st.values})
+                             for _, m in listener.get("/diagnostics") for st in m.status
+                             if st.name == name and t0 <= codec.to_sec(m.header.stamp) <= t1]
+                (s0, first), (s1, last) = snapshots[0], snapshots[-1]
+                states = [t for t, _ in listener.get(f"/{ns}/joint_states") if t0 <= t <= t1]
+                results[ns].update({
+                    "command_hz": (int(last["integrated"]) - int(first["integrated"])) / (s1 - s0),
+                    "state_hz": len(states) / (t1 - t0),
+                    "missed_ticks": (int(last["late_commands"]) - int(first["late_commands"])
+                                     + publisher.late_ticks - late0),
+                    "ticks": int(round((s1 - s0) / DT))})
 
-    print(f"\nTwo simulated FR3 arms (franky-sim, MuJoCo) through the libfranka bridge; {args.follow_s:.0f} s following, "
+            # ---- 2. steps: latency and tracking error after settling
+            time.sleep(args.settle_s)  # the arms come to rest after following
+            latencies = {ns: [] for ns in ADDRESSES}
+            errors = {ns: [] for ns in ADDRESSES}
+            for trial in range(args.trials):
+                sign = 1.0 if trial % 2 == 0 else -1.0
+                rest = {ns: position(ns) for ns in ADDRESSES}
+                t_start = time.time()
+                for ns in ADDRESSES:
+                    publisher.command[ns] = np.array([sign * args.step_command, 0, 0, 0, 0, 0, -1.0])
+                time.sleep(args.step_ticks * DT - DT / 2)
+                for ns in ADDRESSES:
+                    publisher.command[ns] = np.array([0, 0, 0, 0, 0, 0, -1.0])
+                time.sleep(args.settle_s)
+                for ns in ADDRESSES:
+                    sent = [t for t, c in publisher.published[ns] if t >= t_start and c[0] != 0.0]
+                    expected = np.array([sign * args.step_command * POS_SCALE * len(sent), 0, 0])
+                    errors[ns].append(float(np.linalg.norm(position(ns) - rest[ns] - expected)))
+                    moved = [codec.to_sec(m.header.stamp) for _, m in listener.get(f"/{ns}/eef_pose")
+                             if codec.to_sec(m.header.stamp) >= sent[0]
+                             and np.linalg.norm(position(ns, m) - rest[ns]) > args.onset_m]
+                    latencies[ns].append(moved[0] - sent[0])
+            print("tracking errors after settling (mm):",
+                  {ns: [round(e * 1000, 2) for e in errs] for ns, errs in errors.items()}, flush=True)
+            for ns in ADDRESSES:
+                lat = np.array(latencies[ns]) * 1000
+                results[ns].update({"latency_ms_median": float(np.median(lat)),
+                                    "latency_ms_p99": float(np.percentile(lat, 99)),
+                                    "tracking_mm_median": float(np.median(errors[ns]) * 1000),
+                                    "tracking_mm_max": float(np.max(errors[ns]) * 1000)})
+        finally:
+            if publisher is not None:
+                publisher.stop()
+            if bringup is not None:
+                bringup.stop()
+
+    print(f"\nTwo simulated FR3 arms (franky-sim, MuJoCo) through the libfranka bridge; {args.follow_s:.0f} s "
+          "following, "
           f"{args.trials} steps of {args.step_ticks} x {args.step_command * POS_SCALE * 1000:.0f} mm per arm; "
           f"logs in {log_dir}\n")
     print("| arm | command rate (Hz) | state rate (Hz) | latency median (ms) | latency p99 (ms) "

@@ -8,6 +8,7 @@ on ``PYTHONPATH``. The shipped node's default path calls ``coop_transport.deploy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -136,6 +137,43 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
     return proc.returncode
+
+
+@contextlib.contextmanager
+def franky_sim_arms(addresses: dict[str, str], log_dir: Path, listener_name: str, diagnostics_history: bool = False):
+    """Simulated FR3 arms (franky-sim, one server per namespace on its loopback address, started together) and a
+    started Listener on each arm's ``joint_states`` and ``eef_pose`` and on ``/diagnostics`` (the latest status per
+    name, or with ``diagnostics_history`` every stamped message). Yields (sims, listener); closes both on exit,
+    after whatever the caller stopped inside the block."""
+    from geometry_msgs.msg import PoseStamped
+    from sensor_msgs.msg import JointState
+
+    from coop_transport.franky_sim import FrankySimServer
+
+    sims = {ns: FrankySimServer(addr, log_dir / f"sim_{ns}.log") for ns, addr in addresses.items()}
+    listener = None
+    try:
+        for sim in sims.values():
+            sim.launch()
+        for sim in sims.values():
+            sim.wait_ready()
+        listener = Listener(listener_name)
+        for ns in addresses:
+            listener.record(JointState, f"/{ns}/joint_states")
+            listener.record(PoseStamped, f"/{ns}/eef_pose")
+        if diagnostics_history:
+            from diagnostic_msgs.msg import DiagnosticArray
+
+            listener.record(DiagnosticArray, "/diagnostics")
+        else:
+            listener.record_diagnostics()
+        listener.start()
+        yield sims, listener
+    finally:
+        if listener is not None:
+            listener.close()
+        for sim in sims.values():
+            sim.stop()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from ros_helpers import TESTS_DIR, Listener, start_node, stop_process, use_isolated_ros_env, wait_until
+from ros_helpers import TESTS_DIR, franky_sim_arms, start_node, stop_process, use_isolated_ros_env, wait_until
 
 
 ADDRESSES = {"left": "127.0.0.1", "right": "127.0.0.2"}
@@ -182,47 +182,27 @@ def test_libfranka_arm_refuses_a_foreign_end_effector_and_bad_limits():
 # ------------------------------------------------------------------------ two simulated arms, real protocol
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
-    from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401
-    from geometry_msgs.msg import PoseStamped
-    from sensor_msgs.msg import JointState
-
-    from coop_transport.franky_sim import FrankySimServer
-
     logs = tmp_path_factory.mktemp("libfranka")
     env = use_isolated_ros_env()
-    sims = {ns: FrankySimServer(addr, logs / f"sim_{ns}.log") for ns, addr in ADDRESSES.items()}
-    bridges, listener = {}, None
-    try:
-        for sim in sims.values():
-            sim.launch()
-        for sim in sims.values():
-            sim.wait_ready()
-        listener = Listener("libfranka_test")
-        for ns in ADDRESSES:
-            listener.record(JointState, f"/{ns}/joint_states")
-            listener.record(PoseStamped, f"/{ns}/eef_pose")
-        listener.record_diagnostics()
-        listener.start()
-        for ns in ADDRESSES:
-            bridges[ns] = start_node("franka_bridge_node", bridge_args(ns), env, logs / f"bridge_{ns}.log")
-        yield listener, sims, bridges, logs, env
-    finally:
-        if "left" in bridges and bridges["left"].poll() is None:  # SIGTERM for one bridge, SIGINT for the other
-            os.killpg(bridges["left"].pid, signal.SIGTERM)
-            try:
-                bridges["left"].wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        codes = {ns: stop_process(b, timeout=10) for ns, b in bridges.items()}
-        if listener is not None:
-            listener.close()
-        for sim in sims.values():
-            sim.stop()
-        for ns, code in codes.items():
-            log = (logs / f"bridge_{ns}.log").read_text()
-            assert code == 0 and "Traceback" not in log, log[-3000:]
-        # a clean stop on SIGTERM: the arm whose simulator still ran was brought to rest and its motion ended
-        assert "libfranka shutdown: stopped at rest" in (logs / "bridge_left.log").read_text()
+    bridges = {}
+    with franky_sim_arms(ADDRESSES, logs, "libfranka_test") as (sims, listener):
+        try:
+            for ns in ADDRESSES:
+                bridges[ns] = start_node("franka_bridge_node", bridge_args(ns), env, logs / f"bridge_{ns}.log")
+            yield listener, sims, bridges, logs, env
+        finally:
+            if "left" in bridges and bridges["left"].poll() is None:  # SIGTERM for one bridge, SIGINT for the other
+                os.killpg(bridges["left"].pid, signal.SIGTERM)
+                try:
+                    bridges["left"].wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+            codes = {ns: stop_process(b, timeout=10) for ns, b in bridges.items()}
+    for ns, code in codes.items():
+        log = (logs / f"bridge_{ns}.log").read_text()
+        assert code == 0 and "Traceback" not in log, log[-3000:]
+    # a clean stop on SIGTERM: the arm whose simulator still ran was brought to rest and its motion ended
+    assert "libfranka shutdown: stopped at rest" in (logs / "bridge_left.log").read_text()
 
 
 @pytest.mark.ros
