@@ -160,6 +160,7 @@ def test_shipped_default_policy_runs_a_short_closed_loop_episode():
 def test_data_parallel_training_with_torchrun(demo_file, tmp_path):
     """Two processes (gloo on CPU) share each global batch; the ranks' weights are compared at every checkpoint
     (a rank whose gradients were not averaged would diverge and stop the run); the run stops and resumes."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -170,7 +171,7 @@ def test_data_parallel_training_with_torchrun(demo_file, tmp_path):
            str(root / "training" / "imitation.py"), "--model", "tiny", "--data", str(demo_file), "--out", str(run),
            "--steps", "4", "--batch-size", "8", "--action-horizon", "12", "--save-every", "2", "--log-every", "1",
            "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd + ["--stop-at", "3"], capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     state = json.loads((run / "train_state" / "state.json").read_text())

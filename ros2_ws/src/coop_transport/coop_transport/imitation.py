@@ -445,21 +445,19 @@ def train(config: ImitationConfig) -> dict:
         saved = step % save_every == 0 or step == total_steps
         if saved:
             dist_utils.check_in_sync(model, ctx, device)
-            generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
             if ctx.is_main:
                 _save_inference_checkpoint(run / "checkpoints" / f"step_{step:06d}", model, ema, model_config,
                                            norm, step, extra, save_checkpoint)
-                save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
-                _write_log(run, log_rows)
         at_stop_step = config.stop_at is not None and step >= config.stop_at
         out_of_time = config.stop_after_s is not None and dist_utils.any_rank(
             time.perf_counter() - run_start >= config.stop_after_s, ctx, device)
-        if step < total_steps and (at_stop_step or out_of_time):
-            if not saved:
-                generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
-                if ctx.is_main:
-                    save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
-                    _write_log(run, log_rows)
+        stopping = step < total_steps and (at_stop_step or out_of_time)
+        if saved or stopping:  # the resumable state: at every checkpoint, and wherever the run stops early
+            generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
+            if ctx.is_main:
+                save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
+                _write_log(run, log_rows)
+        if stopping:
             if ctx.is_main:
                 print(f"stopped at step {step} of {total_steps} "
                       f"({'--stop-at' if at_stop_step else '--stop-after-s'}); rerun the same command to continue")
