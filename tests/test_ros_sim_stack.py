@@ -58,6 +58,10 @@ def stack(tmp_path_factory):
                       log_dir=tmp / "logs")
     bringup.start()
     try:
+        # every test starts from a running graph, whichever runs first (or alone)
+        for ns in ("left", "right"):
+            wait_until(lambda: any(not _is_hold(m) for _, m in listener.get(f"/{ns}/command")), 90,
+                       message=f"the {ns} policy's first command")
         yield {"listener": listener, "bringup": bringup, "results": results, "logs": tmp / "logs"}
     finally:
         bringup.stop(grace_s=5.0)
@@ -168,6 +172,20 @@ def test_watchdog_holds_the_arm_when_its_camera_stops(stack):
     r = len(listener.get("/right/command"))
     wait_until(lambda: len(listener.get("/right/command")) >= r + 10, 30)
     assert any(not _is_hold(m) for _, m in listener.get("/right/command")[r:]), "the right arm carries on"
+
+    # a reset while the camera is still silent: the new episode's missing first frame is still a fault (ERROR),
+    # not a start-up wait (WARN) -- CI once caught an episode ending during this test
+    from std_srvs.srv import Trigger
+
+    episode = int(_episode_status(listener)[-1]["episode"])
+    assert listener.call(Trigger, "/sim/reset", Trigger.Request()).success
+    wait_until(lambda: int(_episode_status(listener)[-1]["episode"]) > episode, 30, message="the next episode")
+    wait_until(lambda: (listener.diag("coop_transport/policy/left").get("state") == "ERROR"
+                        and "since the episode began" in listener.diag("coop_transport/policy/left").get("message", "")),
+               10, interval=0.2, message="diagnostics: ERROR, no wrist image in the new episode")
+    n = len(listener.get("/left/command"))
+    wait_until(lambda: len(listener.get("/left/command")) >= n + 5, 30, message="left commands in the new episode")
+    assert all(_is_hold(m) for _, m in listener.get("/left/command")[n:]), "still holding after the reset"
 
     _set_dropped_cameras(listener, "")
     n = len(listener.get("/left/command"))

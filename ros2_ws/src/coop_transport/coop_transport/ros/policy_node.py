@@ -396,14 +396,23 @@ class PolicyNode(Node):
 
     def _watchdog(self, now: float) -> tuple[str | None, bool]:
         """(reason to hold, whether it is a watchdog trip) for stale inputs; (None, False) when all is fresh.
-        Inputs not received yet (start-up, first frame of a new episode) hold without counting as a trip."""
-        if self._wrist is None or self._wrist[0] < self._episode_stamp:
+        Inputs not received yet at start-up hold without counting as a trip. After a reset the first frame of the
+        new episode is awaited for at most max_image_age from the episode's start: a camera that stays silent
+        across a reset is a trip like any other, not a start-up wait."""
+        if self._wrist is None:
             return "waiting for the first wrist image", False
         for name, latest in (("joint state", self._joints), ("eef pose", self._eef)):
             if latest is None:
                 return f"waiting for the first {name}", False
         if now - self._wrist[0] > self.max_image_age:
+            if self._wrist[0] < self._episode_stamp and now - self._episode_stamp <= self.max_image_age:
+                return "waiting for the first wrist image of the episode", False
+            if self._wrist[0] < self._episode_stamp:
+                return (f"no wrist image since the episode began {now - self._episode_stamp:.2f} s ago "
+                        f"(limit {self.max_image_age})"), True
             return f"wrist image is {now - self._wrist[0]:.2f} s old (limit {self.max_image_age})", True
+        if self._wrist[0] < self._episode_stamp:
+            return "waiting for the first wrist image of the episode", False
         for name, latest in (("joint state", self._joints), ("eef pose", self._eef)):
             if now - latest[0] > self.max_state_age:
                 return f"{name} is {now - latest[0]:.2f} s old (limit {self.max_state_age})", True
