@@ -201,6 +201,21 @@ def test_resume_after_a_kill_continues_identically(assets, pool, tmp_path):
 
     assert log(straight) == log(killed) and len(log(straight)) == 3
 
+    # out of time (--stop-after-s): the run saves where it stands, off the save_every grid, and stops the call;
+    # the same command without the limit resumes there and ends where the uninterrupted run ended
+    from coop_transport.residual.train import run
+
+    timed = make_config(assets, "V5", tmp_path / "timed", chunks=6, save_every=100, stop_after_s=1e-3)
+    stopped = run(timed, pool)
+    assert len(stopped) == 1 and stopped[0]["out_of_time"] and 1 <= stopped[0]["stopped_at"] < 6
+    state = json.loads((timed.run_dir(0) / "train_state" / "state.json").read_text())
+    assert state["progress"]["chunks"] == stopped[0]["stopped_at"]
+    c = run(make_config(assets, "V5", tmp_path / "timed", chunks=6, save_every=100), pool)[0]
+    assert (c["chunks"], c["updates"], c["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
+    tc = load_file(str(timed.run_dir(0) / "train_state" / "state.safetensors"))
+    for key in ta:
+        assert torch.equal(ta[key], tc[key]), key
+
 
 # ------------------------------------------------------------------------------------------------------ parity
 def _chunk_outcome(pool) -> list:

@@ -141,6 +141,9 @@ class ResidualConfig:
     """Chunks between rows of the training log."""
     resume: bool = True
     """Continue from <run>/train_state if it exists."""
+    stop_after_s: float | None = None
+    """Save the training state and stop once this many seconds (wall clock, counted from the start of the seed,
+    loading included) have passed; rerunning the same command resumes. For machines that limit a job's time."""
     mode: Literal["train", "eval", "ablation", "probes"] = "train"
     """train (then evaluate), eval (the best checkpoint again), ablation (Table 2 recipe ladder on the best
     checkpoint), probes (communication probes, V5/V6)."""
@@ -156,6 +159,8 @@ class ResidualConfig:
                      "seeds"):
             if getattr(self, name) < 1:
                 bad.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.stop_after_s is not None and self.stop_after_s <= 0:
+            bad.append(f"stop_after_s={self.stop_after_s} (must be > 0)")
         if not 0 < self.init_radius < self.max_radius:
             bad.append(f"init_radius={self.init_radius} (must lie in (0, max_radius={self.max_radius}))")
         if not 0.0 < self.expectile < 1.0:

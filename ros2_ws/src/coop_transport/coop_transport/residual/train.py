@@ -120,11 +120,16 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
     return result
 
 
-def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_after: int | None = None) -> dict:
+def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_after: int | None = None,
+          started: float | None = None) -> dict:
     """Train (or resume) one seed; returns the result dict (also <run>/result.json).
 
     ``stop_after``: return after that many chunks as if killed there (tests of resumption), without evaluating.
+    ``config.stop_after_s``: save the training state and return ``{"stopped_at": chunks, "out_of_time": True}``
+    once that much wall time has passed since ``started`` (time.perf_counter(); default: this call's start);
+    the same command resumes.
     """
+    call_start = time.perf_counter() if started is None else started
     from tqdm import tqdm
 
     from coop_transport.pi0_policy import resolve_device
@@ -215,11 +220,18 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 _evaluate_checkpoint(config, seed, run, system, pool, ps)
                 if not final:
                     collector.restore_envs()
-            if _crossed(before, ps["chunks"], config.save_every) or final:
+            out_of_time = (config.stop_after_s is not None and not final
+                           and time.perf_counter() - call_start >= config.stop_after_s)
+            if _crossed(before, ps["chunks"], config.save_every) or final or out_of_time:
                 ps["window"] = window
                 save_train_state(state_dir, system, learner, demo, online, collector, {"progress": ps,
                                  "config": config_to_json(config)}, generator)
                 _write_log(run, ps["log"])
+            if out_of_time:
+                bar.close()
+                print(f"stopping {run} at chunk {ps['chunks']} after {time.perf_counter() - call_start:.0f} s "
+                      f"(--stop-after-s {config.stop_after_s:g}); the same command resumes")
+                return {"arch": spec.name, "seed": seed, "stopped_at": ps["chunks"], "out_of_time": True}
             if stop_after is not None and ps["chunks"] >= stop_after and not final:
                 bar.close()
                 return {"stopped_at": ps["chunks"]}
@@ -289,6 +301,7 @@ def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict) -> Non
 def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
     """Every seed of ``config`` in ``config.mode``; one simulation pool serves all of them."""
     seeds = list(range(config.seed, config.seed + config.seeds))
+    started = time.perf_counter()  # --stop-after-s counts from here, across seeds
     if config.mode == "train":
         if pool is None:
             from coop_transport.pi0_policy import resolve_device
@@ -297,10 +310,10 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
             pool = make_pool(config.envs, sim_config_for(config, vla.image_size), config.gamma, config.ray_address)
             del vla
             try:
-                return [train(config, s, pool) for s in seeds]
+                return _train_seeds(config, seeds, pool, started)
             finally:
                 pool.close()
-        return [train(config, s, pool) for s in seeds]
+        return _train_seeds(config, seeds, pool, started)
     if config.mode == "ablation":
         from coop_transport.residual.report import run_ablation
 
@@ -310,6 +323,17 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
 
         return [run_probes(config, s, pool) for s in seeds]
     return [reevaluate(config, s, pool) for s in seeds]
+
+
+def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, started: float) -> list[dict]:
+    """Seeds one after the other; a seed stopped by --stop-after-s ends the call (the next call resumes it, and
+    skips the seeds already finished: their train_state is final)."""
+    results = []
+    for s in seeds:
+        results.append(train(config, s, pool, started=started))
+        if results[-1].get("out_of_time"):
+            break
+    return results
 
 
 def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None) -> dict:
