@@ -200,8 +200,12 @@ def test_reset_service_ends_the_episode_and_moves_to_the_next_seed(stack):
     current = _episode_status(listener)[-1]
     response = listener.call(Trigger, "/sim/reset", Trigger.Request())
     assert response.success and f"seed {current['seed']}" in response.message
-    wait_until(lambda: any(s["outcome"] == "reset" for s in _episode_status(listener)), 30, message="a reset")
-    ended = next(s for s in _episode_status(listener) if s["outcome"] == "reset")
+    def this_reset():  # not the one the watchdog test made
+        return [s for s in _episode_status(listener)
+                if s["outcome"] == "reset" and int(s["episode"]) >= int(current["episode"])]
+
+    wait_until(this_reset, 30, message="a reset")
+    ended = this_reset()[0]
     wait_until(lambda: any(int(s["episode"]) == int(ended["episode"]) + 1 for s in _episode_status(listener)), 30)
     nxt = next(s for s in _episode_status(listener) if int(s["episode"]) == int(ended["episode"]) + 1)
     assert int(nxt["seed"]) == int(ended["seed"]) + 1 and int(nxt["step"]) == 0
