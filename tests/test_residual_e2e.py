@@ -159,6 +159,7 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     probe = payload["linear_probe"]
     for key in ("phase", "gripper", "ready"):
         assert 0.0 <= probe[key]["accuracy"] <= 1.0 and 0.0 < probe[key]["chance"] <= 1.0
+    assert (probe["phase"]["uniform_chance"], probe["gripper"]["uniform_chance"]) == (0.2, 0.5)
     assert "r2" in probe["pose"] and set(probe["per_agent"]) == {"robot0", "robot1"}
     assert json.loads((config.run_dir(0) / "probes.json").read_text())["arch"] == "V5"
 

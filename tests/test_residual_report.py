@@ -56,4 +56,8 @@ def test_report_tables_and_plots(tmp_path):
     assert "se" in payload["table1"]["V5"] and "wilson95" in payload["table1"]["B1"]
     assert "+ mean-of-N=4 | 32.00% | +7.00 pp | +7.00 pp" in md and "n/a" in md
     assert payload["paired_v4_v5"]["mean_difference"] == pytest.approx(0.03)
+    assert set(payload["paired"]) == {"V5-V4", "V6-V4", "V6-V5"}
+    assert payload["paired"]["V6-V4"]["mean_difference"] == pytest.approx(0.0275)
+    assert payload["paired"]["V6-V5"]["mean_difference"] == pytest.approx(-0.0025)
+    assert "| V6 - V4 | +2.75 pp | 4 |" in md and "robomimic BC (cited" in md
     assert (tmp_path / "report" / "table1.png").stat().st_size > 0 and (tmp_path / "report" / "curves.png").is_file()

@@ -15,7 +15,8 @@ report closed-loop success on the same reset seeds:
 
 The linear probe fits, on the messages each agent *sent* in the recorded pass, linear/logistic read-outs of the
 sender's phase (5-way), gripper, readiness and 6-D pose (train/test split by episode), and reports test accuracy
-against chance (the majority class of the test set) and the pose R² (chance 0).
+against chance (the majority class of the test set, and uniform as the paper reports it) and the pose R²
+(chance 0).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
         y = np.array([lab[key] for lab in labels])
         pred = _logistic(messages[train], y[train], messages[test], classes)
         chance = np.bincount(y[test], minlength=classes).max() / test.sum()
-        out[key] = {"accuracy": float((pred == y[test]).mean()), "chance": float(chance)}
+        out[key] = {"accuracy": float((pred == y[test]).mean()), "chance": float(chance),
+                    "uniform_chance": 1.0 / classes}  # the paper's chance (20% phase, 50% gripper / readiness)
     pose = np.stack([lab["pose"] for lab in labels])
     w = _lstsq(messages[train], pose[train])
     resid = ((_apply(w, messages[test]) - pose[test]) ** 2).sum(0)
