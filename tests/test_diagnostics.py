@@ -67,13 +67,54 @@ def test_teacher_forced_rejects_unknown_demos_and_a_chunk_beyond_the_horizon(dem
         diagnostics.teacher_forced(OraclePolicy(demo_file), demo_file, split=None, chunk=13)
 
 
+class NoisyOraclePolicy(OraclePolicy):
+    """The demonstrator's next actions plus Gaussian noise of std `sigma`, drawn per sample (or once, shared)."""
+
+    def __init__(self, demo_file, sigma, shared=False):
+        super().__init__(demo_file)
+        self.sigma, self.shared, self.rng = sigma, shared, np.random.default_rng(0)
+
+    def sample_batch(self, batch, num_samples):
+        clean = super().sample_batch(batch, num_samples)
+        shape = (clean.shape[0], 1 if self.shared else num_samples, *clean.shape[2:])
+        return clean + self.sigma * self.rng.standard_normal(shape)
+
+
+def test_sample_spread_measures_the_flow_noise_and_what_mean_of_n_leaves(demo_file):
+    report = diagnostics.sample_spread(NoisyOraclePolicy(demo_file, 0.1), demo_file, split=None, stride=1, chunk=5,
+                                       num_samples=20, group=4)
+    assert report.observations == 4 * 24 and report.dims == list(diagnostics.ACTION_NAMES)
+    assert np.allclose(report.sample_std, 0.1, rtol=0.05)
+    assert np.allclose(report.mean_of_group_std, 0.05, rtol=0.15)  # 0.1 / sqrt(4)
+    assert "σ of the mean of 4" in report.markdown()
+    same = diagnostics.sample_spread(NoisyOraclePolicy(demo_file, 0.1, shared=True), demo_file, split=None,
+                                     stride=4, chunk=5)
+    assert max(same.sample_std) < 1e-12  # identical samples: no spread at all
+    with pytest.raises(ValueError, match="two groups"):
+        diagnostics.sample_spread(NoisyOraclePolicy(demo_file, 0.1), demo_file, split=None, num_samples=6, group=4)
+
+
 @pytest.mark.slow
 def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_file, tmp_path):
     result = diagnostics.overfit_probe(demo_file, "demo_1", tmp_path, model="tiny", steps=4, batch_size=4, runs=2,
-                                       horizon=6, device="cpu", progress=False)
+                                       horizon=6, device="cpu", progress=False, variant="per-arm")
     assert result["train"]["trajectories"] == 2  # one demonstration, both arms
     assert result["reset_seed"] == 1001 and result["closed_loop_runs"] == 2
     assert 0 <= result["closed_loop_successes"] <= 2
-    assert result["teacher_forced"]["demos"] == ["demo_1"]
+    assert result["teacher_forced"]["demos"] == ["demo_1"] and result["reference_teacher_forced"] is None
     with pytest.raises(ValueError, match="no demonstration 'demo_7'"):
         diagnostics.overfit_probe(demo_file, "demo_7", tmp_path / "x", model="tiny", steps=1)
+
+    # the paper's default (joint), scored beside a reference policy; a reference of the other variant is refused
+    joint = diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "joint", model="tiny", steps=2, batch_size=2,
+                                      runs=1, horizon=4, device="cpu", progress=False)
+    assert joint["train"]["trajectories"] == 1  # one demonstration, one bimanual trajectory
+    with pytest.raises(ValueError, match="is 'per-arm', the probe is 'joint'"):
+        diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "j2", model="tiny", steps=1, batch_size=2, runs=0,
+                                  device="cpu", progress=False, reference_policy=result["checkpoint"])
+    again = diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "j3", model="tiny", steps=1, batch_size=2,
+                                      runs=0, device="cpu", progress=False, reference_policy=joint["checkpoint"])
+    assert again["reference_teacher_forced"]["dims"] == again["teacher_forced"]["dims"]
+    assert len(again["teacher_forced"]["dims"]) == 14
+    assert "max abs error (overfit / reference)" in diagnostics.compare_markdown(again["teacher_forced"],
+                                                                                again["reference_teacher_forced"])

@@ -1,9 +1,12 @@
-"""Imitation diagnostics as tables: teacher-forced error on held-out demonstrations, single-trajectory overfit probe.
+"""Imitation diagnostics as tables: teacher-forced error on held-out demonstrations, the sampler's spread across flow
+samples, and the single-trajectory overfit probe.
 
 Usage:
     python training/diagnostics.py teacher-forced --data runs/default/transport_scripted_96.hdf5   # shipped default
     python training/diagnostics.py teacher-forced --policy runs/x/checkpoints/step_010000 --data d.hdf5 --split valid
-    python training/diagnostics.py overfit --data d.hdf5 --demo demo_0 --steps 2000 --out runs/overfit
+    python training/diagnostics.py spread --data runs/default/transport_scripted_96.hdf5      # σ over 20 samples
+    python training/diagnostics.py overfit --data d.hdf5 --demo demo_0 --out runs/overfit      # joint, 5k steps
+    python training/diagnostics.py overfit --data d.hdf5 --variant per-arm --reference-policy runs/x/step_030000
 
 See coop_transport.diagnostics for what each measures.
 """
@@ -46,23 +49,53 @@ class TeacherForced:
 
 
 @dataclass
+class Spread:
+    """How much the sampler's chunks vary per dimension for one observation (the paper: σ(dx) ≈ 0.029 over N = 20),
+    and what the mean of a group of samples leaves."""
+
+    data: Path
+    """Demonstration file with images at the policy's resolution."""
+    policy: Path | None = None
+    """Checkpoint directory (default: the shipped per-arm policy)."""
+    split: str | None = "valid"
+    """Mask of the file to use; None: every demonstration."""
+    demos: tuple[str, ...] = ()
+    """Exactly these demonstrations (overrides --split)."""
+    stride: int = 25
+    """One observation every stride-th step."""
+    samples: int = 20
+    """Flow samples per observation."""
+    group: int = 4
+    """Size of the averaged groups (the recipe's mean-of-N)."""
+    chunk: int = 10
+    """First C actions of each chunk."""
+    device: str = "cpu"
+    json_out: Path | None = None
+    """Also write the report as JSON here."""
+
+
+@dataclass
 class Overfit:
-    """Train on one demonstration; report teacher-forced fit on it and closed-loop success from its initial state."""
+    """Train on one demonstration; report teacher-forced fit on it and closed-loop success from its initial state.
+    Defaults as the paper's probe: the joint policy, 5,000 steps."""
 
     data: Path
     demo: str = "demo_0"
     out: Path = Path("runs/overfit")
     model: str = "small"
-    variant: str = "per-arm"
-    steps: int = 2000
+    variant: str = "joint"
+    steps: int = 5000
     batch_size: int = 32
     runs: int = 10
     """Closed-loop runs from the demonstration's exact initial state (different flow noise)."""
     horizon: int = 500
     device: str = "auto"
+    reference_policy: Path | None = None
+    """A checkpoint of the same variant trained on all demonstrations: its teacher-forced errors on the same
+    demonstration are printed beside the overfit policy's (capacity limit vs data limit)."""
 
 
-def main(cmd: TeacherForced | Overfit) -> dict:
+def main(cmd: TeacherForced | Spread | Overfit) -> dict:
     if isinstance(cmd, TeacherForced):
         from coop_transport.pi0_policy import Pi0Policy
 
@@ -75,15 +108,30 @@ def main(cmd: TeacherForced | Overfit) -> dict:
             cmd.json_out.parent.mkdir(parents=True, exist_ok=True)
             cmd.json_out.write_text(json.dumps(report.to_dict(), indent=2))
         return report.to_dict()
+    if isinstance(cmd, Spread):
+        from coop_transport.pi0_policy import Pi0Policy
+
+        policy = Pi0Policy.load(cmd.policy, device=cmd.device)
+        report = diagnostics.sample_spread(policy, cmd.data, split=None if cmd.demos else cmd.split,
+                                           demos=list(cmd.demos) or None, stride=cmd.stride, chunk=cmd.chunk,
+                                           num_samples=cmd.samples, group=cmd.group)
+        print(report.markdown())
+        if cmd.json_out:
+            cmd.json_out.parent.mkdir(parents=True, exist_ok=True)
+            cmd.json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        return report.to_dict()
     result = diagnostics.overfit_probe(cmd.data, cmd.demo, cmd.out, model=cmd.model, steps=cmd.steps,
                                        batch_size=cmd.batch_size, runs=cmd.runs, horizon=cmd.horizon,
-                                       device=cmd.device, variant=cmd.variant)
+                                       device=cmd.device, variant=cmd.variant, reference_policy=cmd.reference_policy)
     report = diagnostics.TeacherForcedReport(**result["teacher_forced"])
     print(f"overfit probe on {cmd.demo} (reset seed {result['reset_seed']}), {cmd.steps} steps of {cmd.model}: "
           f"final loss {result['train']['final_loss']:.4f}")
     print(report.markdown())
     print(f"\nclosed loop from the demonstration's initial state: {result['closed_loop_successes']}/{cmd.runs} "
           "successes")
+    if result["reference_teacher_forced"]:
+        print(f"\nthe same demonstration, teacher-forced: overfit policy / {cmd.reference_policy}")
+        print(diagnostics.compare_markdown(result["teacher_forced"], result["reference_teacher_forced"]))
     cmd.out.mkdir(parents=True, exist_ok=True)
     (cmd.out / "overfit.json").write_text(json.dumps(result, indent=2, default=str))
     return result
