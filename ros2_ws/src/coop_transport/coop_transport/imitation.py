@@ -49,12 +49,13 @@ class ImitationConfig:
     """Run directory (default runs/imitation/<variant>-<model>)."""
     weights: Path | None = None
     """Local π0 weights (openpi or LeRobot PyTorch checkpoint directory) for pi0-3b; None: random init."""
-    steps: int = 30_000
-    """Optimizer steps."""
+    steps: int = 40_000
+    """Optimizer steps (the paper: 40k at batch 64, checkpoints compared at 10k/20k/30k/40k)."""
     batch_size: int = 64
     """Samples per step."""
-    action_horizon: int | None = 32
-    """Predicted chunk length H (must cover the recipe's chunk: 10 per-arm, 25 joint); None keeps the config's."""
+    action_horizon: int | None = None
+    """Predicted chunk length H (must cover the recipe's chunk: 10 per-arm, 25 joint); None keeps the model
+    configuration's: small 32, pi0-3b 50 (π0's, which also allows the paper's chunk-50 point)."""
     lr: float | None = None
     """Peak learning rate (default: 3e-4 from scratch, 2.5e-5 for π0 fine-tuning as openpi)."""
     warmup_steps: int = 1_000
