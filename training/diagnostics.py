@@ -138,4 +138,4 @@ def main(cmd: TeacherForced | Spread | Overfit) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Annotated[TeacherForced | Overfit, tyro.conf.OmitSubcommandPrefixes]))
+    main(tyro.cli(Annotated[TeacherForced | Spread | Overfit, tyro.conf.OmitSubcommandPrefixes]))
