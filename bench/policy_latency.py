@@ -3,6 +3,7 @@
 Usage:
     python bench/policy_latency.py                          # small: eager vs ONNX Runtime CPU (+ CUDA graphs on GPU)
     python bench/policy_latency.py --configs small pi0-3b   # π0-3B at random init (bf16 on GPU)
+    python bench/policy_latency.py --configs default        # the shipped default policy itself (horizon 32)
     python bench/policy_latency.py --backends eager cudagraph compile --reps 50
     python bench/policy_latency.py --backends eager ort-cpu ort-cuda ort-tensorrt tensorrt --threads 1
 
@@ -11,8 +12,11 @@ Runtime execution providers) | tensorrt (engines built here, fp16). The exported
 random-weight model into a temporary directory first (export and engine build times and file sizes are reported);
 unavailable ones (no CUDA provider, no TensorRT) are listed as skipped with the reason.
 
-Weights are random (speed does not depend on them); the batch is one per-arm observation: wrist + agentview
-images at the config's resolution, the prompt padded to its token length, an 18-D state. All backends of one
+Weights are random (speed does not depend on them) except for `default`, the shipped default policy's checkpoint
+(the `small` architecture with a 32-step action horizon, where `small` has 16). The batch is one per-arm
+observation: wrist + agentview images at the config's resolution, the prompt padded to its token length, an 18-D
+state. ONNX Runtime runs the graph export/export.py ships (fused, export.fused), its threads spinning between nodes
+as in deployment (--no-fused, --no-ort-spinning: the plain trace, sleeping threads). All backends of one
 (config, N) cell are timed in the same process, interleaved in short rounds (rotating order, one untimed re-warm
 call per round), so their ratio is meaningful even on a shared, noisy machine; the load average is printed before
 and after.
@@ -52,7 +56,14 @@ class Config:
     threads: int = 0
     """CPU threads for torch and ONNX Runtime (0: all cores)."""
     ort_threads: int = 0
-    """ONNX Runtime intra-op threads if different from torch's (0: the same); its idle threads never spin."""
+    """ONNX Runtime intra-op threads if different from torch's (0: the same)."""
+    ort_spinning: bool = True
+    """ONNX Runtime's intra-op threads spin between nodes instead of sleeping: its default, what the runtime and the
+    policy nodes use, and what PyTorch's OpenMP threads do. --no-ort-spinning: they sleep at once (kinder to other
+    processes on a shared machine; every parallel node then pays a thread wake-up)."""
+    fused: bool = True
+    """Export the fused chunk sampler (export.fused, what export/export.py ships); --no-fused: the plain trace of
+    Pi0Model.sample_actions."""
     device: str = "auto"
     """cuda | cpu | auto."""
     interleave: bool = True
@@ -159,7 +170,8 @@ def _export(model, config, name: str, cfg: Config, exported: list[str], root: Pa
 
     directory = root / name
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
-    manifest = export_model(cpu_model, config, directory, samples=tuple(cfg.samples), log=lambda *_: None)
+    manifest = export_model(cpu_model, config, directory, samples=tuple(cfg.samples), log=lambda *_: None,
+                            fused=cfg.fused)
     del cpu_model
     info = {"dir": directory, "manifest": manifest, "engines": {}}
     if "tensorrt" in exported:
@@ -203,17 +215,25 @@ def main(cfg: Config) -> list[dict]:
     hw = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()}, " \
                                                           f"{threads} threads"
     load_before = os.getloadavg()
-    ort_note = f"; ONNX Runtime {cfg.ort_threads} threads" if cfg.ort_threads else ""
+    ort_note = (f"; ONNX Runtime {cfg.ort_threads or threads} threads, spinning {'on' if cfg.ort_spinning else 'off'}, "
+                f"{'fused' if cfg.fused else 'plain'} graph")
     print(f"# π0 chunk latency on {device.type} ({hw}{ort_note}); torch {torch.__version__}; load {load_before[0]:.1f} "
           f"(1/5/15 min: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, {os.cpu_count()} cores)")
     rows, skipped = [], []
     scratch = tempfile.TemporaryDirectory(prefix="policy_latency_") if cfg.export_dir is None else None
     root = Path(cfg.export_dir) if cfg.export_dir else Path(scratch.name)
     for name in cfg.configs:
-        config = get_config(name)
         dtype = torch.bfloat16 if cuda and name != "tiny" else torch.float32
-        with torch.device(device):
-            model = build_model(config, device=device, dtype=dtype).eval()
+        if name == "default":  # the shipped default policy: its weights and config
+            from coop_transport.pi0_policy import default_policy_dir
+            from coop_transport.policy.checkpoint import load_checkpoint
+
+            model = load_checkpoint(default_policy_dir(), device=device).model.to(dtype).eval()
+            config = model.config
+        else:
+            config = get_config(name)
+            with torch.device(device):
+                model = build_model(config, device=device, dtype=dtype).eval()
         params = sum(p.numel() for p in model.parameters())
 
         # Which backends run here; the exported ones share one export of this model.
@@ -240,7 +260,7 @@ def main(cfg: Config) -> list[dict]:
             from coop_transport.export.spec import ExportError
 
             try:
-                options = {} if backend == "tensorrt" else {"spinning": False}
+                options = {} if backend == "tensorrt" else {"spinning": cfg.ort_spinning}
                 ort_backends[backend] = make_backend(EXPORTED_BACKENDS[backend], export_dir=info["dir"],
                                                      manifest=info["manifest"], threads=cfg.ort_threads or threads,
                                                      **options)

@@ -89,6 +89,7 @@ def test_manifest_describes_the_export(exported):
         ("state", (1, 18), "float32"), ("noise", (4, config.action_horizon, config.action_pad_dim), "float32")]
     assert [(o["name"], tuple(o["shape"])) for o in graph["outputs"]] == [("actions", (4, config.action_horizon, 7))]
     assert graph["settings"]["num_flow_steps"] == 10 and graph["opset"] == 17
+    assert graph["settings"]["fused"] is True  # export.fused.FusedChunkSampler; parity is against the original
     for name, record in manifest["files"].items():  # every file hashed
         assert sha256_file(out / name) == record["sha256"] and (out / name).stat().st_size == record["bytes"]
     assert manifest["prompts"]["robot0"]["text"] == ARM_PROMPTS["robot0"]
@@ -122,6 +123,127 @@ def test_verify_mode_checks_stored_reference(exported):
     report = main(ExportConfig(out=exported["out"], mode="verify", parity_backends=("onnxruntime-cpu",)),
                   log=lambda *_: None)
     assert report["onnxruntime-cpu"]["pass"] and set(report["onnxruntime-cpu"]["shapes"]) == {"B1_N1", "B1_N4"}
+
+
+# ---- the fused sampler (export.fused) -------------------------------------------------------------------------------
+
+FUSED_TOL = 1e-4  # z-scored actions, PyTorch float32 on both sides; observed ~6e-6 (rounding order only)
+
+
+def sampler_pair(model, num_samples, batch_size=1, seed=0):
+    """The original chunk sampler and the fused one over `model`, and named random inputs as torch tensors."""
+    from coop_transport.export.fused import FusedChunkSampler
+    from coop_transport.export.graphs import Pi0ChunkSampler
+    from coop_transport.export.spec import chunk_sampler_inputs
+
+    inputs = fake_inputs(chunk_sampler_inputs(model.config, batch_size, num_samples), seed=seed,
+                         vocab_size=model.config.vocab_size)
+    args = [torch.from_numpy(v) for v in inputs.values()]
+    return Pi0ChunkSampler(model, num_samples).eval(), FusedChunkSampler(model, num_samples).eval(), args
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    from coop_transport.pi0_policy import default_policy_dir
+
+    return load_checkpoint(default_policy_dir()).model.float().eval()
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_fused_sampler_matches_sample_actions(shipped_model, num_samples):
+    """The fused rewrite computes Pi0Model.sample_actions: the shipped default (trained weights, horizon 32) on
+    random observations of random prompt lengths, the same noise."""
+    for seed in (0, 1, 2):
+        original, fused, args = sampler_pair(shipped_model, num_samples, seed=seed)
+        with torch.no_grad():
+            expected, actual = original(*args), fused(*args)
+        assert actual.shape == expected.shape == (num_samples, 32, 7)
+        assert (actual - expected).abs().max().item() < FUSED_TOL
+        assert expected.abs().mean().item() > 0.1  # not trivially zero
+
+
+def test_fused_sampler_matches_with_two_observations_and_norm_weights():
+    """Two observations x 4 samples (the per-observation context shared by its own samples only), and RMSNorm /
+    LayerNorm weights and biases moved off their initial values so that the folded norm scales matter."""
+    torch.manual_seed(0)
+    model = build_model(get_config("small")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    original, fused, args = sampler_pair(model, num_samples=4, batch_size=2, seed=5)
+    with torch.no_grad():
+        error = (fused(*args) - original(*args)).abs().max().item()
+    assert error < FUSED_TOL
+
+
+def test_fused_sampler_matches_with_two_kv_heads():
+    """The general grouped-query layout (π0 has one KV head, where the fused layout needs no transposes): tiny config
+    with 4 query heads over 2 KV heads, 2 observations x 3 samples."""
+    import dataclasses
+
+    config = get_config("tiny")
+    config = dataclasses.replace(config, vlm=dataclasses.replace(config.vlm, num_heads=4, num_kv_heads=2),
+                                 expert=dataclasses.replace(config.expert, num_heads=4, num_kv_heads=2))
+    torch.manual_seed(0)
+    original, fused, args = sampler_pair(build_model(config).eval(), num_samples=3, batch_size=2, seed=1)
+    with torch.no_grad():
+        assert (fused(*args) - original(*args)).abs().max().item() < FUSED_TOL
+
+
+@pytest.mark.parametrize("mistake", ["rotary sign", "flow-time bias order", "padding mask", "state token"])
+def test_parity_check_catches_a_wrong_fusion(shipped_model, monkeypatch, mistake):
+    """Each fusion, deliberately broken, moves the actions far beyond FUSED_TOL: the comparison above (and the
+    export's parity check, which uses the same reference) would catch it."""
+    from coop_transport.export import fused as fused_module
+
+    if mistake == "rotary sign":  # rotate_half(x) = [-x2, x1]: lose the minus sign folded into the sin table
+        tables = fused_module.rotary_tables
+
+        def unsigned_tables(cos, sin, heads):
+            cos_table, signed_sin = tables(cos, sin, heads)  # (rows, heads, 2, hd/2)
+            return cos_table, torch.cat([-signed_sin[:, :, :1], signed_sin[:, :, 1:]], dim=2)
+        monkeypatch.setattr(fused_module, "rotary_tables", unsigned_tables)
+    elif mistake == "padding mask":  # let every query attend to the padded prompt tokens too
+        monkeypatch.setattr(fused_module, "additive_mask", lambda mask, groups, kv_heads: torch.zeros(
+            mask.shape[0], kv_heads, mask.shape[1] * groups, mask.shape[2]))
+    original, fused, args = sampler_pair(shipped_model, num_samples=4, seed=3)
+    if mistake == "flow-time bias order":  # the time embedding of the last step at the first, and so on
+        fused.action_in_step_bias = fused.action_in_step_bias.flip(0)
+    elif mistake == "state token":  # the cached state-token keys replaced by the last prefix token's
+        context = fused.context
+
+        def wrong_state_keys(*inputs):
+            kv, mask, cos, sin = context(*inputs)
+            state = torch.tensor([kv[0][0].shape[2] - 1])
+            return [(k.index_copy(2, state, k[:, :, -2:-1]), v) for k, v in kv], mask, cos, sin
+        fused.context = wrong_state_keys
+    with torch.no_grad():
+        error = (fused(*args) - original(*args)).abs().max().item()
+    assert error > 100 * FUSED_TOL, f"{mistake}: the broken fusion still matches ({error:.1e})"
+
+
+def test_plain_and_fused_exports_agree(tmp_path):
+    """export_model with fused=False traces Pi0Model.sample_actions as it is; both graphs match PyTorch through ONNX
+    Runtime (tiny config, 2 observations x 2 samples), and the fused one has fewer nodes."""
+    from coop_transport.export.exporter import export_model
+    from coop_transport.export.spec import chunk_sampler_inputs
+
+    torch.manual_seed(0)
+    config = get_config("tiny")
+    model = build_model(config).eval()
+    torch_backend = make_backend("torch", model=model)
+    inputs = fake_inputs(chunk_sampler_inputs(config, 2, 2), seed=9, vocab_size=config.vocab_size)
+    nodes = {}
+    for fused in (False, True):
+        manifest = export_model(model, config, tmp_path / str(fused), samples=(2,), batch_sizes=(2,),
+                                log=lambda *_: None, fused=fused)
+        graph = manifest["graphs"]["pi0_chunk_b2_n2"]
+        assert graph["settings"]["fused"] is fused
+        nodes[fused] = graph["onnx_nodes"]
+        ort = make_backend("onnxruntime-cpu", export_dir=tmp_path / str(fused), manifest=manifest, threads=1)
+        assert np.abs(ort.sample(inputs, 2) - torch_backend.sample(inputs, 2)).max() < TOL
+    assert nodes[True] < nodes[False]
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------------

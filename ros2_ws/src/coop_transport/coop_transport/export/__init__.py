@@ -6,9 +6,10 @@ where they are used, so an exported policy runs through ONNX Runtime without PyT
     policy = load_backend_policy("exports/small", "onnxruntime")       # Pi0Policy's inference surface
     deploy.load_arm_policy("exports/small", "robot0", backend="onnxruntime")
 
-Modules: spec (named inputs/outputs), graphs (what is exported; the registry), onnx_export, manifest (hashes,
-source checkpoint), backends (torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt),
-runtime (BackendPolicy), parity, tensorrt_build, exporter (the command's library).
+Modules: spec (named inputs/outputs), graphs (what is exported; the registry), fused (the chunk sampler rewritten with
+fused weights, which the π0 graphs are traced from), onnx_export, manifest (hashes, source checkpoint), backends
+(torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt), runtime (BackendPolicy),
+parity, tensorrt_build, exporter (the command's library).
 """
 
 from coop_transport.export.backends import BACKENDS, ChunkBackend, canonical_backend, make_backend, needs_export
