@@ -97,7 +97,8 @@ def test_sample_spread_measures_the_flow_noise_and_what_mean_of_n_leaves(demo_fi
 @pytest.mark.slow
 def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_file, tmp_path):
     result = diagnostics.overfit_probe(demo_file, "demo_1", tmp_path, model="tiny", steps=4, batch_size=4, runs=2,
-                                       horizon=6, device="cpu", progress=False, variant="per-arm")
+                                       horizon=6, device="cpu", progress=False, variant="per-arm",
+                                       action_horizon=12)
     assert result["train"]["trajectories"] == 2  # one demonstration, both arms
     assert result["reset_seed"] == 1001 and result["closed_loop_runs"] == 2
     assert 0 <= result["closed_loop_successes"] <= 2
@@ -107,13 +108,15 @@ def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_fil
 
     # the paper's default (joint), scored beside a reference policy; a reference of the other variant is refused
     joint = diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "joint", model="tiny", steps=2, batch_size=2,
-                                      runs=1, horizon=4, device="cpu", progress=False)
+                                      runs=1, horizon=4, device="cpu", progress=False, action_horizon=25)
     assert joint["train"]["trajectories"] == 1  # one demonstration, one bimanual trajectory
     with pytest.raises(ValueError, match="is 'per-arm', the probe is 'joint'"):
         diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "j2", model="tiny", steps=1, batch_size=2, runs=0,
-                                  device="cpu", progress=False, reference_policy=result["checkpoint"])
+                                  device="cpu", progress=False, reference_policy=result["checkpoint"],
+                                  action_horizon=25)
     again = diagnostics.overfit_probe(demo_file, "demo_0", tmp_path / "j3", model="tiny", steps=1, batch_size=2,
-                                      runs=0, device="cpu", progress=False, reference_policy=joint["checkpoint"])
+                                      runs=0, device="cpu", progress=False, reference_policy=joint["checkpoint"],
+                                      action_horizon=25)
     assert again["reference_teacher_forced"]["dims"] == again["teacher_forced"]["dims"]
     assert len(again["teacher_forced"]["dims"]) == 14
     assert "max abs error (overfit / reference)" in diagnostics.compare_markdown(again["teacher_forced"],

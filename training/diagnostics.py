@@ -93,6 +93,8 @@ class Overfit:
     reference_policy: Path | None = None
     """A checkpoint of the same variant trained on all demonstrations: its teacher-forced errors on the same
     demonstration are printed beside the overfit policy's (capacity limit vs data limit)."""
+    action_horizon: int | None = None
+    """Predicted chunk length (None: the model configuration's; must cover the recipe's chunk, 10 / 25)."""
 
 
 def main(cmd: TeacherForced | Spread | Overfit) -> dict:
@@ -122,7 +124,8 @@ def main(cmd: TeacherForced | Spread | Overfit) -> dict:
         return report.to_dict()
     result = diagnostics.overfit_probe(cmd.data, cmd.demo, cmd.out, model=cmd.model, steps=cmd.steps,
                                        batch_size=cmd.batch_size, runs=cmd.runs, horizon=cmd.horizon,
-                                       device=cmd.device, variant=cmd.variant, reference_policy=cmd.reference_policy)
+                                       device=cmd.device, variant=cmd.variant, reference_policy=cmd.reference_policy,
+                                       action_horizon=cmd.action_horizon)
     report = diagnostics.TeacherForcedReport(**result["teacher_forced"])
     print(f"overfit probe on {cmd.demo} (reset seed {result['reset_seed']}), {cmd.steps} steps of {cmd.model}: "
           f"final loss {result['train']['final_loss']:.4f}")

@@ -202,12 +202,15 @@ def demo_reset_seed(data: str | Path, demo: str) -> int:
 
 def overfit_probe(data: str | Path, demo: str, out: str | Path, model: str = "small", steps: int = 5000,
                   batch_size: int = 32, runs: int = 10, horizon: int = 500, device: str = "auto",
-                  variant: str = "joint", progress: bool = True, reference_policy: str | Path | None = None) -> dict:
+                  variant: str = "joint", progress: bool = True, reference_policy: str | Path | None = None,
+                  action_horizon: int | None = None) -> dict:
     """Train on one demonstration, then teacher-forced fit on it and closed-loop success from its initial state.
 
     Defaults as the paper's probe (the joint policy, 5k steps). ``reference_policy``: a checkpoint trained on all
     demonstrations, scored teacher-forced on the same demonstration, so the two error profiles sit side by side
-    (the paper: max abs gripper error 2.03 after overfitting against 2.06 for the 200-demo policy)."""
+    (the paper: max abs gripper error 2.03 after overfitting against 2.06 for the 200-demo policy).
+    ``action_horizon``: None keeps the model configuration's; it must cover the recipe's chunk (per-arm 10, joint
+    25) for the teacher-forced comparison and the closed-loop runs."""
     from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
     from coop_transport.imitation import ImitationConfig, train
     from coop_transport.pi0_policy import Pi0Policy
@@ -220,6 +223,7 @@ def overfit_probe(data: str | Path, demo: str, out: str | Path, model: str = "sm
         if ref.variant != variant:
             raise ValueError(f"reference policy {reference_policy} is {ref.variant!r}, the probe is {variant!r}")
     summary = train(ImitationConfig(variant=variant, model=model, data=Path(data), out=out / "train", steps=steps,
+                                    action_horizon=action_horizon,
                                     batch_size=batch_size, demo_names=(demo,), num_checkpoints=1, device=device,
                                     warmup_steps=min(200, steps // 10 + 1), progress=progress, log_every=50))
     checkpoint = sorted((out / "train" / "checkpoints").glob("step_*"))[-1]
