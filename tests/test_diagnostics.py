@@ -121,3 +121,24 @@ def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_fil
     assert len(again["teacher_forced"]["dims"]) == 14
     assert "max abs error (overfit / reference)" in diagnostics.compare_markdown(again["teacher_forced"],
                                                                                 again["reference_teacher_forced"])
+
+
+def test_command_line_reaches_every_diagnostic(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import tyro
+
+    path = Path(__file__).resolve().parents[1] / "training" / "diagnostics.py"
+    spec = importlib.util.spec_from_file_location("diagnostics_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, cli)  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(cli)
+    spread = tyro.cli(cli.COMMAND, args=["spread", "--data", "d.hdf5", "--demos", "demo_3"])
+    assert isinstance(spread, cli.Spread) and (spread.samples, spread.group, spread.stride) == (20, 4, 25)
+    assert spread.selection() == {"split": None, "demos": ["demo_3"], "chunk": 10}
+    forced = tyro.cli(cli.COMMAND, args=["teacher-forced", "--data", "d.hdf5"])
+    assert isinstance(forced, cli.TeacherForced) and forced.selection()["split"] == "valid" and forced.stride == 5
+    overfit = tyro.cli(cli.COMMAND, args=["overfit", "--data", "d.hdf5"])
+    assert (overfit.variant, overfit.steps) == ("joint", 5000)

@@ -24,8 +24,8 @@ from coop_transport import diagnostics
 
 
 @dataclass
-class TeacherForced:
-    """Teacher-forced error of a policy on demonstrations it did not train on."""
+class _OnDemonstrations:
+    """What the policy-on-demonstrations diagnostics share: a policy, a demonstration file and a selection of it."""
 
     data: Path
     """Demonstration file with images at the policy's resolution."""
@@ -35,43 +35,40 @@ class TeacherForced:
     """Mask of the file to use (the training run held these out); None: every demonstration."""
     demos: tuple[str, ...] = ()
     """Exactly these demonstrations (overrides --split)."""
-    stride: int = 5
-    """Predict at every stride-th step."""
     chunk: int = 10
-    """Compare the first C actions of each chunk (the recipe's executed part)."""
-    samples: int = 4
-    """Mean of N samples per chunk (the recipe's)."""
-    outlier_fraction: float = 0.25
-    """An error above this fraction of the nominal range [-1, 1] counts as an outlier."""
+    """The first C actions of each chunk (the recipe's executed part)."""
     device: str = "cpu"
     json_out: Path | None = None
     """Also write the report as JSON here."""
 
+    def selection(self) -> dict:
+        """The demonstration selection as keyword arguments of the diagnostics functions."""
+        return {"split": None if self.demos else self.split, "demos": list(self.demos) or None, "chunk": self.chunk}
+
 
 @dataclass
-class Spread:
+class TeacherForced(_OnDemonstrations):
+    """Teacher-forced error of a policy on demonstrations it did not train on."""
+
+    stride: int = 5
+    """Predict at every stride-th step."""
+    samples: int = 4
+    """Mean of N samples per chunk (the recipe's)."""
+    outlier_fraction: float = 0.25
+    """An error above this fraction of the nominal range [-1, 1] counts as an outlier."""
+
+
+@dataclass
+class Spread(_OnDemonstrations):
     """How much the sampler's chunks vary per dimension for one observation (the paper: σ(dx) ≈ 0.029 over N = 20),
     and what the mean of a group of samples leaves."""
 
-    data: Path
-    """Demonstration file with images at the policy's resolution."""
-    policy: Path | None = None
-    """Checkpoint directory (default: the shipped per-arm policy)."""
-    split: str | None = "valid"
-    """Mask of the file to use; None: every demonstration."""
-    demos: tuple[str, ...] = ()
-    """Exactly these demonstrations (overrides --split)."""
     stride: int = 25
     """One observation every stride-th step."""
     samples: int = 20
     """Flow samples per observation."""
     group: int = 4
     """Size of the averaged groups (the recipe's mean-of-N)."""
-    chunk: int = 10
-    """First C actions of each chunk."""
-    device: str = "cpu"
-    json_out: Path | None = None
-    """Also write the report as JSON here."""
 
 
 @dataclass
@@ -98,25 +95,16 @@ class Overfit:
 
 
 def main(cmd: TeacherForced | Spread | Overfit) -> dict:
-    if isinstance(cmd, TeacherForced):
+    if isinstance(cmd, _OnDemonstrations):
         from coop_transport.pi0_policy import Pi0Policy
 
         policy = Pi0Policy.load(cmd.policy, device=cmd.device)
-        report = diagnostics.teacher_forced(policy, cmd.data, split=None if cmd.demos else cmd.split,
-                                            demos=list(cmd.demos) or None, stride=cmd.stride, chunk=cmd.chunk,
-                                            num_samples=cmd.samples, outlier_fraction=cmd.outlier_fraction)
-        print(report.markdown())
-        if cmd.json_out:
-            cmd.json_out.parent.mkdir(parents=True, exist_ok=True)
-            cmd.json_out.write_text(json.dumps(report.to_dict(), indent=2))
-        return report.to_dict()
-    if isinstance(cmd, Spread):
-        from coop_transport.pi0_policy import Pi0Policy
-
-        policy = Pi0Policy.load(cmd.policy, device=cmd.device)
-        report = diagnostics.sample_spread(policy, cmd.data, split=None if cmd.demos else cmd.split,
-                                           demos=list(cmd.demos) or None, stride=cmd.stride, chunk=cmd.chunk,
-                                           num_samples=cmd.samples, group=cmd.group)
+        if isinstance(cmd, TeacherForced):
+            report = diagnostics.teacher_forced(policy, cmd.data, **cmd.selection(), stride=cmd.stride,
+                                                num_samples=cmd.samples, outlier_fraction=cmd.outlier_fraction)
+        else:
+            report = diagnostics.sample_spread(policy, cmd.data, **cmd.selection(), stride=cmd.stride,
+                                               num_samples=cmd.samples, group=cmd.group)
         print(report.markdown())
         if cmd.json_out:
             cmd.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,5 +128,7 @@ def main(cmd: TeacherForced | Spread | Overfit) -> dict:
     return result
 
 
+COMMAND = Annotated[TeacherForced | Spread | Overfit, tyro.conf.OmitSubcommandPrefixes]
+
 if __name__ == "__main__":
-    main(tyro.cli(Annotated[TeacherForced | Spread | Overfit, tyro.conf.OmitSubcommandPrefixes]))
+    main(tyro.cli(COMMAND))
