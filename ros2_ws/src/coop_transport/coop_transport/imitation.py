@@ -395,8 +395,7 @@ def train(config: ImitationConfig) -> dict:
     extra = {"variant": config.variant, "prompts": dict(zip(ARMS, prompts)) if config.variant == "per-arm"
              else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
              "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
-             "weights_dir": str(config.weights) if config.weights else None}
-    extra["world_size"] = ctx.world_size
+             "weights_dir": str(config.weights) if config.weights else None, "world_size": ctx.world_size}
     train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile, dist_ctx=ctx)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

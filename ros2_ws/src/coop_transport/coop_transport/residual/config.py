@@ -142,8 +142,9 @@ class ResidualConfig:
     resume: bool = True
     """Continue from <run>/train_state if it exists."""
     stop_after_s: float | None = None
-    """Save the training state and stop once this many seconds (wall clock, counted from the start of the seed,
-    loading included) have passed; rerunning the same command resumes. For machines that limit a job's time."""
+    """Save the training state and stop once this many seconds (wall clock, counted from the start of the command,
+    across its seeds, loading included) have passed; rerunning the same command resumes. For machines that limit a
+    job's time."""
     mode: Literal["train", "eval", "ablation", "probes"] = "train"
     """train (then evaluate), eval (the best checkpoint again), ablation (Table 2 recipe ladder on the best
     checkpoint), probes (communication probes, V5/V6)."""

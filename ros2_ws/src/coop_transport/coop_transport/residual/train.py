@@ -326,8 +326,9 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
 
 
 def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, started: float) -> list[dict]:
-    """Seeds one after the other; a seed stopped by --stop-after-s ends the call (the next call resumes it, and
-    skips the seeds already finished: their train_state is final)."""
+    """Seeds one after the other; a seed stopped by --stop-after-s ends the call. The next call resumes it; the
+    seeds already finished resume at their last chunk and train no more (with --eval-every 0 their final
+    evaluation runs again: it is not part of the saved state)."""
     results = []
     for s in seeds:
         results.append(train(config, s, pool, started=started))
