@@ -13,7 +13,7 @@ random-weight model into a temporary directory first (export and engine build ti
 unavailable ones (no CUDA provider, no TensorRT) are listed as skipped with the reason.
 
 Weights are random (speed does not depend on them) except for `default`, the shipped default policy's checkpoint
-(the `small` architecture with a 32-step action horizon, where `small` has 16). The batch is one per-arm
+(the `small` architecture and its 32-step action horizon, with trained weights). The batch is one per-arm
 observation: wrist + agentview images at the config's resolution, the prompt padded to its token length, an 18-D
 state. ONNX Runtime runs the graph export/export.py ships (fused, export.fused), its threads spinning between nodes
 as in deployment (--no-fused, --no-ort-spinning: the plain trace, sleeping threads). All backends of one
