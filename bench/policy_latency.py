@@ -7,7 +7,8 @@ Usage:
     python bench/policy_latency.py --backends eager cudagraph compile --reps 50
     python bench/policy_latency.py --backends eager ort-cpu ort-cuda ort-tensorrt tensorrt --threads 1
 
-Backends: eager | cudagraph | compile (PyTorch; the last two GPU-only) | ort-cpu | ort-cuda | ort-tensorrt (ONNX
+Backends: eager | cudagraph | compile | compile-cudagraph (PyTorch; the last three GPU-only; the last is Inductor's
+fused kernels captured as one CUDA graph) | ort-cpu | ort-cuda | ort-tensorrt (ONNX
 Runtime execution providers) | tensorrt (engines built here, fp16). The exported ones are exported from the same
 random-weight model into a temporary directory first (export and engine build times and file sizes are reported);
 unavailable ones (no CUDA provider, no TensorRT) are listed as skipped with the reason.
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import tyro
 
-TORCH_BACKENDS = ("eager", "cudagraph", "compile")
+TORCH_BACKENDS = ("eager", "cudagraph", "compile", "compile-cudagraph")
 EXPORTED_BACKENDS = {"ort-cpu": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda",
                      "ort-tensorrt": "onnxruntime-tensorrt", "tensorrt": "tensorrt"}
 
@@ -48,7 +49,7 @@ class Config:
     samples: tuple[int, ...] = (1, 4)
     """N values (mean-of-N batch sizes)."""
     backends: tuple[str, ...] = ("eager", "cudagraph", "ort-cpu")
-    """eager | cudagraph | compile | ort-cpu | ort-cuda | ort-tensorrt | tensorrt (unavailable ones are skipped)."""
+    """eager | cudagraph | compile | compile-cudagraph | ort-cpu | ort-cuda | ort-tensorrt | tensorrt (unavailable ones are skipped)."""
     reps: int = 30
     """Timed repetitions per cell (after warm-up)."""
     warmup: int = 3
@@ -239,7 +240,7 @@ def main(cfg: Config) -> list[dict]:
         # Which backends run here; the exported ones share one export of this model.
         wanted = []
         for backend in cfg.backends:
-            if backend in ("cudagraph", "compile") and not cuda:
+            if backend in ("cudagraph", "compile", "compile-cudagraph") and not cuda:
                 continue  # GPU-only PyTorch paths: silently absent on CPU, as before
             if backend == "ort-cpu" and params / 1e6 > cfg.ort_cpu_max_params_m:
                 skipped.append(f"ort-cpu for {name}: {params / 1e9:.1f} B parameters on CPU (raise "
@@ -284,6 +285,13 @@ def main(cfg: Config) -> list[dict]:
                     from coop_transport.inference import compiled_sampler
 
                     sampler = compiled_sampler(model, n)
+                    fns[backend] = lambda s=sampler: s(batch)  # noqa: E731
+                elif backend == "compile-cudagraph":
+                    from coop_transport.inference import compile_cudagraph
+
+                    t0 = time.perf_counter()
+                    sampler = compile_cudagraph(model, batch, n)
+                    print(f"{name} N={n}: compile + capture {time.perf_counter() - t0:.0f} s", flush=True)
                     fns[backend] = lambda s=sampler: s(batch)  # noqa: E731
                 else:
                     fns[backend] = lambda b=ort_backends[backend]: b.sample(inputs, n)  # noqa: E731

@@ -161,6 +161,46 @@ def test_reader_trajectories_and_stats(lowdim_file):
         np.testing.assert_allclose(s.unnormalize(s.normalize(x, "meanstd"), "meanstd"), x, atol=1e-5)
 
 
+def test_expert_labels_are_the_noise_free_actions(lowdim_file, tmp_path):
+    """``expert_actions`` are the expert's actions without its exploration noise: they differ from the executed
+    ``actions`` by the noise on the six pose components only (std ``ExpertConfig.noise``, gripper identical), the
+    reader serves either, and a file without them (robomimic's) refuses ``expert`` and falls back under ``auto``."""
+    from coop_transport.sim.expert import ExpertConfig
+
+    with h5py.File(lowdim_file, "r") as f:
+        g = f["data/demo_0"]
+        executed, expert = g["actions"][()], g["expert_actions"][()]
+    assert expert.shape == executed.shape
+    noise = (executed - expert).reshape(-1, 2, 7)
+    np.testing.assert_array_equal(noise[:, :, 6], 0.0)  # the gripper command carries no noise
+    unclipped = np.abs(executed.reshape(-1, 2, 7)[:, :, :6]) < 1.0
+    spread = noise[:, :, :6][unclipped].std()
+    assert 0.5 * ExpertConfig().noise < spread < 1.5 * ExpertConfig().noise, spread
+
+    with load_demonstrations(lowdim_file, action_labels="expert") as demos:
+        assert demos.action_labels == "expert"
+        np.testing.assert_allclose(demos.arm_trajectories()[1].actions, expert[:, 7:], atol=1e-7)
+    with load_demonstrations(lowdim_file, action_labels="auto") as demos:
+        assert demos.action_labels == "expert"
+    with load_demonstrations(lowdim_file) as demos:  # the default: what ran (RL transitions, replay)
+        assert demos.action_labels == "executed"
+        np.testing.assert_allclose(demos.arm_trajectories()[1].actions, executed[:, 7:], atol=1e-7)
+
+    stripped = _copy(lowdim_file, tmp_path / "no_labels.hdf5")
+    with h5py.File(stripped, "a") as f:
+        for name in f["data"]:
+            del f["data"][name]["expert_actions"]
+    with pytest.raises(DatasetError, match="expert_actions"):
+        load_demonstrations(stripped, action_labels="expert")
+    with load_demonstrations(stripped, action_labels="auto") as demos:
+        assert demos.action_labels == "executed"
+    broken = _copy(lowdim_file, tmp_path / "nan_labels.hdf5")
+    with h5py.File(broken, "a") as f:
+        f["data/demo_1/expert_actions"][3, 2] = np.nan
+    with pytest.raises(DatasetError, match="expert_actions contains NaN"):
+        load_demonstrations(broken)
+
+
 def test_chunk_dataset_pads_with_last_action(lowdim_file):
     with load_demonstrations(lowdim_file) as demos:
         arms = demos.arm_trajectories()

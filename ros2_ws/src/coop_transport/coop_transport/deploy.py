@@ -87,8 +87,8 @@ def load_arm_policy(path: str | None, arm: str, recipe: RecipeConfig = RecipeCon
                     server_wait: float = 30.0) -> ArmPolicy:
     """The policy for ``arm`` from a checkpoint directory (the shipped default when ``path`` is empty) or an export
     directory (``python export/export.py --out DIR``), run by ``backend`` (``coop_transport.export.backends``:
-    torch, torch-cudagraph, torch-compile, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt; alias onnx; or auto, see
-    ``auto_backend``). Exported
+    torch, torch-cudagraph, torch-compile, torch-compile-cudagraph, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt;
+    alias onnx; or auto, see ``auto_backend``). Exported
     backends given a checkpoint use ``export`` (default ``<checkpoint>/export``) and refuse an export made from
     another checkpoint.
 

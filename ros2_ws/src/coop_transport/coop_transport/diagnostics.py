@@ -76,7 +76,8 @@ def _demo_observations(policy, data: str | Path, split: str | None, demos: list[
         raise ValueError("chunk and stride must be >= 1")
     if chunk > policy.horizon:
         raise ValueError(f"chunk {chunk} exceeds the policy's action horizon {policy.horizon}")
-    with load_demonstrations(data) as file:
+    # What the demonstrator meant to do next: its noise-free actions where the file records them.
+    with load_demonstrations(data, action_labels="auto") as file:
         names = list(demos) if demos else (file.demo_names(split) if split else file.demo_names())
         unknown = sorted(set(names) - set(file.demo_names()))
         if unknown:

@@ -45,6 +45,10 @@ class ImitationConfig:
     """Named model configuration (coop_transport.policy.config): small | pi0-3b | tiny."""
     data: Path = Path("data/transport_scripted.hdf5")
     """Demonstration file with images (ours or robomimic's Transport)."""
+    action_labels: Literal["auto", "expert", "executed"] = "auto"
+    """Imitation targets: the scripted expert's noise-free actions (``expert``: DART-style, learn the corrections
+    the noise made the expert show, not the noise) or the actions that ran (``executed``: robomimic's files only
+    have these); ``auto``: expert where the file has them."""
     out: Path | None = None
     """Run directory (default runs/imitation/<variant>-<model>)."""
     weights: Path | None = None
@@ -183,7 +187,8 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
     from coop_transport.data.dataset import load_demonstrations
 
     spec = variant_spec(config.variant)
-    with load_demonstrations(config.data) as demos:
+    with load_demonstrations(config.data, action_labels=config.action_labels) as demos:
+        print(f"imitation targets: {demos.action_labels} actions of {config.data}")
         names = demos.demo_names("train") or demos.demo_names()
         if config.demo_names:
             unknown = sorted(set(config.demo_names) - set(demos.demo_names()))

@@ -233,7 +233,8 @@ def stats_from_dict(d: dict) -> dict[str, NormStats]:
 class DemoFile:
     """A validated demonstration file. Use ``load_demonstrations`` to open one."""
 
-    def __init__(self, path: str, summary: fmt.FileSummary, action_frame: str, flip_images: bool, f):
+    def __init__(self, path: str, summary: fmt.FileSummary, action_frame: str, flip_images: bool, f,
+                 action_labels: str = "executed"):
         self.path = path
         self.summary = summary
         self.env_meta = summary.env_meta
@@ -242,6 +243,21 @@ class DemoFile:
         self.flip_images = flip_images
         self._f = f
         self._lowdim: dict[str, dict] = {}
+        self.action_labels = self._resolve_action_labels(action_labels)
+        """``executed`` (``actions``: what ran) or ``expert`` (``expert_actions``: the expert's noise-free labels);
+        what ``*_trajectories`` and ``norm_stats`` return as actions."""
+
+    def _resolve_action_labels(self, requested: str) -> str:
+        have = all(fmt.EXPERT_ACTIONS in self._f[fmt.DATA][name] for name in self.demos)
+        if requested == "auto":
+            return "expert" if have else "executed"
+        if requested == "expert" and not have:
+            raise DatasetError(f"{self.path}: action_labels='expert' but not every demonstration has "
+                               f"'{fmt.EXPERT_ACTIONS}' (files from robomimic or from before they were recorded); "
+                               f"use 'executed' or 'auto'")
+        if requested not in ("executed", "expert"):
+            raise ValueError(f"action_labels must be 'executed', 'expert' or 'auto', got {requested!r}")
+        return requested
 
     # -------------------------------------------------------------------------------------------- description
     @property
@@ -282,7 +298,7 @@ class DemoFile:
 
     def __repr__(self) -> str:
         return (f"DemoFile({self.path!r}, {len(self.demos)} demos, {self.summary.total} steps, source={self.source}, "
-                f"action_frame={self.action_frame}, cameras={list(self.cameras)})")
+                f"action_frame={self.action_frame}, action_labels={self.action_labels}, cameras={list(self.cameras)})")
 
     # ----------------------------------------------------------------------------------------------- reading
     def _demo_lowdim(self, name: str) -> dict:
@@ -290,7 +306,8 @@ class DemoFile:
             g = self._f[fmt.DATA][name]
             where = f"{self.path}: data/{name}"
             obs = {k: fmt.read_array(g[fmt.OBS], k, where) for k in fmt.REQUIRED_OBS}
-            actions = fmt.read_array(g, fmt.ACTIONS, where).astype(np.float64)
+            key = fmt.EXPERT_ACTIONS if self.action_labels == "expert" else fmt.ACTIONS
+            actions = fmt.read_array(g, key, where).astype(np.float64)
             per_arm = {arm: actions[:, i * ARM_ACTION_DIM:(i + 1) * ARM_ACTION_DIM] for i, arm in enumerate(ARMS)}
             if self.action_frame == fmt.ACTION_FRAME_WORLD:
                 per_arm = {arm: world_to_base_action(arm, a) for arm, a in per_arm.items()}
@@ -391,10 +408,14 @@ def infer_flip_images(meta: dict, env_meta: dict) -> bool:
 
 
 def load_demonstrations(path: str | os.PathLike, action_frame: Literal["base", "world"] | None = None,
-                        flip_images: bool | None = None, check_values: bool = True) -> DemoFile:
+                        flip_images: bool | None = None, check_values: bool = True,
+                        action_labels: Literal["executed", "expert", "auto"] = "executed") -> DemoFile:
     """Open and validate a TwoArmTransport demonstration file (ours or robomimic's).
 
     ``action_frame`` / ``flip_images`` override what the file's metadata implies (see the module docstring).
+    ``action_labels`` picks the actions the trajectories carry: ``executed`` (what ran: transitions, RL),
+    ``expert`` (the scripted expert's noise-free actions; an error where the file lacks them) or ``auto`` (expert
+    where every demonstration has them, else executed: imitation targets).
     Raises ``DatasetError`` naming the problem for unusable files.
     """
     path = os.fspath(Path(path))
@@ -409,7 +430,11 @@ def load_demonstrations(path: str | os.PathLike, action_frame: Literal["base", "
         raise ValueError(f"action_frame must be 'base', 'world' or None, got {action_frame!r}")
     frame = action_frame or infer_action_frame(summary.meta, summary.env_meta)
     flip = infer_flip_images(summary.meta, summary.env_meta) if flip_images is None else flip_images
-    return DemoFile(path, summary, frame, flip, f)
+    try:
+        return DemoFile(path, summary, frame, flip, f, action_labels)
+    except BaseException:
+        f.close()
+        raise
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -200,6 +200,7 @@ def shard_fingerprint(config: GenerateConfig) -> dict:
         "next_obs_images": config.next_obs_images and config.images,
         "compression": config.compression,
         "labels": config.labels and _labels_available(),
+        "expert_actions": True,  # shards record the expert's noise-free actions (files before this did not)
     }
 
 
@@ -245,6 +246,7 @@ def record_episode(sim, seed: int, runner: Callable, object_keys: list[str], lab
     """
     snaps: list[tuple[dict, np.ndarray, dict | None]] = []  # (low-dim obs, state, labels) at t = 0..T
     actions: list[np.ndarray] = []
+    intended: list[np.ndarray | None] = []  # the expert's noise-free actions, where the runner reports them
     rewards: list[float] = []
     dones: list[bool] = []
 
@@ -255,12 +257,14 @@ def record_episode(sim, seed: int, runner: Callable, object_keys: list[str], lab
 
     def recording_reset(*args, **kwargs):
         obs = original_reset(*args, **kwargs)
-        snaps.clear(), actions.clear(), rewards.clear(), dones.clear()
+        snaps.clear(), actions.clear(), intended.clear(), rewards.clear(), dones.clear()
         snapshot(obs)
         return obs
 
     def on_step(obs, action, reward, done, info) -> None:
         actions.append(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))  # what the simulation applied
+        clean = info.get("expert_action") if isinstance(info, dict) else None
+        intended.append(None if clean is None else np.clip(np.asarray(clean, dtype=np.float64), -1.0, 1.0))
         rewards.append(float(reward))
         dones.append(bool(done))
         snapshot(obs)
@@ -292,6 +296,7 @@ def record_episode(sim, seed: int, runner: Callable, object_keys: list[str], lab
         seed=int(seed),
         success=bool(result["success"]),
         model_file=sim.model_xml(),
+        expert_actions=np.stack(intended) if all(a is not None for a in intended) else None,
     )
     return record, result
 

@@ -9,6 +9,8 @@ The layout (robomimic ``docs/datasets/overview.md``), as coop_transport writes i
                                          final_state (nstate,) MuJoCo state after the last action
         actions    (T, 14) float64  joint action in [-1, 1]: robot0's 7 then robot1's 7, OSC deltas in each arm's
                                     *base* frame (robosuite 1.5), gripper -1 open / +1 close
+        expert_actions (T, 14) float64  the scripted expert's noise-free action at each state (``actions`` adds its
+                                    exploration noise); optional, absent in robomimic's files
         states     (T, nstate) float64  flattened MuJoCo state [time, qpos, qvel] *before* each action
         rewards    (T,) float64     sparse task reward r(s') after each action (1 at success)
         dones      (T,) int64       1 at the last step (success or horizon), else 0
@@ -52,6 +54,7 @@ MASK = "mask"
 DEMO_PREFIX = "demo_"
 OBS, NEXT_OBS, LABELS = "obs", "next_obs", "labels"
 ACTIONS, STATES, REWARDS, DONES = "actions", "states", "rewards", "dones"
+EXPERT_ACTIONS = "expert_actions"  # noise-free labels of a scripted expert (imitation targets; ``actions`` ran)
 OBJECT_KEY = "object"  # robosuite's concatenated "object-state"
 META_ATTR = "coop_transport"  # JSON attribute of ``data`` written by this package (absent in robomimic's files)
 TRAIN, VALID = "train", "valid"
@@ -157,6 +160,7 @@ class EpisodeRecord:
     success: bool = False
     failed_seeds: tuple[int, ...] = ()
     model_file: str = ""
+    expert_actions: np.ndarray | None = None  # (T, 14) noise-free expert actions, or None
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -193,6 +197,11 @@ def write_demo(group, episode: EpisodeRecord, compression: str = "gzip") -> None
     """Write one episode into an (empty) ``data/demo_i`` group."""
     T = len(episode)
     group.create_dataset(ACTIONS, data=np.asarray(episode.actions, dtype=np.float64))
+    if episode.expert_actions is not None:
+        if np.shape(episode.expert_actions) != np.shape(episode.actions):
+            raise ValueError(f"expert_actions has shape {np.shape(episode.expert_actions)}, actions "
+                             f"{np.shape(episode.actions)}")
+        group.create_dataset(EXPERT_ACTIONS, data=np.asarray(episode.expert_actions, dtype=np.float64))
     group.create_dataset(STATES, data=np.asarray(episode.states, dtype=np.float64))
     group.create_dataset(REWARDS, data=np.asarray(episode.rewards, dtype=np.float64))
     group.create_dataset(DONES, data=np.asarray(episode.dones, dtype=np.int64))
@@ -348,6 +357,8 @@ def validate(f, path: str = "", check_values: bool = True) -> FileSummary:
         if "num_samples" in g.attrs and int(g.attrs["num_samples"]) != T:
             raise DatasetError(f"{where}: attribute num_samples={int(g.attrs['num_samples'])} but actions has {T} "
                                f"steps")
+        if EXPERT_ACTIONS in g and g[EXPERT_ACTIONS].shape != shape:
+            raise DatasetError(f"{where}/{EXPERT_ACTIONS} has shape {g[EXPERT_ACTIONS].shape}, actions {shape}")
         for key in (STATES, REWARDS, DONES):
             if key in g and g[key].shape[0] != T:
                 raise DatasetError(f"{where}/{key} has {g[key].shape[0]} steps, actions have {T} (length mismatch)")
@@ -364,12 +375,14 @@ def validate(f, path: str = "", check_values: bool = True) -> FileSummary:
         if not obs_keys:
             obs_keys = tuple(sorted(g[OBS].keys()))
         if check_values:
-            actions = read_array(g, ACTIONS, where)
-            bad = ~np.isfinite(actions)
-            if bad.any():
-                t, j = np.argwhere(bad)[0]
-                raise DatasetError(f"{where}/actions contains NaN or inf ({int(bad.sum())} values, first at step {t}, "
-                                   f"dimension {j})")
+            for key in (ACTIONS, EXPERT_ACTIONS):
+                if key not in g:
+                    continue
+                bad = ~np.isfinite(read_array(g, key, where))
+                if bad.any():
+                    t, j = np.argwhere(bad)[0]
+                    raise DatasetError(f"{where}/{key} contains NaN or inf ({int(bad.sum())} values, first at step "
+                                       f"{t}, dimension {j})")
         lengths[name] = T
     if "total" in data.attrs and int(data.attrs["total"]) != sum(lengths.values()):
         raise DatasetError(f"{path}: data attribute total={int(data.attrs['total'])} but the demonstrations hold "

@@ -28,12 +28,13 @@ import numpy as np
 from coop_transport.export.spec import (ACTIONS, NOISE, PROMPT_MASK, PROMPT_TOKENS, STATE, ExportError, TensorSpec,
                                         check_inputs, chunk_sampler_inputs, image_input)
 
-BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda",
+BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "torch-compile-cudagraph", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda",
             "onnxruntime-tensorrt", "tensorrt")
-ALIASES = {"eager": "torch", "cudagraph": "torch-cudagraph", "compile": "torch-compile", "onnx": "onnxruntime",
+ALIASES = {"eager": "torch", "cudagraph": "torch-cudagraph", "compile": "torch-compile",
+           "compile-cudagraph": "torch-compile-cudagraph", "onnx": "onnxruntime",
            "ort": "onnxruntime", "ort-cpu": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda",
            "ort-tensorrt": "onnxruntime-tensorrt", "trt": "tensorrt"}
-TORCH_BACKENDS = ("torch", "torch-cudagraph", "torch-compile")
+TORCH_BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "torch-compile-cudagraph")
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 
@@ -89,7 +90,8 @@ class ChunkBackend:
 
 
 class TorchBackend(ChunkBackend):
-    """The PyTorch model itself: eager, one CUDA graph per (B, N) (inference.CudaGraphSampler), or torch.compile."""
+    """The PyTorch model itself: eager, one CUDA graph per (B, N) (inference.CudaGraphSampler), torch.compile, or
+    torch.compile captured as one CUDA graph (inference.compile_cudagraph)."""
 
     def __init__(self, model, mode: str = "torch"):
         import torch
@@ -100,8 +102,8 @@ class TorchBackend(ChunkBackend):
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
-        if mode == "torch-cudagraph" and self.device.type != "cuda":
-            raise ExportError(f"torch-cudagraph needs the model on a CUDA device, it is on {self.device}")
+        if mode in ("torch-cudagraph", "torch-compile-cudagraph") and self.device.type != "cuda":
+            raise ExportError(f"{mode} needs the model on a CUDA device, it is on {self.device}")
         self.name = mode
         self.description = f"{mode} on {self.device} ({str(model.dtype).replace('torch.', '')}), torch {torch.__version__}"
         self._samplers: dict[tuple[int, int], Any] = {}
@@ -130,10 +132,14 @@ class TorchBackend(ChunkBackend):
             else:
                 key = (batch_size, num_samples)
                 if key not in self._samplers:
-                    from coop_transport.inference import CudaGraphSampler, compiled_sampler
+                    from coop_transport.inference import CudaGraphSampler, compile_cudagraph, compiled_sampler
 
-                    self._samplers[key] = (CudaGraphSampler(self.model, batch, num_samples)
-                                           if self.name == "torch-cudagraph" else compiled_sampler(self.model, num_samples))
+                    if self.name == "torch-cudagraph":
+                        self._samplers[key] = CudaGraphSampler(self.model, batch, num_samples)
+                    elif self.name == "torch-compile-cudagraph":
+                        self._samplers[key] = compile_cudagraph(self.model, batch, num_samples)
+                    else:
+                        self._samplers[key] = compiled_sampler(self.model, num_samples)
                 out = self._samplers[key](batch, noise)
             return out.float().cpu().numpy()
 

@@ -245,7 +245,7 @@ def load_backend_policy(path: str | pathlib.Path | None, backend: str, device: s
         manifest = read_manifest(export)
         checkpoint = pathlib.Path(manifest["source_checkpoint"]["path"])
         check_source(manifest, checkpoint, export)
-    if name == "torch-cudagraph" and device == "auto":
+    if name in ("torch-cudagraph", "torch-compile-cudagraph") and device == "auto":
         device = "cuda"
     pi0 = Pi0Policy.load(checkpoint, device=device)
     return BackendPolicy(make_backend(name, model=pi0.model, threads=threads, **options), PolicyMeta.from_pi0_policy(pi0))

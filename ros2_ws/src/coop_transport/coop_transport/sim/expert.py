@@ -33,6 +33,11 @@ Gripper commands are crisp ±1.
 Variation for imitation learning comes from two seeded sources: Gaussian noise on every position/rotation action
 component (``ExpertConfig.noise``) and a per-episode random offset of every grasp, hand-over and placement waypoint
 (``ExpertConfig.waypoint_jitter``). A (reset seed, expert seed) pair reproduces a demonstration exactly.
+
+The action noise is exploration, not part of the demonstrated behaviour: ``act`` returns the noisy action that runs,
+and ``intended_action`` keeps the noise-free one for the same state. Demonstration files store both (``actions``
+and ``expert_actions``), so imitation can learn from the noise-free labels on the states the noise visited (DART,
+Laskey et al. 2017: the learner sees how the expert corrects small deviations, without learning the noise itself).
 """
 
 from __future__ import annotations
@@ -294,6 +299,9 @@ class ScriptedExpert:
         self._arms: dict[str, _ArmState] = {}
         self._t = 0
         self._last_pos: dict[str, np.ndarray] = {}
+        self.intended_action: np.ndarray | None = None
+        """(14,) noise-free action of the last ``act`` call (what the expert meant; the returned action adds the
+        exploration noise)."""
 
     # ------------------------------------------------------------------------------------------------ interface
     def reset(self, sim: TransportSim, seed: int | None = None) -> None:
@@ -317,9 +325,10 @@ class ScriptedExpert:
         for arm, policy in (("robot0", self._robot0), ("robot1", self._robot1)):
             self._check_timeout(arm, scene)
             commands[arm] = self._recover(arm, scene) if self._arms[arm].stage == "recover" else policy(scene)
-        actions = {arm: self._track(arm, scene, commands[arm]) for arm in ARMS}
+        tracked = {arm: self._track(arm, scene, commands[arm]) for arm in ARMS}
         self._t += 1
-        return join_actions(actions).astype(np.float32)
+        self.intended_action = join_actions({arm: clean for arm, (clean, _) in tracked.items()}).astype(np.float32)
+        return join_actions({arm: noisy for arm, (_, noisy) in tracked.items()}).astype(np.float32)
 
     def phase(self, arm: str) -> str:
         """Name of ``arm``'s current stage (see the module docstring)."""
@@ -735,8 +744,9 @@ class ScriptedExpert:
                     and np.linalg.norm(s.payload_pos - self._handover) < 2 * self.config.reach_tolerance)
 
     # -------------------------------------------------------------------------------------------------- control
-    def _track(self, arm: str, s: _Scene, command: _Command) -> np.ndarray:
-        """Saturated proportional step towards a world-frame pose, as the arm's base-frame (7,) action."""
+    def _track(self, arm: str, s: _Scene, command: _Command) -> tuple[np.ndarray, np.ndarray]:
+        """Saturated proportional step towards a world-frame pose, as the arm's base-frame (7,) action: (noise-free,
+        with exploration noise)."""
         cfg = self.config
         coasting = cfg.velocity_lookahead * s.eef_vel[arm]
         pos_action = cfg.pos_gain * (command.pos - s.eef_pos[arm] - coasting) / OSC_POS_SCALE
@@ -747,17 +757,18 @@ class ScriptedExpert:
         action[0:3] = np.clip(BASE_ROT[arm].T @ pos_action, -cfg.max_pos_action, cfg.max_pos_action)
         max_rot = cfg.max_rot_action if command.max_rot is None else min(command.max_rot, cfg.max_rot_action)
         action[3:6] = BASE_ROT[arm].T @ _cap_norm(rot_action, max_rot)
-        action[0:6] += self._rng.normal(0.0, cfg.noise, 6)
         action[GRIPPER_INDEX] = command.gripper
-        return np.clip(action, -1.0, 1.0)
+        noisy = action.copy()
+        noisy[0:6] += self._rng.normal(0.0, cfg.noise, 6)
+        return np.clip(action, -1.0, 1.0), np.clip(noisy, -1.0, 1.0)
 
 
 def run_expert_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | None = None, on_step=None) -> dict:
     """Reset sim to `seed`, run the expert until done; returns {"success": bool, "length": int, "seed": int}.
 
     `on_step(obs, action, reward, done, info)` is called after each step (used by the demo writer and video
-    recorder). The episode ends where the simulator says so: at the first success (``SimConfig.terminate_on_success``)
-    or at the horizon.
+    recorder); ``info["expert_action"]`` is the expert's noise-free action for that step. The episode ends where the
+    simulator says so: at the first success (``SimConfig.terminate_on_success``) or at the horizon.
     """
     expert = expert if expert is not None else ScriptedExpert()
     sim.reset(seed)
@@ -766,6 +777,7 @@ def run_expert_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | No
     while not done:
         action = expert.act(sim)
         obs, reward, done, info = sim.step(action)
+        info = {**info, "expert_action": expert.intended_action}
         success = success or bool(info["success"])
         if on_step is not None:
             on_step(obs, action, reward, done, info)
