@@ -314,7 +314,11 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
                 state[key] = t.to(param.device)
         step_value = meta["optimizer_scalars"].get(f"{name}/step")
         if state and step_value is not None:
-            state["step"] = torch.tensor(step_value)
+            # Where torch's own load_state_dict puts it: a float32 tensor on the parameter's device for the fused
+            # (and capturable) kernels, on the CPU otherwise (a CPU step makes the fused CUDA kernel fail).
+            on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+            state["step"] = torch.tensor(float(step_value), dtype=torch.float32,
+                                         device=param.device if on_device else "cpu")
             optimizer.state[param] = state
     if ema is not None:
         ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
