@@ -442,9 +442,20 @@ class Pi0Model(nn.Module):
         b * num_samples + n (`.view(B, num_samples, T, -1)`), and with return_prefix the PrefixCache, whose
         prefix_embeddings / prefix_hidden / prefix_mask feed the residual-RL token encoder.
         """
-        config = self.config
-        num_steps = config.num_flow_steps if num_steps is None else num_steps
         cache = self.prepare_prefix(batch, num_samples)
+        actions = self.integrate_flow(cache, noise, num_steps)
+        return (actions, cache) if return_prefix else actions
+
+    @torch.no_grad()
+    def integrate_flow(self, cache: PrefixCache, noise: torch.Tensor | None = None, num_steps: int | None = None,
+                       velocity_fn=None) -> torch.Tensor:
+        """The Euler steps of `sample_actions` on a prepared prefix: (B * N, T, action_dim) float32.
+
+        velocity_fn: what computes one step's velocity, `denoise_velocity` by default (inference.py passes a
+        compiled copy, compiled once and called at every step: the time is a tensor, so no step recompiles)."""
+        config = self.config
+        velocity_fn = self.denoise_velocity if velocity_fn is None else velocity_fn
+        num_steps = config.num_flow_steps if num_steps is None else num_steps
         rows = cache.state.shape[0]
         shape = (rows, config.action_horizon, config.action_pad_dim)
         if noise is None:
@@ -455,9 +466,8 @@ class Pi0Model(nn.Module):
         x_t = noise.float()
         for step in range(num_steps):
             time = torch.full((rows,), 1.0 + step * dt, device=x_t.device)
-            x_t = x_t + dt * self.denoise_velocity(cache, x_t, time)
-        actions = x_t[..., : config.action_dim]
-        return (actions, cache) if return_prefix else actions
+            x_t = x_t + dt * velocity_fn(cache, x_t, time)
+        return x_t[..., : config.action_dim]
 
 
 def build_model(
