@@ -17,14 +17,15 @@ def demo_file(tmp_path_factory):
 
 
 class OraclePolicy:
-    """Predicts exactly what the demonstration did next (found by its proprio), optionally with an offset."""
+    """Predicts exactly what the demonstrator meant to do next (its noise-free actions, the diagnostic's reference;
+    found by its proprio), optionally with an offset."""
 
     variant, horizon, prompts = "per-arm", 12, {"robot0": "a", "robot1": "b"}
 
     def __init__(self, demo_file, offset=0.0):
         from coop_transport.data.dataset import load_demonstrations
 
-        with load_demonstrations(demo_file) as f:
+        with load_demonstrations(demo_file, action_labels="expert") as f:
             self.trajs = f.arm_trajectories(None, images="none")
         self.offset = offset
 
