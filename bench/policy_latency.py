@@ -240,7 +240,7 @@ def main(cfg: Config) -> list[dict]:
         # Which backends run here; the exported ones share one export of this model.
         wanted = []
         for backend in cfg.backends:
-            if backend in ("cudagraph", "compile", "compile-cudagraph") and not cuda:
+            if backend in TORCH_BACKENDS and backend != "eager" and not cuda:
                 continue  # GPU-only PyTorch paths: silently absent on CPU, as before
             if backend == "ort-cpu" and params / 1e6 > cfg.ort_cpu_max_params_m:
                 skipped.append(f"ort-cpu for {name}: {params / 1e9:.1f} B parameters on CPU (raise "

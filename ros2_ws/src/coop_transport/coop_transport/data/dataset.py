@@ -248,15 +248,17 @@ class DemoFile:
         what ``*_trajectories`` and ``norm_stats`` return as actions."""
 
     def _resolve_action_labels(self, requested: str) -> str:
+        if requested not in ("executed", "expert", "auto"):
+            raise ValueError(f"action_labels must be 'executed', 'expert' or 'auto', got {requested!r}")
+        if requested == "executed":
+            return requested
         have = all(fmt.EXPERT_ACTIONS in self._f[fmt.DATA][name] for name in self.demos)
         if requested == "auto":
             return "expert" if have else "executed"
-        if requested == "expert" and not have:
+        if not have:
             raise DatasetError(f"{self.path}: action_labels='expert' but not every demonstration has "
                                f"'{fmt.EXPERT_ACTIONS}' (files from robomimic or from before they were recorded); "
                                f"use 'executed' or 'auto'")
-        if requested not in ("executed", "expert"):
-            raise ValueError(f"action_labels must be 'executed', 'expert' or 'auto', got {requested!r}")
         return requested
 
     # -------------------------------------------------------------------------------------------- description

@@ -8,8 +8,8 @@ where they are used, so an exported policy runs through ONNX Runtime without PyT
 
 Modules: spec (named inputs/outputs), graphs (what is exported; the registry), fused (the chunk sampler rewritten with
 fused weights, which the π0 graphs are traced from), onnx_export, manifest (hashes, source checkpoint), backends
-(torch, torch-cudagraph, torch-compile, torch-compile-cudagraph, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt), runtime (BackendPolicy),
-parity, tensorrt_build, exporter (the command's library).
+(torch, torch-cudagraph, torch-compile, torch-compile-cudagraph, onnxruntime[-cpu|-cuda|-tensorrt], tensorrt),
+runtime (BackendPolicy), parity, tensorrt_build, exporter (the command's library).
 """
 
 from coop_transport.export.backends import BACKENDS, ChunkBackend, canonical_backend, make_backend, needs_export

@@ -28,13 +28,14 @@ import numpy as np
 from coop_transport.export.spec import (ACTIONS, NOISE, PROMPT_MASK, PROMPT_TOKENS, STATE, ExportError, TensorSpec,
                                         check_inputs, chunk_sampler_inputs, image_input)
 
-BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "torch-compile-cudagraph", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda",
-            "onnxruntime-tensorrt", "tensorrt")
+BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "torch-compile-cudagraph", "onnxruntime", "onnxruntime-cpu",
+            "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 ALIASES = {"eager": "torch", "cudagraph": "torch-cudagraph", "compile": "torch-compile",
            "compile-cudagraph": "torch-compile-cudagraph", "onnx": "onnxruntime",
            "ort": "onnxruntime", "ort-cpu": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda",
            "ort-tensorrt": "onnxruntime-tensorrt", "trt": "tensorrt"}
 TORCH_BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "torch-compile-cudagraph")
+CUDA_GRAPH_BACKENDS = ("torch-cudagraph", "torch-compile-cudagraph")  # capture a CUDA graph: a CUDA device only
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 
@@ -102,7 +103,7 @@ class TorchBackend(ChunkBackend):
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
-        if mode in ("torch-cudagraph", "torch-compile-cudagraph") and self.device.type != "cuda":
+        if mode in CUDA_GRAPH_BACKENDS and self.device.type != "cuda":
             raise ExportError(f"{mode} needs the model on a CUDA device, it is on {self.device}")
         self.name = mode
         self.description = f"{mode} on {self.device} ({str(model.dtype).replace('torch.', '')}), torch {torch.__version__}"

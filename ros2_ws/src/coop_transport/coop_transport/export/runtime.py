@@ -20,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from coop_transport.adapters import arm_images, check_image, check_state, joint_images, joint_proprio, variant_spec
-from coop_transport.export.backends import ChunkBackend, canonical_backend, make_backend, needs_export
+from coop_transport.export.backends import (CUDA_GRAPH_BACKENDS, ChunkBackend, canonical_backend, make_backend,
+                                            needs_export)
 from coop_transport.export.manifest import MANIFEST_FILE, check_source, read_manifest
 from coop_transport.export.spec import NOISE, PROMPT_MASK, PROMPT_TOKENS, STATE, ExportError, ExportFileMissing, \
     image_input
@@ -245,7 +246,7 @@ def load_backend_policy(path: str | pathlib.Path | None, backend: str, device: s
         manifest = read_manifest(export)
         checkpoint = pathlib.Path(manifest["source_checkpoint"]["path"])
         check_source(manifest, checkpoint, export)
-    if name in ("torch-cudagraph", "torch-compile-cudagraph") and device == "auto":
+    if name in CUDA_GRAPH_BACKENDS and device == "auto":
         device = "cuda"
     pi0 = Pi0Policy.load(checkpoint, device=device)
     return BackendPolicy(make_backend(name, model=pi0.model, threads=threads, **options), PolicyMeta.from_pi0_policy(pi0))
