@@ -180,6 +180,50 @@ def test_libfranka_arm_refuses_a_foreign_end_effector_and_bad_limits():
 
 
 # ------------------------------------------------------------------------ two simulated arms, real protocol
+def test_a_shutdown_racing_the_arm_thread_stops_quietly():
+    """A signal shuts ROS down on the main thread while the arm's I/O thread is between its context check and a
+    publish (seen in CI as a traceback on SIGTERM). That is a normal stop; a publish failing while ROS is up is not."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from coop_transport.ros.franka_bridge_node import FrankaBridgeNode
+    from coop_transport.ros.libfranka_arm import ArmState
+
+    context = Context()
+    use_isolated_ros_env()
+    rclpy.init(context=context)
+    node = FrankaBridgeNode(franky_module=_fake_franky(), context=context, parameter_overrides=[
+        Parameter("arm", value="robot0"), Parameter("backend", value="libfranka"),
+        Parameter("robot_ip", value="fake-arm"), Parameter("realtime", value=False),
+        Parameter("gripper", value="none")])
+    try:
+        node.stop_robot()  # the I/O thread ends: this test plays it, one state at a time
+        robot = node.arm_driver.robot
+        state = ArmState(time.time(), 1.0, robot.q, np.zeros(7), robot.pose, float("nan"), "Move")
+        node._on_arm_state(state)  # ROS up: published
+
+        real_publish = node.pub_joints.publish
+
+        def failing_publish(msg):
+            raise RuntimeError("a publish that fails while ROS is up")
+
+        node.pub_joints.publish = failing_publish
+        with pytest.raises(RuntimeError, match="while ROS is up"):
+            node._on_arm_state(state)  # a real failure is not swallowed
+
+        def shutdown_then_publish(msg):
+            rclpy.shutdown(context=context)  # the signal handler, between the check and the publish
+            real_publish(msg)
+
+        node.pub_joints.publish = shutdown_then_publish
+        node._on_arm_state(state)  # rclpy raises "publisher's context is invalid": a quiet stop
+        assert not context.ok()
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
     logs = tmp_path_factory.mktemp("libfranka")

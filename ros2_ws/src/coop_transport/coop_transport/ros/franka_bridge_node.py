@@ -218,15 +218,28 @@ class FrankaBridgeNode(Node):
             return
         stamp = codec.to_stamp(state.wall_time)
         half_width = state.gripper_width / 2 if np.isfinite(state.gripper_width) else 0.0
-        self.pub_joints.publish(codec.joint_state_msg(self.joint_names, [*state.q, half_width, half_width],
-                                                      [*state.dq, 0.0, 0.0], stamp))
-        self._set_measured(state.pose[:3, 3], state.pose[:3, :3], f"{self.joint_prefix}_link0", stamp)
+        try:
+            self.pub_joints.publish(codec.joint_state_msg(self.joint_names, [*state.q, half_width, half_width],
+                                                          [*state.dq, 0.0, 0.0], stamp))
+            self._set_measured(state.pose[:3, 3], state.pose[:3, :3], f"{self.joint_prefix}_link0", stamp)
+        except Exception:
+            # A signal may shut the context down between the check above and a publish (this runs on the arm's
+            # thread, the signal handler on the main one); the arm is then being stopped: nothing to report.
+            if self.context.ok():
+                raise
 
     def _on_arm_fault(self, fault: ArmFault) -> None:
         """libfranka (the arm's I/O or gripper thread): gripper faults and restarted planner failures are reported
         (log; counters on diagnostics); any other fault disables the arm until an enable call recovers it."""
         if not self.context.ok():
             return
+        try:
+            self._report_arm_fault(fault)
+        except Exception:
+            if self.context.ok():  # see _on_arm_state: a shutdown racing this thread is not a fault to report
+                raise
+
+    def _report_arm_fault(self, fault: ArmFault) -> None:
         if fault.kind == "gripper":
             self.get_logger().error(f"{self.arm} gripper: {fault.reason}", throttle_duration_sec=5.0)
             return

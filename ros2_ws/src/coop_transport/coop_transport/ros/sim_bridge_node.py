@@ -234,6 +234,10 @@ class SimBridgeNode(Node):
         try:
             self._run()
         except Exception as err:  # surface the failure and exit non-zero (the bridge is a required node)
+            if not self.context.ok():  # a signal shut ROS down under a publish of this thread: a normal stop
+                if not self.finished.done():
+                    self.finished.set_result(True)
+                return
             self.get_logger().fatal(f"simulation loop failed: {err!r}")
             self.finished.set_exception(err)
             return
