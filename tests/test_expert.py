@@ -83,3 +83,29 @@ def test_grasp_orientations():
     assert leaned[:, 2] @ np.array([0.0, -1.0, 0.0]) > 0.19
     np.testing.assert_allclose(axis_angle_matrix(np.array([0, 0, 1.0]), np.pi / 2) @ [1, 0, 0], [0, 1, 0],
                                atol=1e-12)
+
+
+def test_degenerate_geometry_gives_finite_actions(sim):
+    """States a policy visits and the demonstrations never do (a cube tipped onto its side, a bar standing on end,
+    the hand pointing sideways) must still get a finite action: the expert labels a policy's states (DAgger) and
+    is the residual actor's reference. A vertical bar has no top grasp across it: the hand comes down on its end."""
+    up = np.array([0.0, 0.0, 1.0])
+    for bar in (up, -up, np.array([1e-9, 0.0, 1.0])):
+        r = top_grasp(bar)
+        assert np.all(np.isfinite(r)) and np.allclose(r @ r.T, np.eye(3)) and np.isclose(np.linalg.det(r), 1.0)
+        np.testing.assert_allclose(r[:, 2], [0, 0, -1], atol=1e-6)  # straight down onto the bar's end
+
+    sim.reset(3)
+    expert = ScriptedExpert(seed=0)
+    expert.reset(sim)
+    env = sim.rs_env
+    joint = env.transport.trash.joints[0]
+    qpos = env.sim.data.get_joint_qpos(joint).copy()
+    qpos[3:7] = [np.cos(np.pi / 4), np.sin(np.pi / 4), 0.0, 0.0]  # wxyz: a quarter turn about x, its y axis vertical
+    env.sim.data.set_joint_qpos(joint, qpos)
+    env.sim.forward()
+    sim.step(np.zeros(JOINT_ACTION_DIM))  # a fresh observation of the tipped cube
+    for _ in range(3):
+        action = expert.act(sim)
+        assert np.all(np.isfinite(action)) and np.all(np.isfinite(expert.intended_action))
+        sim.step(action)

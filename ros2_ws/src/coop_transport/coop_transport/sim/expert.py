@@ -192,13 +192,22 @@ class ExpertConfig:
 
 
 # ------------------------------------------------------------------------------------------------- geometry helpers
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+WORLD_X = np.array([1.0, 0.0, 0.0])
+DEGENERATE = 1e-6  # norm below which a direction is undefined (a vertical bar has no horizontal part)
+
+
+def _unit(v: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    if norm < DEGENERATE:
+        if fallback is None:
+            raise ValueError(f"cannot normalize the zero vector {v}")
+        return fallback
+    return v / norm
 
 
 def _flat(v: np.ndarray) -> np.ndarray:
-    """Unit horizontal part of a vector."""
-    return _unit(np.array([v[0], v[1], 0.0]))
+    """Unit horizontal part of a vector; world x for a vertical one (the hand pointing sideways, a bar on end)."""
+    return _unit(np.array([v[0], v[1], 0.0]), fallback=WORLD_X)
 
 
 def _cap_norm(v: np.ndarray, cap: float) -> np.ndarray:
@@ -223,9 +232,16 @@ def top_grasp(along: np.ndarray) -> np.ndarray:
 
     The Panda hand's z axis is its approach direction and its fingers slide along its y axis, so the grasp has
     x = along, z = as straight down as a tilted bar allows (perpendicular to it), y = z × x. ``-along`` gives the
-    mirror-image grasp (the hand turned half a turn about the vertical)."""
+    mirror-image grasp (the hand turned half a turn about the vertical).
+
+    A vertical bar (a bar stood on its end, a cube tipped onto its side: states a policy reaches and the
+    demonstrations do not) has no grasp across it from above: the hand comes straight down onto its end, x along
+    the bar's horizontal part, or world x when it has none."""
     x = _unit(along)
-    z = _unit(DOWN - (DOWN @ x) * x)
+    z = DOWN - (DOWN @ x) * x
+    if np.linalg.norm(z) < 1e-3:  # within ~0.06 deg of vertical
+        x, z = _flat(along), DOWN
+    z = _unit(z)
     return np.column_stack([x, np.cross(z, x), z])
 
 
