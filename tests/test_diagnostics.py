@@ -59,6 +59,30 @@ def test_teacher_forced_compares_each_chunk_with_the_actions_that_followed(demo_
     shifted = diagnostics.teacher_forced(OraclePolicy(demo_file, offset=0.6), demo_file, split=None, chunk=5)
     assert np.allclose(shifted.mae, 0.6) and all(n == shifted.predictions for n in shifted.outliers)
     assert "| gripper |" in shifted.markdown()
+    # broken down by each arm's task phase at the predicted step (the files carry phase labels)
+    rows = shifted.by_phase
+    assert {r["arm"] for r in rows} == {"robot0", "robot1"} and sum(r["actions"] for r in rows) == shifted.predictions
+    assert all(np.isclose(r["mae_translation"], 0.6) and np.isclose(r["mae_gripper"], 0.6) for r in rows)
+    assert all(r["wrong_gripper"] == 0 for r in rows) and "by task phase" in shifted.markdown()
+
+
+def test_errors_by_phase_groups_each_arms_dimensions_by_its_own_phase():
+    from coop_transport.constants import PHASES
+
+    # joint layout: 3 predicted actions of one observation; robot0 in phase 0 then 1, robot1 in phase 2 throughout
+    err = np.zeros((3, 14))
+    err[:, 0:3], err[2, 6] = 0.3, 1.5  # robot0: translation error everywhere, a wrong gripper command at its last step
+    err[:, 10] = 0.9  # robot1: rotation error
+    rows = diagnostics._errors_by_phase(err, [{"robot0": np.array([0, 0, 1]), "robot1": np.array([2, 2, 2])}], [3])
+    by = {(r["arm"], r["phase"]): r for r in rows}
+    assert set(by) == {("robot0", PHASES["robot0"][0]), ("robot0", PHASES["robot0"][1]),
+                       ("robot1", PHASES["robot1"][2])}
+    first, second = by["robot0", PHASES["robot0"][0]], by["robot0", PHASES["robot0"][1]]
+    assert first["actions"] == 2 and first["wrong_gripper"] == 0 and np.isclose(first["mae_translation"], 0.3)
+    assert second["actions"] == 1 and second["wrong_gripper"] == 1 and np.isclose(second["mae_gripper"], 1.5)
+    receiver = by["robot1", PHASES["robot1"][2]]
+    assert receiver["actions"] == 3 and np.isclose(receiver["mae_rotation"], 0.3) and receiver["mae_translation"] == 0
+    assert diagnostics._errors_by_phase(err, [{}], [3]) == []  # no labels (a robomimic file): no breakdown
 
 
 def test_teacher_forced_rejects_unknown_demos_and_a_chunk_beyond_the_horizon(demo_file):

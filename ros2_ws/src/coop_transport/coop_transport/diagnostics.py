@@ -6,7 +6,9 @@ the first ``chunk`` actions of each predicted chunk with what the demonstrator d
 did not learn the mapping" (low r, large error here) from "it learned it but compounding errors break closed loop"
 (good here, failure in closed loop). Errors are reported per action dimension: Pearson r, mean and max absolute
 error, and the number of predicted actions whose error exceeds ``outlier_fraction`` of the dimension's nominal
-range (OSC deltas and the gripper command span [-1, 1], a range of 2).
+range (OSC deltas and the gripper command span [-1, 1], a range of 2). Where the file has task-phase labels (files
+this project writes do), the errors are also broken down by each arm's phase at the predicted step: where in the
+task the mapping is weak (e.g. the hand-over, which needs the partner's state) shows there.
 
 The overfit probe trains a fresh policy on one demonstration only, then reports its teacher-forced fit on that
 demonstration and its closed-loop success from that demonstration's exact initial state (the reset seed recorded
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coop_transport.constants import ARM_ACTION_DIM, ARMS
+from coop_transport.constants import ARM_ACTION_DIM, ARMS, PHASES
 
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 NOMINAL_RANGE = 2.0  # every action dimension is nominally in [-1, 1]
@@ -45,6 +47,9 @@ class TeacherForcedReport:
     demos: list[str] = field(default_factory=list)
     chunk: int = 10
     num_samples: int = 4
+    by_phase: list[dict] = field(default_factory=list)
+    """Per (arm, task phase): predicted actions, MAE of translation / rotation / gripper, and wrong gripper commands
+    (error > 1: the opposite of what the demonstrator commanded). Empty without phase labels."""
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -57,6 +62,13 @@ class TeacherForcedReport:
         for i, name in enumerate(self.dims):
             lines.append(f"| {name} | {self.pearson_r[i]:.3f} | {self.mae[i]:.4f} | {self.max_abs_error[i]:.3f} | "
                          f"{self.outliers[i]} |")
+        if self.by_phase:
+            lines += ["", "by task phase (the arm's phase at the predicted step):", "",
+                      "| arm | phase | actions | MAE translation | MAE rotation | MAE gripper | wrong gripper |",
+                      "|---|---|---|---|---|---|---|"]
+            for row in self.by_phase:
+                lines.append(f"| {row['arm']} | {row['phase']} | {row['actions']} | {row['mae_translation']:.4f} | "
+                             f"{row['mae_rotation']:.4f} | {row['mae_gripper']:.4f} | {row['wrong_gripper']} |")
         return "\n".join(lines)
 
 
@@ -68,8 +80,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def _demo_observations(policy, data: str | Path, split: str | None, demos: list[str] | None, stride: int,
                        chunk: int) -> tuple[list[tuple], list[str]]:
-    """(images, proprio, prompt, the demonstrator's next `chunk` actions) at every stride-th step of the selected
-    demonstrations, in the policy's variant (per-arm: each arm's trajectory; joint: the bimanual one); and the names."""
+    """(images, proprio, prompt, the demonstrator's next `chunk` actions, {arm: its phase index at those steps})
+    at every stride-th step of the selected demonstrations, in the policy's variant (per-arm: each arm's
+    trajectory; joint: the bimanual one); and the names. The phases are {} where the file has no phase labels."""
     from coop_transport.data.dataset import load_demonstrations
 
     if chunk < 1 or stride < 1:
@@ -86,7 +99,8 @@ def _demo_observations(policy, data: str | Path, split: str | None, demos: list[
             trajs = [t for t in file.arm_trajectories(None, images="memory") if t.demo in set(names)]
             observations = [
                 ({"wrist": t.wrist_image[i], "agentview": t.agentview_image[i]}, t.proprio[i], policy.prompts[t.arm],
-                 t.actions[i:i + chunk]) for t in trajs for i in range(0, len(t), stride)]
+                 t.actions[i:i + chunk], {t.arm: t.labels["phase"][i:i + chunk]} if "phase" in t.labels else {})
+                for t in trajs for i in range(0, len(t), stride)]
         else:
             from coop_transport.constants import AGENTVIEW_CAMERA, WRIST_CAMERA, image_key
 
@@ -95,7 +109,9 @@ def _demo_observations(policy, data: str | Path, split: str | None, demos: list[
                      "robot1_wrist": image_key(WRIST_CAMERA["robot1"]), "agentview": image_key(AGENTVIEW_CAMERA)}
             observations = [
                 ({slot: t.images[key][i] for slot, key in slots.items()}, t.proprio[i], policy.prompts["joint"],
-                 t.actions[i:i + chunk]) for t in trajs for i in range(0, len(t), stride)]
+                 t.actions[i:i + chunk],
+                 {a: t.labels[f"{a}_phase"][i:i + chunk] for a in ARMS if f"{a}_phase" in t.labels})
+                for t in trajs for i in range(0, len(t), stride)]
     if not observations:
         raise ValueError(f"no observations selected from {data} (split {split!r}, demos {demos})")
     return observations, names
@@ -116,14 +132,15 @@ def teacher_forced(policy, data: str | Path, split: str | None = "valid", demos:
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
     observations, names = _demo_observations(policy, data, split, demos, stride, chunk)
-    predicted, demonstrated = [], []
+    predicted, demonstrated, phases = [], [], []
     for start in range(0, len(observations), batch_size):
         part = observations[start:start + batch_size]
         batch = policy.make_batch([o[0] for o in part], [o[1] for o in part], [o[2] for o in part])
         chunks = policy.sample_batch(batch, num_samples).mean(axis=1)  # (B, H, D): the recipe's mean of N
-        for (_, _, _, truth), pred in zip(part, chunks):
+        for (_, _, _, truth, phase), pred in zip(part, chunks):
             predicted.append(pred[:len(truth)])
             demonstrated.append(truth)
+            phases.append(phase)
     p, q = np.concatenate(predicted), np.concatenate(demonstrated)
     err = np.abs(p - q)
     threshold = outlier_fraction * NOMINAL_RANGE
@@ -132,7 +149,31 @@ def teacher_forced(policy, data: str | Path, split: str | None = "valid", demos:
         dims=dims, pearson_r=[_pearson(p[:, d], q[:, d]) for d in range(q.shape[1])],
         mae=err.mean(0).tolist(), max_abs_error=err.max(0).tolist(), outliers=(err > threshold).sum(0).tolist(),
         outlier_threshold=threshold, predictions=len(p), demos=sorted(set(names)), chunk=chunk,
-        num_samples=num_samples)
+        num_samples=num_samples, by_phase=_errors_by_phase(err, phases, [len(t) for t in demonstrated]))
+
+
+def _errors_by_phase(err: np.ndarray, phases: list[dict], lengths: list[int]) -> list[dict]:
+    """Rows of TeacherForcedReport.by_phase. err: (rows, 7) for a per-arm policy (each observation one arm's),
+    (rows, 14) for a joint one (robot0's dims, then robot1's, each grouped by its own arm's phase)."""
+    if not phases or any(not p for p in phases):
+        return []  # no phase labels (a robomimic file)
+    groups: dict[tuple[str, int], list[np.ndarray]] = {}
+    row = 0
+    for phase, n in zip(phases, lengths):
+        for arm, index in phase.items():
+            offset = 0 if err.shape[1] == ARM_ACTION_DIM else ARMS.index(arm) * ARM_ACTION_DIM
+            block = err[row:row + n, offset:offset + ARM_ACTION_DIM]
+            for k in np.unique(index):
+                groups.setdefault((arm, int(k)), []).append(block[index == k])
+        row += n
+    out = []
+    for (arm, k), blocks in sorted(groups.items(), key=lambda item: (ARMS.index(item[0][0]), item[0][1])):
+        e = np.concatenate(blocks)
+        out.append({"arm": arm, "phase": PHASES[arm][k] if 0 <= k < len(PHASES[arm]) else str(k),
+                    "actions": len(e), "mae_translation": float(e[:, 0:3].mean()),
+                    "mae_rotation": float(e[:, 3:6].mean()), "mae_gripper": float(e[:, 6].mean()),
+                    "wrong_gripper": int((e[:, 6] > 1.0).sum())})
+    return out
 
 
 @dataclass
