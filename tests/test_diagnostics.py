@@ -148,18 +148,23 @@ def test_overfit_probe_trains_on_one_demo_and_replays_its_initial_state(demo_fil
                                                                                 again["reference_teacher_forced"])
 
 
-def test_command_line_reaches_every_diagnostic(monkeypatch):
+def _diagnostics_cli(monkeypatch):
     import importlib.util
     import sys
     from pathlib import Path
-
-    import tyro
 
     path = Path(__file__).resolve().parents[1] / "training" / "diagnostics.py"
     spec = importlib.util.spec_from_file_location("diagnostics_cli", path)
     cli = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, cli)  # dataclasses look their module up while the file runs
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_command_line_reaches_every_diagnostic(monkeypatch):
+    import tyro
+
+    cli = _diagnostics_cli(monkeypatch)
     spread = tyro.cli(cli.COMMAND, args=["spread", "--data", "d.hdf5", "--demos", "demo_3"])
     assert isinstance(spread, cli.Spread) and (spread.samples, spread.group, spread.stride) == (20, 4, 25)
     assert spread.selection() == {"split": None, "demos": ["demo_3"], "chunk": 10}
@@ -167,3 +172,57 @@ def test_command_line_reaches_every_diagnostic(monkeypatch):
     assert isinstance(forced, cli.TeacherForced) and forced.selection()["split"] == "valid" and forced.stride == 5
     overfit = tyro.cli(cli.COMMAND, args=["overfit", "--data", "d.hdf5"])
     assert (overfit.variant, overfit.steps) == ("joint", 5000)
+    reference = tyro.cli(cli.COMMAND, args=["state-bc", "--data", "d.hdf5"])
+    assert (reference.episodes, reference.execute, reference.train.steps) == (50, 1, 8000)
+
+
+def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, tmp_path, monkeypatch):
+    import json
+
+    import tyro
+
+    from coop_transport import state_bc
+    from coop_transport.sim import SimConfig, TransportSim
+
+    states, actions, layout, labels = state_bc.load_states(demo_file, None, "auto")
+    assert labels == "expert" and layout and len(states) == 2 and states[0].shape == (24, 36 + 41)
+    policy = state_bc.train(demo_file, tmp_path / "policy", state_bc.StateBCConfig(steps=400, chunk=4), split=None,
+                            progress=False)
+    meta = json.loads((policy / state_bc.CONFIG_FILE).read_text())
+    assert meta["samples"] == 48 and meta["final_loss"] < 0.05  # 48 states: the MLP fits them
+
+    # The simulator's state at a demonstration's reset is the file's first state, feature for feature.
+    from coop_transport.data.dataset import load_demonstrations
+    from coop_transport.data.generate import object_state_keys
+
+    with load_demonstrations(demo_file) as demos:
+        seed = demos.joint_trajectories(None, images="none")[0].seed
+    controller = state_bc.StateBCController(policy, execute=2)
+    with TransportSim(SimConfig(horizon=6)) as sim:
+        sim.reset(seed)
+        np.testing.assert_allclose(state_bc.state_from_sim(sim, object_state_keys(sim)), states[0][0], atol=1e-5)
+        controller.reset(sim, seed)
+        first = controller.act(sim)
+        np.testing.assert_allclose(first, np.clip(actions[0][0], -1, 1), atol=0.15)  # it learned the first action
+        assert first.shape == (14,) and np.all(np.isfinite(first)) and len(controller._queue) == 1
+
+    # A damaged or foreign checkpoint is refused with a clear error.
+    with pytest.raises(ValueError, match="not a state-bc checkpoint"):
+        state_bc.StateBCController(tmp_path / "missing")
+    with pytest.raises(ValueError, match="execute"):
+        state_bc.StateBCController(policy, execute=5)
+    bad = json.loads((policy / state_bc.CONFIG_FILE).read_text())
+    bad["format"] = "something/else"
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / state_bc.CONFIG_FILE).write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="format"):
+        state_bc.StateBCController(tmp_path / "foreign")
+
+    # The command line: train, then evaluate through the registered controller, funnel included.
+    cli = _diagnostics_cli(monkeypatch)
+    command = tyro.cli(cli.COMMAND, args=["state-bc", "--data", str(demo_file), "--out", str(tmp_path / "run"),
+                                          "--split", "None", "--episodes", "2", "--horizon", "5", "--workers", "1",
+                                          "--train.steps", "20"])
+    summary = cli.main(command)
+    assert summary["episodes"] == 2 and "milestone_rates" in json.loads((tmp_path / "run" / "eval" / "summary.json")
+                                                                   .read_text())

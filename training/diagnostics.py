@@ -1,5 +1,5 @@
 """Imitation diagnostics as tables: teacher-forced error on held-out demonstrations, the sampler's spread across flow
-samples, and the single-trajectory overfit probe.
+samples, the single-trajectory overfit probe, and the privileged-state BC reference.
 
 Usage:
     python training/diagnostics.py teacher-forced --data runs/default/transport_scripted_96.hdf5   # shipped default
@@ -7,6 +7,7 @@ Usage:
     python training/diagnostics.py spread --data runs/default/transport_scripted_96.hdf5      # σ over 20 samples
     python training/diagnostics.py overfit --data d.hdf5 --demo demo_0 --out runs/overfit      # joint, 5k steps
     python training/diagnostics.py overfit --data d.hdf5 --variant per-arm --reference-policy runs/x/step_030000
+    python training/diagnostics.py state-bc --data data/transport_scripted.hdf5 --out runs/state-bc      # 50 episodes
 
 See coop_transport.diagnostics for what each measures.
 """
@@ -14,13 +15,13 @@ See coop_transport.diagnostics for what each measures.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import tyro
 
-from coop_transport import diagnostics
+from coop_transport import diagnostics, state_bc
 
 
 @dataclass
@@ -94,7 +95,47 @@ class Overfit:
     """Predicted chunk length (None: the model configuration's; must cover the recipe's chunk, 10 / 25)."""
 
 
-def main(cmd: TeacherForced | Spread | Overfit) -> dict:
+@dataclass
+class StateBC:
+    """Privileged-state BC reference: an MLP on the exact simulator state (both arms, object poses), trained on the
+    demonstrations and evaluated closed loop without cameras, with its stage funnel. Where it passes a stage that
+    π0 fails, perception or the per-arm view is at fault there; where it fails too, the demonstrations are."""
+
+    data: Path
+    """Demonstration file (no images needed: robosuite's object state is read from obs/object)."""
+    out: Path = Path("runs/state-bc")
+    """The checkpoint goes to OUT/policy, the evaluation's summary.json and summary.md to OUT/eval."""
+    split: str | None = "train"
+    """Mask to train on (all demonstrations when the file has no such mask)."""
+    train: state_bc.StateBCConfig = field(default_factory=state_bc.StateBCConfig)
+    execute: int = 1
+    """Actions executed per predicted chunk (1: re-plan at every step)."""
+    episodes: int = 50
+    """Closed-loop episodes, from reset seeds first_seed, first_seed + 1, ..."""
+    first_seed: int = 1
+    horizon: int = 400
+    """Control steps per episode (the evaluations of π0 in this project use 400)."""
+    workers: int = 2
+    """Evaluation worker processes."""
+
+
+def run_state_bc(cmd: StateBC) -> dict:
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate, markdown_summary
+
+    policy = state_bc.train(cmd.data, cmd.out / "policy", cmd.train, split=cmd.split)
+    meta = json.loads((policy / state_bc.CONFIG_FILE).read_text())
+    print(f"state-bc: {meta['demos']} demonstrations ({meta['samples']} states, {meta['action_labels']} actions), "
+          f"{cmd.train.steps} steps in {meta['train_seconds']:.0f} s, final loss {meta['final_loss']:.4f}")
+    spec = ControllerSpec("state-bc", {"policy": str(policy), "execute": cmd.execute}, label="state-bc")
+    summary = evaluate(spec, EvalConfig(episodes=cmd.episodes, first_seed=cmd.first_seed, workers=cmd.workers,
+                                        horizon=cmd.horizon), out=cmd.out / "eval")
+    print(markdown_summary(summary))
+    return summary
+
+
+def main(cmd: TeacherForced | Spread | Overfit | StateBC) -> dict:
+    if isinstance(cmd, StateBC):
+        return run_state_bc(cmd)
     if isinstance(cmd, _OnDemonstrations):
         from coop_transport.pi0_policy import Pi0Policy
 
@@ -128,7 +169,7 @@ def main(cmd: TeacherForced | Spread | Overfit) -> dict:
     return result
 
 
-COMMAND = Annotated[TeacherForced | Spread | Overfit, tyro.conf.OmitSubcommandPrefixes]
+COMMAND = Annotated[TeacherForced | Spread | Overfit | StateBC, tyro.conf.OmitSubcommandPrefixes]
 
 if __name__ == "__main__":
     main(tyro.cli(COMMAND))

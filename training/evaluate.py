@@ -35,6 +35,9 @@ from coop_transport.recipe import ABLATION_LADDER
 class Config:
     controller: str = "pi0"
     """pi0 (a π0 checkpoint) | expert (the scripted demonstrator)."""
+    expert_handover: str = "observed"
+    """--controller expert: the demonstrator's hand-over protocol, observed (what demonstrations are made with) or
+    planned (the first demonstrations', the shipped default's); see coop_transport.sim.expert.ExpertConfig."""
     policy: Path | None = None
     """Checkpoint directory, or a folder of step_* checkpoints; default: the shipped per-arm policy."""
     out: Path = Path("runs/eval")
@@ -101,7 +104,8 @@ def main(cfg: Config) -> dict:
     eval_config = EvalConfig(episodes=cfg.episodes, first_seed=cfg.first_seed, workers=cfg.workers, videos=cfg.video,
                              horizon=cfg.horizon)
     if cfg.controller == "expert":
-        summary = evaluate(ControllerSpec("expert"), eval_config, cfg.out, progress=cfg.progress)
+        spec = ControllerSpec("expert", {"handover": cfg.expert_handover}, label=f"expert ({cfg.expert_handover})")
+        summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress)
         print(f"expert: {summary['successes']}/{summary['episodes']} -> {cfg.out / 'summary.md'}")
         return summary
     if cfg.controller != "pi0":

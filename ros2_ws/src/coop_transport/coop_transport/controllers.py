@@ -14,10 +14,11 @@ from coop_transport.evaluation import register_controller
 class ExpertController:
     """The privileged scripted expert (demonstrator), as a controller."""
 
-    def __init__(self, noise: float | None = None, expert_seed: int | None = None):
+    def __init__(self, noise: float | None = None, expert_seed: int | None = None, handover: str | None = None):
         from coop_transport.sim.expert import ExpertConfig, ScriptedExpert
 
-        config = ExpertConfig() if noise is None else ExpertConfig(noise=noise)
+        overrides = {k: v for k, v in (("noise", noise), ("handover", handover)) if v is not None}
+        config = ExpertConfig(**overrides)
         self.expert = ScriptedExpert(config, seed=expert_seed)
         self.expert_seed = expert_seed
 
@@ -33,11 +34,11 @@ class ExpertController:
 
 @register_controller("expert")
 def make_expert(noise: float | None = None, expert_seed: int | None = None, cameras: bool = False,
-                image_size: int | None = None):
+                image_size: int | None = None, handover: str | None = None):
     overrides = {"wrist_cameras": cameras}
     if image_size:
         overrides["image_size"] = image_size
-    return ExpertController(noise, expert_seed), overrides
+    return ExpertController(noise, expert_seed, handover), overrides
 
 
 def _recipe(recipe: dict | None, variant: str):
@@ -157,3 +158,14 @@ def make_residual(checkpoint: str, device: str = "cpu", threads: int = 1, recipe
     from coop_transport.residual.policy import make_residual_controller
 
     return make_residual_controller(checkpoint, device=device, threads=threads, recipe=recipe)
+
+
+@register_controller("state-bc")
+def make_state_bc(policy: str, execute: int = 1, threads: int = 1):
+    """The privileged-state BC reference (``coop_transport.state_bc``): exact simulator state in, no cameras."""
+    import torch
+
+    from coop_transport.state_bc import StateBCController
+
+    torch.set_num_threads(threads)
+    return StateBCController(policy, execute), {"wrist_cameras": False, "agentview": False}

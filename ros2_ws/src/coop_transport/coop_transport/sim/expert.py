@@ -57,6 +57,7 @@ DOWN = -UP
 WORLD_Y = np.array([0.0, 1.0, 0.0])
 FINGERTIP_REACH = 0.015  # m: the Panda's fingertips reach 0.011 m below its grip site, plus a margin
 WAITING_STAGES = ("await_payload", "present", "handover_hold", "done", "failed")  # no timeout while waiting
+HANDOVER_PROTOCOLS = ("observed", "planned")  # see ExpertConfig.handover
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,23 @@ class ExpertConfig:
     Panda reaches furthest)."""
     await_height: float = 0.06
     """Height (m) above its hand-over grip point at which robot1 waits for the payload."""
+    handover: str = "observed"
+    """How the two arms coordinate the hand-over.
+    observed: from what the scene shows, so that an imitating policy can follow the rule from its observations.
+    robot1 moves in once robot0 holds the lifted payload within ``handover_capture_radius`` of the hand-over point,
+    goes down onto the handle once it is still (wherever it is within that radius), and robot0 lets go once robot1
+    has held it for ``handover_hold_steps`` steps; robot1 carries it off once robot0's fingers are off it. A partner
+    that presents the payload a few centimetres off the planned point still has it taken over.
+    planned: the protocol of the first demonstrations (the shipped default policy's): robot1 waits for the payload
+    within ``handover_ready_radius`` of the planned point and for robot0's internal stage, and goes down only within
+    2 * ``reach_tolerance`` of it. Closed loop, an imitating robot0 presents 4-8 cm off and both arms then wait."""
     handover_ready_radius: float = 0.05
-    """Distance (m) of the payload from the hand-over point at which robot1 moves in above its grip point."""
+    """planned protocol: distance (m) of the payload from the hand-over point at which robot1 moves in above its
+    grip point."""
+    handover_capture_radius: float = 0.12
+    """observed protocol: distance (m) of the held payload from the hand-over point within which robot1 takes it."""
+    handover_hold_steps: int = 3
+    """observed protocol: control steps robot1 must hold the payload before robot0 lets go."""
     await_back: float = 0.08
     """Distance (m) behind its hand-over grip point (towards its base) at which robot1 waits, clear of robot0's
     forearm as it brings the payload in."""
@@ -185,6 +201,11 @@ class ExpertConfig:
                  "stage_timeout": self.stage_timeout}
         if min(steps.values()) < 1:
             raise ValueError(f"step counts must be >= 1, got {steps}")
+        if self.handover not in HANDOVER_PROTOCOLS:
+            raise ValueError(f"handover must be one of {HANDOVER_PROTOCOLS}, got {self.handover!r}")
+        if self.handover_hold_steps < 1 or self.handover_capture_radius <= 0:
+            raise ValueError(f"need handover_hold_steps >= 1 and handover_capture_radius > 0, got "
+                             f"{self.handover_hold_steps}, {self.handover_capture_radius}")
         tolerances = {"reach_tolerance": self.reach_tolerance, "fine_tolerance": self.fine_tolerance,
                       "rot_tolerance": self.rot_tolerance, "align_radius": self.align_radius}
         if min(tolerances.values()) <= 0:
@@ -315,6 +336,7 @@ class ScriptedExpert:
         self._arms: dict[str, _ArmState] = {}
         self._t = 0
         self._last_pos: dict[str, np.ndarray] = {}
+        self._robot1_hold_steps = 0
         self.intended_action: np.ndarray | None = None
         """(14,) noise-free action of the last ``act`` call (what the expert meant; the returned action adds the
         exploration noise)."""
@@ -329,6 +351,7 @@ class ScriptedExpert:
         self._t = 0
         self._last_pos = {}
         self._arms = {"robot0": _ArmState("lid_reach"), "robot1": _ArmState("trash_reach")}
+        self._robot1_hold_steps = 0
         self._read_geometry(sim)
         self._plan_waypoints(sim)
 
@@ -337,6 +360,7 @@ class ScriptedExpert:
         if not self._arms:
             raise RuntimeError("call reset(sim) before act(sim)")
         scene = self._read_scene(sim)
+        self._robot1_hold_steps = self._robot1_hold_steps + 1 if scene.holds_payload["robot1"] else 0
         commands = {}
         for arm, policy in (("robot0", self._robot0), ("robot1", self._robot1)):
             self._check_timeout(arm, scene)
@@ -603,7 +627,7 @@ class ScriptedExpert:
                 if self._reached(arm, s, target, carry_rot, cfg.reach_tolerance):
                     self._enter(arm, "present")
                 return _Command(target, carry_rot, CLOSE, cfg.carry_rot_action)
-            if self._arms["robot1"].stage == "handover_hold":  # present: robot1 holds the handle now
+            if self._partner_took_payload():  # present: robot1 holds the handle now
                 self._enter(arm, "release", pos=pos, rot=rot)
             return _Command(target, carry_rot, CLOSE)
 
@@ -664,14 +688,13 @@ class ScriptedExpert:
             hover = (self._handover + cfg.handover_grip_offset * WORLD_Y + cfg.await_back * self._to_base[arm]
                      + cfg.await_height * UP)
             # Move in above the grip point while robot0 brings the payload the last few centimetres ...
-            arriving = np.linalg.norm(s.payload_pos - self._handover) < cfg.handover_ready_radius
-            if self._arms["robot0"].stage in ("carry", "present") and arriving:
+            if self._payload_arriving(s):
                 self._enter(arm, "handover_reach")
             return _Command(hover, self._handover_grip_rotation(s, WORLD_Y), OPEN)
 
         if stage in ("handover_reach", "handover_descend", "handover_close"):
             # ... but go down onto the handle only once robot0 holds it still at the hand-over point.
-            presented = self._arms["robot0"].stage == "present" and self._payload_presented(s)
+            presented = self._payload_offered_still(s)
             grip = s.payload_pos + cfg.handover_grip_offset * s.payload_axis + self._grasp_offset["handover"]
             return self._grasp(arm, s, "handover", grip, self._handover_grip_rotation(s, s.payload_axis),
                                s.holds_payload[arm], then="handover_hold", approach_height=cfg.approach_height / 2,
@@ -681,7 +704,9 @@ class ScriptedExpert:
             # robot0 lets go now; wait until its fingers have left the handle before pulling the payload away.
             payload_top = s.payload_pos[2] + self._hammer_half_thickness
             robot0_clear = s.eef_pos["robot0"][2] - FINGERTIP_REACH > payload_top + cfg.reach_tolerance
-            if self._arms["robot0"].stage in ("retreat", "done") and robot0_clear and not s.touches_payload["robot0"]:
+            let_go = (self._arms["robot0"].stage in ("retreat", "done") if cfg.handover == "planned"
+                      else not s.holds_payload["robot0"])
+            if let_go and robot0_clear and not s.touches_payload["robot0"]:
                 self._enter(arm, "place_carry", rot=memory["rot"])
             return _Command(memory["pos"], memory["rot"], CLOSE)
 
@@ -753,6 +778,33 @@ class ScriptedExpert:
     def _handover_grip_rotation(self, s: _Scene, handle_axis: np.ndarray) -> np.ndarray:
         """robot1's grasp of the presented handle, leaning towards robot0 (see ``ExpertConfig.handover_lean``)."""
         return self._choose_grasp("robot1", s, [handle_axis], (-self._to_base["robot1"], self.config.handover_lean))
+
+    # ----------------------------------------------------------------------------------- hand-over protocol
+    def _payload_held_up(self, s: _Scene) -> bool:
+        """robot0 holds the payload clear of the start bin's walls."""
+        return s.holds_payload["robot0"] and s.payload_low_z > self._rim_z + self.config.rim_clearance / 2
+
+    def _payload_arriving(self, s: _Scene) -> bool:
+        """robot1 moves in above its grip point (ExpertConfig.handover)."""
+        cfg = self.config
+        distance = np.linalg.norm(s.payload_pos - self._handover)
+        if cfg.handover == "planned":
+            return self._arms["robot0"].stage in ("carry", "present") and distance < cfg.handover_ready_radius
+        return self._payload_held_up(s) and distance < cfg.handover_capture_radius
+
+    def _payload_offered_still(self, s: _Scene) -> bool:
+        """robot1 may go down onto the handle."""
+        cfg = self.config
+        if cfg.handover == "planned":
+            return self._arms["robot0"].stage == "present" and self._payload_presented(s)
+        return (self._payload_held_up(s) and s.payload_speed < cfg.settle_speed
+                and np.linalg.norm(s.payload_pos - self._handover) < cfg.handover_capture_radius)
+
+    def _partner_took_payload(self) -> bool:
+        """robot0 lets go of the presented payload."""
+        if self.config.handover == "planned":
+            return self._arms["robot1"].stage == "handover_hold"
+        return self._robot1_hold_steps >= self.config.handover_hold_steps
 
     def _payload_presented(self, s: _Scene) -> bool:
         """The payload is at the hand-over point and has stopped moving."""

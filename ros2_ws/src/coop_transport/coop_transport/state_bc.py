@@ -1,0 +1,219 @@
+"""Privileged-state behaviour cloning: how far do the demonstrations teach the task from perfect state?
+
+A diagnostic reference, not a deployable policy: an MLP maps the simulator's exact state (both arms' proprioception
+and robosuite's object state: the hammer's, trash cube's and lid handle's poses, the bins') to the next chunk of
+the demonstrator's joint actions, trained with mean-squared error on the noise-free labels where the file has
+them. Closed loop it runs in the simulation without cameras.
+
+It separates two causes of a failing π0 policy. If this reference, which needs no perception and sees the partner
+arm, fails at a task stage too, the demonstrations (their amount, or a demonstrator whose decisions depend on
+what a single state does not show: stage memory, timers, velocities) limit imitation there; if it passes a stage
+where π0 fails, perception or the per-arm view does. robomimic reports its low-dimensional BC figures on Transport
+the same way.
+
+Checkpoints: ``model.safetensors`` (the MLP's weights) and ``config.json`` (its sizes, the chunk, the feature
+statistics, the object layout of the training file).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from coop_transport.constants import ARMS, JOINT_ACTION_DIM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "coop_transport.state_bc/1"
+
+
+@dataclass(frozen=True)
+class StateBCConfig:
+    """Train a privileged-state MLP on a demonstration file."""
+
+    chunk: int = 8
+    """Actions predicted per state (a short chunk smooths the targets; the controller executes ``execute``)."""
+    width: int = 384
+    depth: int = 3
+    steps: int = 8000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    input_noise: float = 0.01
+    """Gaussian noise (in units of each feature's std) on the normalized state during training."""
+    action_labels: str = "auto"
+    """expert (the demonstrator's noise-free actions), executed, or auto (expert where recorded)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if min(self.chunk, self.width, self.depth, self.steps, self.batch_size) < 1:
+            raise ValueError(f"chunk, width, depth, steps and batch_size must be >= 1: {self}")
+
+
+class StateMLP(nn.Module):
+    """Normalized state -> (chunk, 14) actions."""
+
+    def __init__(self, state_dim: int, chunk: int, width: int, depth: int):
+        super().__init__()
+        layers, d = [], state_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.LayerNorm(width), nn.GELU()]
+            d = width
+        layers.append(nn.Linear(d, chunk * JOINT_ACTION_DIM))
+        self.net = nn.Sequential(*layers)
+        self.chunk = chunk
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state).view(-1, self.chunk, JOINT_ACTION_DIM)
+
+
+# ------------------------------------------------------------------------------------------------------- state
+def state_from_sim(sim, object_keys: list[str]) -> np.ndarray:
+    """The feature vector of the simulator's current state, laid out as ``load_states`` lays out a file's."""
+    from coop_transport.sim.frames import arm_proprio
+
+    obs = sim.observation
+    proprio = [arm_proprio(a, obs[f"{a}_eef_pos"], obs[f"{a}_eef_quat"], obs[f"{a}_gripper_qpos"],
+                           obs[f"{a}_joint_pos"]) for a in ARMS]
+    objects = np.concatenate([np.atleast_1d(np.asarray(obs[k], dtype=np.float64)) for k in object_keys])
+    return np.concatenate([*proprio, objects]).astype(np.float32)
+
+
+def load_states(data: str | Path, split: str | None, action_labels: str) -> tuple[list[np.ndarray], list[np.ndarray],
+                                                                                   list | None, str]:
+    """Per demonstration of ``split`` (all when None or when the file has no such mask): (T, 36 + object) states
+    and (T, 14) actions in each arm's base frame; the file's object layout (None for robomimic files); the labels
+    used."""
+    import h5py
+
+    from coop_transport.data import hdf5_format as fmt
+    from coop_transport.data.dataset import load_demonstrations
+
+    with load_demonstrations(data, action_labels=action_labels) as demos:
+        names = demos.demo_names(split) if split in demos.masks else demos.demo_names()
+        trajs = [t for t in demos.joint_trajectories(None, images="none") if t.demo in set(names)]
+        labels = demos.action_labels
+    states, actions = [], []
+    with h5py.File(data, "r") as f:
+        meta = f[fmt.DATA].attrs.get(fmt.META_ATTR)  # files this package wrote record their object layout
+        layout = json.loads(meta).get("object_layout") if meta is not None else None
+        for t in trajs:
+            where = f"{data}: data/{t.demo}"
+            obs = f[fmt.DATA][t.demo][fmt.OBS]
+            if fmt.OBJECT_KEY not in obs:
+                raise ValueError(f"{where} has no obs/{fmt.OBJECT_KEY} (robosuite's object state), which the "
+                                 "privileged-state reference needs")
+            objects = fmt.read_array(obs, fmt.OBJECT_KEY, where).astype(np.float32)
+            states.append(np.concatenate([t.proprio.astype(np.float32), objects], -1))
+            actions.append(t.actions.astype(np.float32))
+    if not states:
+        raise ValueError(f"no demonstrations selected from {data}")
+    return states, actions, layout, labels
+
+
+def _chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
+    """(T, chunk, 14): the next ``chunk`` actions from every step, the last one repeated past the end."""
+    index = np.minimum(np.arange(len(actions))[:, None] + np.arange(chunk)[None], len(actions) - 1)
+    return actions[index]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConfig(), split: str | None = "train",
+          progress: bool = True) -> Path:
+    """Train on ``split`` of ``data``; write the checkpoint to ``out``; returns ``out``."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    states, actions, layout, labels = load_states(data, split, config.action_labels)
+    x = np.concatenate(states)
+    y = np.concatenate([_chunks(a, config.chunk) for a in actions])
+    mean, std = x.mean(0), x.std(0) + 1e-6  # constant features (a bin's position) stay finite
+    xs = torch.from_numpy((x - mean) / std)
+    ys = torch.from_numpy(y)
+    model = StateMLP(x.shape[1], config.chunk, config.width, config.depth)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)  # linear warm-up over 5%, then cosine decay to zero
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1.0 + np.cos(np.pi * min(1.0, step / config.steps))))
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="state-bc", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        i = torch.randint(len(xs), (config.batch_size,), generator=generator)
+        noisy = xs[i] + config.input_noise * torch.randn(config.batch_size, xs.shape[1], generator=generator)
+        loss = nn.functional.mse_loss(model(noisy), ys[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+    if not np.isfinite(losses[-1]):
+        raise FloatingPointError(f"training diverged (loss {losses[-1]}); nothing written")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    meta = {"format": FORMAT, "config": asdict(config), "state_dim": int(x.shape[1]),
+            "state_mean": mean.tolist(), "state_std": std.tolist(), "object_layout": layout, "data": str(data),
+            "split": split, "action_labels": labels, "samples": int(len(x)), "demos": len(states),
+            "final_loss": float(np.mean(losses[-100:])), "train_seconds": time.perf_counter() - start}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- closed loop
+class StateBCController:
+    """The trained MLP as an evaluation controller: predicts a chunk, executes its first ``execute`` actions."""
+
+    def __init__(self, policy: str | Path, execute: int = 1):
+        from safetensors.torch import load_file
+
+        policy = Path(policy)
+        try:
+            meta = json.loads((policy / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{policy} is not a state-bc checkpoint ({CONFIG_FILE}: {err})") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{policy}/{CONFIG_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        config = StateBCConfig(**meta["config"])
+        if not 1 <= execute <= config.chunk:
+            raise ValueError(f"execute must lie in [1, {config.chunk}], got {execute}")
+        self.model = StateMLP(meta["state_dim"], config.chunk, config.width, config.depth)
+        self.model.load_state_dict(load_file(policy / WEIGHTS_FILE))  # strict: a mismatched file is refused
+        self.model.eval()
+        self.mean = np.asarray(meta["state_mean"], np.float32)
+        self.std = np.asarray(meta["state_std"], np.float32)
+        self.layout = meta["object_layout"]
+        self.execute = execute
+        self._queue: list[np.ndarray] = []
+        self._object_keys: list[str] | None = None
+
+    def reset(self, sim, seed: int) -> None:
+        from coop_transport.data.generate import object_layout, object_state_keys
+
+        self._queue = []
+        self._object_keys = object_state_keys(sim)
+        if self.layout is not None and object_layout(sim.observation, self._object_keys) != self.layout:
+            raise ValueError("the simulation's object state is laid out differently from the training file's "
+                             f"({self.layout})")
+
+    @torch.no_grad()
+    def act(self, sim) -> np.ndarray:
+        if not self._queue:
+            state = state_from_sim(sim, self._object_keys)
+            x = torch.from_numpy((state - self.mean) / self.std)[None]
+            chunk = self.model(x)[0].numpy()
+            self._queue = list(np.clip(chunk[:self.execute], -1.0, 1.0))
+        return self._queue.pop(0)
+
+    def stats(self) -> dict:
+        return {}
