@@ -2,6 +2,7 @@
 
 Usage:
     python bench/expert_success.py [--seeds 1-100] [--workers 2] [--expert-seed 0] [--noise 0.05] [--json out.json]
+    python bench/expert_success.py --seeds 1-20 --handover planned --present-offset 0.07   # the hand-over rule's tolerance
 
 Each worker process (multiprocessing "spawn") builds one ``TransportSim`` without cameras and runs the expert
 (``coop_transport.sim.expert``) on the seeds it is handed. Prints the success rate with its Wilson 95% interval,
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-seed", type=int, default=0, help="the expert's own seed (default %(default)s)")
     ap.add_argument("--noise", type=float, help="override ExpertConfig.noise (action units)")
     ap.add_argument("--waypoint-jitter", type=float, help="override ExpertConfig.waypoint_jitter (m)")
+    ap.add_argument("--handover", choices=("observed", "planned"), help="override ExpertConfig.handover")
+    ap.add_argument("--present-offset", type=float, metavar="M",
+                    help="robot0 presents the payload this far (m, along world x) off the planned hand-over point")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", help="also write per-seed results and the summary here")
     args = ap.parse_args(argv)
@@ -68,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
-    overrides = {k: v for k, v in (("noise", args.noise), ("waypoint_jitter", args.waypoint_jitter)) if v is not None}
+    overrides = {k: v for k, v in (("noise", args.noise), ("waypoint_jitter", args.waypoint_jitter),
+                                   ("handover", args.handover)) if v is not None}
+    if args.present_offset is not None:
+        overrides["present_offset"] = (args.present_offset, 0.0, 0.0)
 
     from tqdm import tqdm
 
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = np.array([r["length"] for r in results])
     failed = [r for r in results if not r["success"]]
     print(f"scripted expert (expert seed {args.expert_seed}, noise {config.noise}, waypoint jitter "
-          f"{config.waypoint_jitter} m) on reset seeds {args.seeds}: {len(results)} episodes, {args.workers} workers")
+          f"{config.waypoint_jitter} m, hand-over {config.handover}, presenting {list(config.present_offset)} m off) "
+          f"on reset seeds {args.seeds}: {len(results)} episodes, {args.workers} workers")
     print(f"success: {format_rate(successes, len(results))}")
     print(f"episode length: mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
           f"max {lengths.max()} steps (horizon ends failures)")

@@ -13,6 +13,12 @@ robot0 (start-bin side)                         robot1 (target-bin side)
     until robot1 holds the handle ⇠ ⇠ ⇠ ⇠ ⇠ ⇠ ⇠   → handover_hold: until robot0's fingers are off and above it
   → release → retreat (up, then back) → done      → place_carry → place_lower → place_release → retreat → done
 
+The coordination rule reads only what the scene shows (``ExpertConfig.handover``, "observed"): robot1 moves in
+once robot0 holds the lifted payload near the hand-over point, goes down onto the handle once it is still, and
+robot0 lets go once robot1 has held it for a few steps. An imitating policy can follow such a rule from its
+observations; the first demonstrations' rule ("planned": a narrow window around the planned point, and the
+partner's internal stage) deadlocked closed loop when a policy presented the payload a few centimetres off.
+
 A missed grasp goes back to its ``*_reach`` stage; an arm that makes no progress in a stage for
 ``ExpertConfig.stage_timeout`` steps backs off to its starting pose (``recover``) and resumes the stage.
 
@@ -151,6 +157,10 @@ class ExpertConfig:
     """observed protocol: distance (m) of the held payload from the hand-over point within which robot1 takes it."""
     handover_hold_steps: int = 3
     """observed protocol: control steps robot1 must hold the payload before robot0 lets go."""
+    present_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """World-frame offset (m) of where robot0 presents the payload from the planned hand-over point, which robot1
+    still plans around: a robustness check of the hand-over rule (an imitating robot0 presents 4-8 cm off); zero
+    in demonstrations."""
     await_back: float = 0.08
     """Distance (m) behind its hand-over grip point (towards its base) at which robot1 waits, clear of robot0's
     forearm as it brings the payload in."""
@@ -203,6 +213,8 @@ class ExpertConfig:
             raise ValueError(f"step counts must be >= 1, got {steps}")
         if self.handover not in HANDOVER_PROTOCOLS:
             raise ValueError(f"handover must be one of {HANDOVER_PROTOCOLS}, got {self.handover!r}")
+        if len(self.present_offset) != 3 or not np.all(np.isfinite(self.present_offset)):
+            raise ValueError(f"present_offset must be 3 finite numbers (m), got {self.present_offset}")
         if self.handover_hold_steps < 1 or self.handover_capture_radius <= 0:
             raise ValueError(f"need handover_hold_steps >= 1 and handover_capture_radius > 0, got "
                              f"{self.handover_hold_steps}, {self.handover_capture_radius}")
@@ -621,7 +633,7 @@ class ScriptedExpert:
                 return _Command(np.array([*(pos[:2] + centring), pos[2] + clear_z - s.payload_low_z]),
                                 memory["rot"], CLOSE)
             # Bring the handle's centre to the hand-over point, turned to run along world y.
-            target = pos + (self._handover - s.payload_pos)
+            target = pos + (self._handover + np.asarray(cfg.present_offset) - s.payload_pos)
             carry_rot = self._payload_carry_rotation(rot)
             if stage == "carry":
                 if self._reached(arm, s, target, carry_rot, cfg.reach_tolerance):
