@@ -396,6 +396,23 @@ def test_expert_failures_are_retried_then_reported(tmp_path):
     assert not out.exists()
 
 
+def test_the_first_demonstrations_hand_over_rule_can_be_regenerated(tmp_path):
+    """--expert-handover planned regenerates the shipped default's demonstrations; it is part of the fingerprint."""
+    import json
+
+    import h5py
+
+    out = tmp_path / "planned.hdf5"
+    generate(GenerateConfig(out=out, episodes=1, workers=1, expert_handover="planned", keep_shards=True, **FAST))
+    with h5py.File(out, "r") as f:
+        assert json.loads(f["data"].attrs["coop_transport"])["fingerprint"]["expert_config"]["handover"] == "planned"
+    out.unlink()
+    with pytest.raises(GenerationError, match="other settings.*expert_config"):
+        generate(GenerateConfig(out=out, episodes=1, workers=1, **FAST))  # the shard was made with the other rule
+    with pytest.raises(ValueError, match="expert_handover"):
+        GenerateConfig(expert_handover="planned", runner="my_module:run")
+
+
 def test_config_validation_names_bad_values():
     with pytest.raises(ValueError, match="episodes=0"):
         GenerateConfig(episodes=0)

@@ -27,6 +27,9 @@ SELECT_EPISODES=${SELECT_EPISODES:-30}
 EVAL_EPISODES=${EVAL_EPISODES:-100}
 DEVICE=${DEVICE:-cuda}         # policy device in evaluation workers
 BACKEND=${BACKEND:-cudagraph}  # one captured CUDA graph per worker
+# The expert's hand-over rule (coop_transport.sim.expert.ExpertConfig.handover): the shipped default was trained on
+# demonstrations made with "planned"; "observed" is the rule an imitating policy can follow from what it sees.
+EXPERT_HANDOVER=${EXPERT_HANDOVER:-observed}
 mkdir -p "$OUT"
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 DATA="$OUT/transport_scripted_96.hdf5"
@@ -35,7 +38,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has demos; then
     echo "== demonstrations: $EPISODES scripted episodes, 3 cameras at 96 px, $WORKERS workers"
     $PY training/demos.py --episodes "$EPISODES" --out "$DATA" --images --image-size 96 \
-        --workers "$WORKERS" --compression lzf --no-progress
+        --workers "$WORKERS" --compression lzf --expert-handover "$EXPERT_HANDOVER" --no-progress
 fi
 
 if has train; then

@@ -92,6 +92,9 @@ class GenerateConfig:
     """Store per-step labels from ``coop_transport.sim.labels`` (skipped when that module is absent)."""
     runner: str = DEFAULT_RUNNER
     """``module:function`` with ``run_expert_episode``'s signature ``(sim, seed, expert=None, on_step=None)``."""
+    expert_handover: Literal["observed", "planned"] = "observed"
+    """The scripted expert's hand-over rule (``ExpertConfig.handover``): observed, or planned to regenerate the
+    demonstrations the shipped default policy was trained on. Only for the default runner."""
     overwrite: bool = False
     """Replace an existing complete ``out`` (only once the new file is complete)."""
     keep_shards: bool = False
@@ -122,6 +125,9 @@ class GenerateConfig:
             bad.append(f"horizon={self.horizon} (must be >= 1)")
         if ":" not in self.runner:
             bad.append(f"runner={self.runner!r} (expected 'module:function')")
+        if self.expert_handover != "observed" and self.runner != DEFAULT_RUNNER:
+            bad.append(f"expert_handover={self.expert_handover!r} with runner={self.runner!r} (it configures the "
+                       f"scripted expert of the default runner {DEFAULT_RUNNER!r})")
         if bad:
             raise ValueError("invalid GenerateConfig: " + "; ".join(bad))
 
@@ -144,14 +150,32 @@ def resolve_runner(spec: str) -> Callable:
         raise GenerationError(f"cannot import the episode runner {spec!r}: {e}") from e
 
 
-def _expert_config(spec: str) -> dict | None:
-    # The runner's module may define an ``ExpertConfig`` dataclass (the scripted expert does): record its defaults.
+def _expert_config(spec: str, overrides: dict | None = None) -> dict | None:
+    # The runner's module may define an ``ExpertConfig`` dataclass (the scripted expert does): record the
+    # configuration it runs with (its defaults, with ``overrides`` for the default runner).
     resolve_runner(spec)  # a clear error now rather than in every worker
     module = importlib.import_module(spec.partition(":")[0])
     cls = getattr(module, "ExpertConfig", None)
     if cls is not None and dataclasses.is_dataclass(cls):
-        return json.loads(json.dumps(asdict(cls()), default=fmt.json_default))
+        return json.loads(json.dumps(asdict(cls(**(overrides or {}))), default=fmt.json_default))
     return None
+
+
+def _expert_overrides(config: GenerateConfig) -> dict:
+    return {"handover": config.expert_handover} if config.runner == DEFAULT_RUNNER else {}
+
+
+def _runner(config: GenerateConfig) -> Callable:
+    """The episode runner; the default one gets a scripted expert configured by ``config``."""
+    runner = resolve_runner(config.runner)
+    overrides = _expert_overrides(config)
+    if not overrides:
+        return runner
+    from coop_transport.sim.expert import ExpertConfig, ScriptedExpert
+
+    expert_config = ExpertConfig(**overrides)
+    # A fresh expert per episode, seeded as the runner's own default (expert seed 0).
+    return lambda sim, seed, on_step=None: runner(sim, seed, expert=ScriptedExpert(expert_config), on_step=on_step)
 
 
 def _labels_available() -> bool:
@@ -189,7 +213,7 @@ def shard_fingerprint(config: GenerateConfig) -> dict:
         "robosuite": _package_version("robosuite"),
         "mujoco": _package_version("mujoco"),
         "runner": config.runner,
-        "expert_config": _expert_config(config.runner),
+        "expert_config": _expert_config(config.runner, _expert_overrides(config)),
         "horizon": config.horizon,
         "successful_only": config.successful_only,
         "seed_scheme": f"{fmt.DEMO_SEED_BASE} + i + {config.seed_offset} + {fmt.DEMO_SEED_STRIDE} * attempt"
@@ -340,7 +364,7 @@ def _setup_worker(config: GenerateConfig, fingerprint: dict) -> None:
     if fingerprint["labels"]:
         labels_fn = importlib.import_module(LABELS_MODULE).step_labels
     _W.update(config=config, fingerprint=fingerprint, sim=sim, renderer=renderer, labels_fn=labels_fn,
-              runner=resolve_runner(config.runner), object_keys=object_state_keys(sim),
+              runner=_runner(config), object_keys=object_state_keys(sim),
               env_args=fmt.env_args(sim.env_kwargs | {"seed": 0}, sim.controller_config,
                                     _package_version("robosuite") or "unknown",
                                     tuple(config.cameras) if config.images else (), config.image_size))
