@@ -56,6 +56,37 @@ def test_clipping_to_k_sigma_and_counters():
     assert off.actions == 2 and off.clipped_actions == 0
 
 
+class GripperSampler:
+    """Each call returns the next scripted chunk (its gripper columns; other dimensions zero)."""
+
+    def __init__(self, chunks, dim=7):
+        self.chunks, self.dim = list(chunks), dim
+
+    def __call__(self, obs, n):
+        values = np.asarray(self.chunks.pop(0), dtype=float)  # (H, grippers)
+        chunk = np.zeros((len(values), self.dim))
+        chunk[:, 6::7] = values
+        return np.repeat(chunk[None], n, 0)
+
+
+def test_gripper_latch_executes_crisp_commands_with_hysteresis():
+    config = RecipeConfig(execute_steps=4, num_samples=1, clip_sigma=None, gripper_latch=0.5)
+    actor = ChunkedActor(GripperSampler([[[0.9], [0.2], [-0.3], [-0.6]], [[0.1], [0.7], [-0.4], [0.0]]]), config)
+    assert [actor.act({})[6] for _ in range(8)] == [1, 1, 1, -1, -1, 1, 1, 1]  # the state carries across chunks
+    actor.reset()  # a new episode starts from the sign of its first command
+    actor.sampler.chunks = [[[-0.2], [0.4], [0.6], [0.1]]]
+    assert [actor.act({})[6] for _ in range(4)] == [-1, -1, 1, 1]
+    # A joint chunk latches each arm's gripper (dims 6 and 13) on its own; other dimensions are untouched.
+    joint = ChunkedActor(GripperSampler([[[0.8, -0.8], [-0.2, 0.3], [-0.9, 0.6]]], dim=14),
+                         config.with_(execute_steps=3))
+    out = np.stack([joint.act({}) for _ in range(3)])
+    assert out[:, 6].tolist() == [1, 1, -1] and out[:, 13].tolist() == [-1, -1, 1] and not out[:, :6].any()
+    # Off (the default): the predicted value passes through.
+    plain = ChunkedActor(GripperSampler([[[0.2], [0.3]]]), RecipeConfig(execute_steps=2, num_samples=1,
+                                                                        clip_sigma=None))
+    assert [plain.act({})[6] for _ in range(2)] == pytest.approx([0.2, 0.3])
+
+
 def test_recipe_refuses_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         reduce_chunk(np.full((1, 4, 7), np.nan), RecipeConfig(execute_steps=2), np.zeros(7), np.ones(7))
@@ -63,7 +94,7 @@ def test_recipe_refuses_bad_input():
         reduce_chunk(np.zeros((1, 4, 7)), RecipeConfig(execute_steps=8), np.zeros(7), np.ones(7))
     with pytest.raises(ValueError, match="mean and std"):
         reduce_chunk(np.zeros((1, 4, 7)), RecipeConfig(execute_steps=2), None, None)
-    for bad in (dict(execute_steps=0), dict(num_samples=0), dict(clip_sigma=-1.0)):
+    for bad in (dict(execute_steps=0), dict(num_samples=0), dict(clip_sigma=-1.0), dict(gripper_latch=1.0)):
         with pytest.raises(ValueError):
             RecipeConfig(**bad)
 

@@ -58,6 +58,8 @@ class Config:
     """Recipe: ±k·sigma clipping (default 2)."""
     no_clip: bool = False
     """Recipe: switch clipping off."""
+    gripper_latch: float | None = None
+    """Recipe: execute the gripper as ±1 with this hysteresis threshold (default off; see RecipeConfig)."""
     recipe_ablation: bool = False
     """Evaluate the paper's Table 2 ladder (baseline, +mean-of-4, +clipping, +chunk 25) instead of one recipe."""
     select_best: bool = False
@@ -85,6 +87,8 @@ def recipe_overrides(cfg: Config) -> dict:
         recipe["num_samples"] = cfg.samples
     if cfg.clip_sigma is not None:
         recipe["clip_sigma"] = cfg.clip_sigma
+    if cfg.gripper_latch is not None:
+        recipe["gripper_latch"] = cfg.gripper_latch
     if cfg.no_clip:
         recipe["clip_sigma"] = None
     return recipe

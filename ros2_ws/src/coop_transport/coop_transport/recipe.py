@@ -6,6 +6,7 @@ A chunked policy predicts H actions at once; the recipe decides what is executed
   averaging independent 7-D samples denoises, though it can blur distinct modes of a 14-D joint chunk);
 - **±kσ clipping**: clip each action dimension to mean ± k·std of the demonstration actions, which suppresses the
   rare large-magnitude outliers that otherwise compound in open-loop execution. Counters record how often it fired.
+- **gripper latch** (this project's, off by default): the gripper command executed as a crisp ±1 with hysteresis.
 
 Each intervention is switchable, so the paper's Table 2 ablation is a matter of configuration. Defaults are the
 paper's final per-arm recipe (C=10, N=4, ±2σ); the joint policy's chunk is 25 (``RecipeConfig.joint()``).
@@ -19,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from coop_transport.constants import ARM_ACTION_DIM, GRIPPER_INDEX
+
 
 @dataclass(frozen=True)
 class RecipeConfig:
@@ -30,6 +33,11 @@ class RecipeConfig:
     """N: samples drawn in one batched forward pass and averaged (1 disables mean-of-N)."""
     clip_sigma: float | None = 2.0
     """k: clip every action dimension to mean ± k·std of the demonstration actions (None disables clipping)."""
+    gripper_latch: float | None = None
+    """h: execute the gripper command as ±1, switching to closed when the value rises above +h and to open when it
+    falls below -h, else keeping the last state (None: the value as predicted). The demonstrator commands a crisp
+    ±1; averaging N samples that disagree near a grasp or a release gives values near 0, which half-open a hand
+    that holds something (seen as drops of a carried payload in closed loop)."""
 
     def __post_init__(self):
         if self.execute_steps < 1:
@@ -38,6 +46,8 @@ class RecipeConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.clip_sigma is not None and not self.clip_sigma > 0:
             raise ValueError(f"clip_sigma must be positive or None, got {self.clip_sigma}")
+        if self.gripper_latch is not None and not 0.0 <= self.gripper_latch < 1.0:
+            raise ValueError(f"gripper_latch must lie in [0, 1) or be None, got {self.gripper_latch}")
 
     @staticmethod
     def per_arm() -> "RecipeConfig":
@@ -142,6 +152,7 @@ class ChunkedActor:
         self.counters = ClipCounters()
         self._queue: deque[np.ndarray] = deque()
         self.chunks_planned = 0
+        self._gripper_state: np.ndarray | None = None  # the latched command per gripper (gripper_latch)
 
     @classmethod
     def for_arm(cls, policy, arm: str, config: RecipeConfig) -> "ChunkedActor":
@@ -156,12 +167,31 @@ class ChunkedActor:
 
     def reset(self) -> None:
         self._queue.clear()
+        self._gripper_state = None
 
     def plan(self, obs: dict) -> np.ndarray:
         """Sample N chunks for ``obs`` and reduce them to the (C, D) actions to execute."""
         samples = self.sampler(obs, self.config.num_samples)
         self.chunks_planned += 1
-        return reduce_chunk(samples, self.config, self.action_mean, self.action_std, self.counters)
+        chunk = reduce_chunk(samples, self.config, self.action_mean, self.action_std, self.counters)
+        if self.config.gripper_latch is not None:
+            chunk = self._latch_grippers(chunk)
+        return chunk
+
+    def _latch_grippers(self, chunk: np.ndarray) -> np.ndarray:
+        """Replace each arm's gripper column (the last of every 7) by the latched ±1 command, step by step."""
+        h = self.config.gripper_latch
+        columns = np.arange(GRIPPER_INDEX, chunk.shape[1], ARM_ACTION_DIM)
+        state = self._gripper_state
+        if state is None:  # the first command of an episode: its sign (open at exactly 0)
+            state = np.where(chunk[0, columns] > 0, 1.0, -1.0)
+        out = chunk.copy()
+        for t in range(len(out)):
+            value = out[t, columns]
+            state = np.where(value > h, 1.0, np.where(value < -h, -1.0, state))
+            out[t, columns] = state
+        self._gripper_state = state
+        return out
 
     def act(self, obs: dict) -> np.ndarray:
         """The action for this control step; re-plans from ``obs`` when the current chunk is used up."""

@@ -109,6 +109,8 @@ class PolicyNode(Node):
         d("chunk_length", recipe_defaults.execute_steps, _p("Recipe C: actions executed per chunk."))
         d("num_samples", recipe_defaults.num_samples, _p("Recipe N: samples averaged per chunk."))
         d("clip_sigma", float(recipe_defaults.clip_sigma or 0.0), _p("Recipe k: clip to mean +- k std; <= 0 off."))
+        d("gripper_latch", -1.0, _p("Recipe: execute the gripper as +-1, switching past +-h (hysteresis h in "
+                                    "[0, 1)); < 0 off (the predicted value)."))
         d("control_rate", float(CONTROL_FREQ), _p("Command rate in Hz (on the node clock)."))
         d("replan_margin", -1, _p("Plan the next chunk when this many actions are left; -1 = adapt to the "
                                   "measured inference time and tick period (see _margin)."))
@@ -132,9 +134,10 @@ class PolicyNode(Node):
         self.arm = g("arm")
         if self.arm not in ARMS:
             raise ValueError(f"parameter arm must be one of {ARMS}, got {self.arm!r}")
-        clip = g("clip_sigma")
+        clip, latch = g("clip_sigma"), g("gripper_latch")
         self.recipe = RecipeConfig(execute_steps=g("chunk_length"), num_samples=g("num_samples"),
-                                   clip_sigma=clip if clip > 0 else None)
+                                   clip_sigma=clip if clip > 0 else None,
+                                   gripper_latch=latch if latch >= 0 else None)
         self.rate = float(g("control_rate"))
         self.dt = 1.0 / self.rate
         self.limits = SafetyLimits(tuple(g("workspace_min")), tuple(g("workspace_max")), g("max_linear_speed"),
@@ -178,7 +181,7 @@ class PolicyNode(Node):
             f"{self.arm}: loaded {type(self.policy).__name__} from {source} via {g('policy_factory')} in "
             f"{time.perf_counter() - t0:.1f} s (image {self.image_size}px, agentview={self.policy.uses_agentview}, "
             f"message in={self.policy.accepts_message}, recipe C={self.recipe.execute_steps} "
-            f"N={self.recipe.num_samples} clip={self.recipe.clip_sigma})")
+            f"N={self.recipe.num_samples} clip={self.recipe.clip_sigma} gripper latch={self.recipe.gripper_latch})")
 
         # ---- latest observation (written and read on the executor thread only)
         self._wrist: tuple[float, np.ndarray] | None = None  # (stamp s, image)
