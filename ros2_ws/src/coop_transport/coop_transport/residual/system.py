@@ -87,6 +87,9 @@ class ResidualSystem:
                              f"execute_steps={recipe.execute_steps} does not apply")
         if recipe.execute_steps > vla.horizon:
             raise ValueError(f"chunk {recipe.execute_steps} exceeds the π0 policy's horizon {vla.horizon}")
+        if recipe.gripper_latch is not None:  # the residual acts on the reference's continuous gripper value
+            raise ValueError("gripper_latch applies to π0 policies run by the recipe's ChunkedActor, not to the "
+                             "residual system's reference chunks")
         self.recipe = recipe
         self.agents = agents.to(self.device) if agents is not None else None
         self.state_mean = torch.as_tensor(vla.state_mean, device=self.device)
