@@ -53,6 +53,7 @@ from coop_transport.ros.franka_gripper import FrankaGripperClient, GripperHyster
 from coop_transport.ros.franka_kinematics import tcp_pose
 from coop_transport.ros.libfranka_arm import ArmFault, ArmState, LibfrankaArm, LibfrankaConfig, MotionLimits
 from coop_transport.ros.safety import SafetyLimits, apply_limits
+from coop_transport.ros.threads import quiet_on_shutdown
 from coop_transport.sim.frames import mat_to_axis_angle, quat_xyzw_to_mat
 
 
@@ -218,26 +219,18 @@ class FrankaBridgeNode(Node):
             return
         stamp = codec.to_stamp(state.wall_time)
         half_width = state.gripper_width / 2 if np.isfinite(state.gripper_width) else 0.0
-        try:
+        with quiet_on_shutdown(self):  # the arm's thread: a signal may end ROS between the check above and here
             self.pub_joints.publish(codec.joint_state_msg(self.joint_names, [*state.q, half_width, half_width],
                                                           [*state.dq, 0.0, 0.0], stamp))
             self._set_measured(state.pose[:3, 3], state.pose[:3, :3], f"{self.joint_prefix}_link0", stamp)
-        except Exception:
-            # A signal may shut the context down between the check above and a publish (this runs on the arm's
-            # thread, the signal handler on the main one); the arm is then being stopped: nothing to report.
-            if self.context.ok():
-                raise
 
     def _on_arm_fault(self, fault: ArmFault) -> None:
         """libfranka (the arm's I/O or gripper thread): gripper faults and restarted planner failures are reported
         (log; counters on diagnostics); any other fault disables the arm until an enable call recovers it."""
         if not self.context.ok():
             return
-        try:
+        with quiet_on_shutdown(self):
             self._report_arm_fault(fault)
-        except Exception:
-            if self.context.ok():  # see _on_arm_state: a shutdown racing this thread is not a fault to report
-                raise
 
     def _report_arm_fault(self, fault: ArmFault) -> None:
         if fault.kind == "gripper":

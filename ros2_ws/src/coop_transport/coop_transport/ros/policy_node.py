@@ -51,6 +51,7 @@ from coop_transport.constants import ARM_ACTION_DIM, ARMS, CONTROL_FREQ, GRIPPER
 from coop_transport.recipe import RecipeConfig
 from coop_transport.ros import codec, topics
 from coop_transport.ros.safety import SafetyLimits, apply_limits, hold_command
+from coop_transport.ros.threads import quiet_on_shutdown
 
 DEFAULT_POLICY_FACTORY = "coop_transport.deploy:load_arm_policy"
 REQUIRED_POLICY_ATTRS = ("plan", "reset", "image_size", "uses_agentview", "message", "accepts_message", "stats")
@@ -515,16 +516,12 @@ class PolicyNode(Node):
                     self._ready = (epoch, source_stamp, actions)
             self._pending = False
             if current and message is not None:
-                try:
+                with quiet_on_shutdown(self):  # the planner's thread, not the executor's
                     self.pub_message.publish(codec.trajectory_msg(np.asarray(message), codec.to_stamp(source_stamp),
                                                                   dt=self.dt))
-                except Exception:
-                    # This thread is not the executor's: a signal may shut ROS down between the loop's check and
-                    # this publish. That is a normal stop; anything else is a bug to see.
-                    if self.context.ok():
-                        raise
+                    self.counts["messages_sent"] += 1
+                if not self.context.ok():
                     return
-                self.counts["messages_sent"] += 1
 
     # --------------------------------------------------------------------------------------- diagnostics
     def _publish_diagnostics(self) -> None:
