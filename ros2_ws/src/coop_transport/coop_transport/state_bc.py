@@ -76,13 +76,13 @@ class StateMLP(nn.Module):
 # ------------------------------------------------------------------------------------------------------- state
 def state_from_sim(sim, object_keys: list[str]) -> np.ndarray:
     """The feature vector of the simulator's current state, laid out as ``load_states`` lays out a file's."""
+    from coop_transport.data.generate import object_vector
     from coop_transport.sim.frames import arm_proprio
 
     obs = sim.observation
     proprio = [arm_proprio(a, obs[f"{a}_eef_pos"], obs[f"{a}_eef_quat"], obs[f"{a}_gripper_qpos"],
                            obs[f"{a}_joint_pos"]) for a in ARMS]
-    objects = np.concatenate([np.atleast_1d(np.asarray(obs[k], dtype=np.float64)) for k in object_keys])
-    return np.concatenate([*proprio, objects]).astype(np.float32)
+    return np.concatenate([*proprio, object_vector(obs, object_keys)]).astype(np.float32)
 
 
 def load_states(data: str | Path, split: str | None, action_labels: str) -> tuple[list[np.ndarray], list[np.ndarray],
@@ -90,28 +90,14 @@ def load_states(data: str | Path, split: str | None, action_labels: str) -> tupl
     """Per demonstration of ``split`` (all when None or when the file has no such mask): (T, 36 + object) states
     and (T, 14) actions in each arm's base frame; the file's object layout (None for robomimic files); the labels
     used."""
-    import h5py
-
-    from coop_transport.data import hdf5_format as fmt
     from coop_transport.data.dataset import load_demonstrations
 
     with load_demonstrations(data, action_labels=action_labels) as demos:
-        names = demos.demo_names(split) if split in demos.masks else demos.demo_names()
-        trajs = [t for t in demos.joint_trajectories(None, images="none") if t.demo in set(names)]
+        trajs = demos.joint_trajectories(split if split in demos.masks else None, images="none")
+        states = [np.concatenate([t.proprio, demos.object_states(t.demo)], -1).astype(np.float32) for t in trajs]
+        actions = [t.actions.astype(np.float32) for t in trajs]
+        layout = demos.meta.get("object_layout")  # None for robomimic files
         labels = demos.action_labels
-    states, actions = [], []
-    with h5py.File(data, "r") as f:
-        meta = f[fmt.DATA].attrs.get(fmt.META_ATTR)  # files this package wrote record their object layout
-        layout = json.loads(meta).get("object_layout") if meta is not None else None
-        for t in trajs:
-            where = f"{data}: data/{t.demo}"
-            obs = f[fmt.DATA][t.demo][fmt.OBS]
-            if fmt.OBJECT_KEY not in obs:
-                raise ValueError(f"{where} has no obs/{fmt.OBJECT_KEY} (robosuite's object state), which the "
-                                 "privileged-state reference needs")
-            objects = fmt.read_array(obs, fmt.OBJECT_KEY, where).astype(np.float32)
-            states.append(np.concatenate([t.proprio.astype(np.float32), objects], -1))
-            actions.append(t.actions.astype(np.float32))
     if not states:
         raise ValueError(f"no demonstrations selected from {data}")
     return states, actions, layout, labels

@@ -337,6 +337,16 @@ class DemoFile:
                                f"(T, H, W, 3) uint8")
         return _images(ImageSequence(self.path, ds.name, ds.shape, self.flip_images), mode)
 
+    def object_states(self, name: str) -> np.ndarray:
+        """(T, object_dim) robosuite's object state (``obs/object``) of demonstration ``name``: privileged, for
+        references and analysis (policies do not see it). Its layout is ``meta["object_layout"]`` in files this
+        package wrote."""
+        obs = self._f[fmt.DATA][name][fmt.OBS]
+        where = f"{self.path}: data/{name}"
+        if fmt.OBJECT_KEY not in obs:
+            raise DatasetError(f"{where} has no obs/{fmt.OBJECT_KEY} (robosuite's object state)")
+        return fmt.read_array(obs, fmt.OBJECT_KEY, where)
+
     def joint_trajectories(self, split: str | None = None, images: ImagesMode = "lazy") -> list[JointTrajectory]:
         """One trajectory per demonstration of ``split`` (``None``: all)."""
         out = []

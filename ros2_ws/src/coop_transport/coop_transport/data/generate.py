@@ -249,11 +249,16 @@ def object_layout(obs: dict, object_keys: list[str]) -> list[list]:
     return layout
 
 
+def object_vector(obs: dict, object_keys: list[str]) -> np.ndarray:
+    """robosuite's ``object-state``: the object observables ``object_keys`` concatenated (41-D for TwoArmTransport)."""
+    return np.concatenate([np.atleast_1d(np.asarray(obs[k], dtype=np.float64)) for k in object_keys])
+
+
 def lowdim_obs(obs: dict, object_keys: list[str]) -> dict[str, np.ndarray]:
-    """robomimic's low-dim observation: every ``robot{i}_*`` array plus ``object`` (41-D for TwoArmTransport)."""
+    """robomimic's low-dim observation: every ``robot{i}_*`` array plus ``object`` (``object_vector``)."""
     out = {k: np.array(v) for k, v in obs.items()
            if k.startswith(("robot0_", "robot1_")) and not fmt.is_image_key(k, np.asarray(v))}
-    out[fmt.OBJECT_KEY] = np.concatenate([np.atleast_1d(np.asarray(obs[k], dtype=np.float64)) for k in object_keys])
+    out[fmt.OBJECT_KEY] = object_vector(obs, object_keys)
     return out
 
 

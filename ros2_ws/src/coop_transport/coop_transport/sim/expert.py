@@ -716,9 +716,7 @@ class ScriptedExpert:
             # robot0 lets go now; wait until its fingers have left the handle before pulling the payload away.
             payload_top = s.payload_pos[2] + self._hammer_half_thickness
             robot0_clear = s.eef_pos["robot0"][2] - FINGERTIP_REACH > payload_top + cfg.reach_tolerance
-            let_go = (self._arms["robot0"].stage in ("retreat", "done") if cfg.handover == "planned"
-                      else not s.holds_payload["robot0"])
-            if let_go and robot0_clear and not s.touches_payload["robot0"]:
+            if self._partner_let_go(s) and robot0_clear and not s.touches_payload["robot0"]:
                 self._enter(arm, "place_carry", rot=memory["rot"])
             return _Command(memory["pos"], memory["rot"], CLOSE)
 
@@ -817,6 +815,12 @@ class ScriptedExpert:
         if self.config.handover == "planned":
             return self._arms["robot1"].stage == "handover_hold"
         return self._robot1_hold_steps >= self.config.handover_hold_steps
+
+    def _partner_let_go(self, s: _Scene) -> bool:
+        """robot1 may carry the payload off (once robot0's fingers are also clear of it)."""
+        if self.config.handover == "planned":
+            return self._arms["robot0"].stage in ("retreat", "done")
+        return not s.holds_payload["robot0"]
 
     def _payload_presented(self, s: _Scene) -> bool:
         """The payload is at the hand-over point and has stopped moving."""
