@@ -143,6 +143,30 @@ def test_warm_start_begins_from_the_checkpoint_and_keeps_its_statistics(demo_fil
                               device="cpu"))
 
 
+def test_resuming_a_warm_start_keeps_the_warm_start_statistics(demo_file, tmp_path):
+    """A warm-started run z-scores with its source checkpoint's statistics; its resume must keep them (it once
+    recomputed them from the data, so a resumed run's targets moved under its weights)."""
+    from coop_transport.policy.checkpoint import load_checkpoint, save_checkpoint
+
+    first = tmp_path / "first"
+    train(_config(demo_file, first, 2, num_checkpoints=1))
+    source = load_checkpoint(first / "checkpoints" / "step_000002")
+    shifted = {group: {k: (np.asarray(v) + 0.5 if k == "mean" else v) for k, v in stats.items()}
+               for group, stats in source.norm_stats.items()}  # unlike anything computed from the data
+    other = save_checkpoint(tmp_path / "other_stats", source.model, source.config, shifted, step=2)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_config(demo_file, straight, 4, init_from=other))
+    train(_config(demo_file, resumed, 4, init_from=other, stop_at=1))
+    train(_config(demo_file, resumed, 4, init_from=other))
+    for step in ("step_000002", "step_000004"):
+        stats = load_checkpoint(resumed / "checkpoints" / step).norm_stats
+        np.testing.assert_allclose(stats["actions"]["mean"], shifted["actions"]["mean"], rtol=1e-6)
+        np.testing.assert_allclose(stats["state"]["mean"], shifted["state"]["mean"], rtol=1e-6)
+    a, b = _weights(straight), _weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.mark.slow
 def test_shipped_default_policy_runs_a_short_closed_loop_episode():
     """The committed per-arm default loads from the package and drives both arms for a few control steps."""

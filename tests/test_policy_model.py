@@ -147,8 +147,13 @@ def test_kv_cached_velocity_equals_full_pass(setting):
         # N samples per observation share the expanded cache: rows b * N + n.
         cache3 = model.prepare_prefix(batch, num_samples=2)
         cached3 = model.denoise_velocity(cache3, x_t.repeat_interleave(2, 0), time.repeat_interleave(2, 0))
+        # The written-out attention (what the compiled GPU sampler runs) computes the same velocity.
+        matmul = model.denoise_velocity(model.prepare_prefix(batch, attention="matmul"), x_t, time, attention="matmul")
     assert torch.allclose(full, cached, atol=1e-5), (full - cached).abs().max()
     assert torch.allclose(cached3, cached.repeat_interleave(2, 0), atol=1e-5)
+    assert torch.allclose(matmul, cached, atol=1e-5), (matmul - cached).abs().max()
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        model.prepare_prefix(batch, attention="flash")
 
 
 def test_prefix_hidden_states_ignore_the_suffix():

@@ -197,7 +197,7 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
             names = list(config.demo_names)
         elif config.demos is not None:
             names = names[: config.demos]
-        if norm_override is not None:  # a warm start: the statistics its weights were trained against
+        if norm_override is not None:  # a warm start or a resume: the statistics its weights were trained against
             norm = {key: to_jsonable(norm_override[key]) for key in ("state", "actions")}
         else:
             norm = _demo_norm_stats(config, demos, names)
@@ -268,8 +268,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
 
 
 def save_train_state(path: Path, model, optimizer, ema, step: int, generator: torch.Generator,
-                     log_rows: list, rank_generators: list | None = None) -> None:
-    """Resumable training state: raw weights, AdamW moments, EMA shadow (safetensors) + step and RNG (JSON).
+                     log_rows: list, rank_generators: list | None = None, norm_stats: dict | None = None) -> None:
+    """Resumable training state: raw weights, AdamW moments, EMA shadow (safetensors) + step, RNG and the
+    normalization statistics the weights are trained against (JSON).
     ``rank_generators``: every data-parallel rank's batch-sampling generator state, in rank order."""
     from safetensors.torch import save_file
 
@@ -288,6 +289,7 @@ def save_train_state(path: Path, model, optimizer, ema, step: int, generator: to
     meta = {"step": step, "optimizer_scalars": opt_scalars,
             "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
             "rank_generator_states": rank_generators if rank_generators and len(rank_generators) > 1 else None,
+            "norm_stats": to_jsonable(norm_stats) if norm_stats is not None else None,
             "log_rows": log_rows[-2000:]}
     (tmp / "state.json").write_text(json.dumps(meta))
     replace_directory(tmp, path)
@@ -335,6 +337,22 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
     return int(meta["step"]), list(meta.get("log_rows", []))
 
 
+def resumed_norm_stats(state_dir: Path, run: Path, init_from: Path | None) -> dict | None:
+    """The normalization statistics a run being resumed was trained against: its training state's, else (a state
+    written before the state kept them) its newest checkpoint's, else its warm start's. None: the data's own.
+    A warm-started run z-scores with its source checkpoint's statistics; recomputing them from the data on resume
+    would silently change every target under weights trained against the old ones."""
+    meta = json.loads((state_dir / "state.json").read_text())
+    if meta.get("norm_stats") is not None:
+        return meta["norm_stats"]
+    sources = sorted((run / "checkpoints").glob("step_*"))[-1:] + ([Path(init_from)] if init_from else [])
+    for source in sources:
+        config_file = source / "config.json"
+        if config_file.is_file():
+            return json.loads(config_file.read_text())["norm_stats"]
+    return None
+
+
 # -------------------------------------------------------------------------------------------------- training
 def train(config: ImitationConfig) -> dict:
     """Train (or resume) one imitation run; returns a summary dict (also written to <run>/train_summary.json)."""
@@ -367,16 +385,20 @@ def train(config: ImitationConfig) -> dict:
 
     tokenizer = make_tokenizer(model_config, config.weights)
     state_dir = run / "train_state"
-    warm_start = None
-    if config.init_from and not (config.resume and (state_dir / "state.json").exists()):
+    resuming = config.resume and (state_dir / "state.json").exists()
+    warm_start, norm_override = None, None
+    if resuming:
+        norm_override = resumed_norm_stats(state_dir, run, config.init_from)
+    elif config.init_from:
         from coop_transport.policy.checkpoint import load_checkpoint
 
         warm_start = load_checkpoint(config.init_from, device="cpu")
         if warm_start.config != model_config:
             raise ValueError(f"--init-from {config.init_from}: its model configuration differs from --model "
                              f"{config.model} with action_horizon {model_config.action_horizon}")
+        norm_override = warm_start.norm_stats
     table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device,
-                                                   norm_override=warm_start.norm_stats if warm_start else None)
+                                                   norm_override=norm_override)
     model = build_model(model_config, weights=str(config.weights) if config.weights else None, device=device)
     if warm_start is not None:
         model.load_state_dict(warm_start.model.state_dict())
@@ -390,7 +412,7 @@ def train(config: ImitationConfig) -> dict:
     generator = torch.Generator().manual_seed(config.seed + ctx.rank)
 
     step, log_rows = 0, []
-    if config.resume and (state_dir / "state.json").exists():
+    if resuming:
         step, log_rows = load_train_state(state_dir, model, optimizer, ema, generator, rank=ctx.rank,
                                           world_size=ctx.world_size)
         if ctx.is_main:
@@ -464,7 +486,7 @@ def train(config: ImitationConfig) -> dict:
         if saved or stopping:  # the resumable state: at every checkpoint, and wherever the run stops early
             generators = dist_utils.gather_objects(generator.get_state().tolist(), ctx)
             if ctx.is_main:
-                save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators)
+                save_train_state(state_dir, model, optimizer, ema, step, generator, log_rows, generators, norm)
                 _write_log(run, log_rows)
         if stopping:
             if ctx.is_main:

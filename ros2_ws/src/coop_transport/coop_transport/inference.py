@@ -14,6 +14,8 @@ compiled as two regions, ``regional_compiled_sampler``), then captures the compi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -84,15 +86,17 @@ def compiled_sampler(model, num_samples: int, mode: str = "max-autotune-no-cudag
     return sample
 
 
-def regional_compiled_sampler(model, mode: str = "default"):
+def regional_compiled_sampler(model, mode: str = "default", attention: str = "matmul"):
     """``sample_actions`` with its two regions compiled separately: the prefix (run once per chunk) and one flow
     step (compiled once, called at every step). Compiling the whole sampler unrolls all ten steps into one graph;
-    for pi0-3b that compilation ran past five minutes on an H200. Same arguments as ``sample_actions``."""
+    for pi0-3b that compilation ran past five minutes on an H200. Same arguments as ``sample_actions``.
+    attention: policy.model.grouped_attention's impl inside the compiled regions; "matmul" lets Inductor fuse the
+    softmax with its mask (faster than the fused SDPA kernels there, see grouped_attention)."""
     if mode in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"mode {mode!r} brings Inductor's own CUDA graphs; use 'default' or "
                          f"'max-autotune-no-cudagraphs' (compile_cudagraph captures the graph itself)")
-    prefix = torch.compile(model.prepare_prefix, dynamic=False, mode=mode)
-    velocity = torch.compile(model.denoise_velocity, dynamic=False, mode=mode)
+    prefix = torch.compile(functools.partial(model.prepare_prefix, attention=attention), dynamic=False, mode=mode)
+    velocity = torch.compile(functools.partial(model.denoise_velocity, attention=attention), dynamic=False, mode=mode)
 
     @torch.no_grad()
     def sample(batch: dict, noise: torch.Tensor | None = None, num_samples: int = 1) -> torch.Tensor:
@@ -101,8 +105,10 @@ def regional_compiled_sampler(model, mode: str = "default"):
     return sample
 
 
-def compile_cudagraph(model, example_batch: dict, num_samples: int, mode: str = "default") -> CudaGraphSampler:
+def compile_cudagraph(model, example_batch: dict, num_samples: int, mode: str = "default",
+                      attention: str = "matmul") -> CudaGraphSampler:
     """The regionally compiled sampler (Inductor's fused kernels; its own CUDA graphs off) captured as one CUDA
     graph. ``mode="default"`` keeps cuBLAS for the matmuls: max-autotune's kernel search takes minutes for the
     3B model and matters little where the chunk is bound by the number of small kernels."""
-    return CudaGraphSampler(model, example_batch, num_samples, sample_fn=regional_compiled_sampler(model, mode))
+    sample_fn = regional_compiled_sampler(model, mode, attention)
+    return CudaGraphSampler(model, example_batch, num_samples, sample_fn=sample_fn)

@@ -85,17 +85,33 @@ def fold_mask_for_gqa(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> to
     return torch.zeros(folded.shape, dtype=dtype, device=mask.device).masked_fill(~folded, float("-inf"))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention as one SDPA call without copying K/V per head.
+ATTENTION_IMPLS = ("sdpa", "matmul")
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mask: torch.Tensor, impl: str = "sdpa"
+) -> torch.Tensor:
+    """Grouped-query attention without copying K/V per head.
 
     The G query heads that share one KV head are laid along the query axis, so K and V (π0: a single KV head) are
     used as they are, prefix cache included. Head h belongs to KV head h // G, transformers' repeat_kv order.
     q: (B, H, Lq, hd); k, v: (B, K, Lk, hd); folded_mask: (B, 1, G * Lq, Lk) additive. Returns (B, Lq, H * hd).
+    impl "sdpa": one fused SDPA kernel (the default: fastest in eager mode and for training). impl "matmul": two
+    matmuls around a float32 softmax, written out so that torch.compile fuses scale, mask and softmax into one
+    kernel between two cuBLAS calls; on pi0-3b's inference shapes (head dim 256, short suffix queries over the
+    prefix cache) that beat both fused SDPA kernels (cuDNN, memory-efficient) under compilation on an H100 (the
+    README's latency table).
     """
     batch, heads, lq, hd = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(batch, kv_heads, (heads // kv_heads) * lq, hd)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask)  # (B, K, G * Lq, hd)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask)  # (B, K, G * Lq, hd)
+    elif impl == "matmul":
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * hd**-0.5 + folded_mask
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    else:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     return out.reshape(batch, heads, lq, hd).transpose(1, 2).reshape(batch, lq, heads * hd)
 
 
@@ -124,25 +140,30 @@ class GemmaStream(nn.Module):
 class PrefixCache(NamedTuple):
     """Everything the 10 flow steps reuse, computed once per observation by Pi0Model.prepare_prefix.
 
-    Batch BN = B * num_samples (sample n of observation b at row b * num_samples + n).
+    Batch BN = B * num_samples (sample n of observation b at row b * num_samples + n). The flow steps run the N
+    samples of an observation as one sequence of N suffixes (N * Ls tokens) over one copy of its prefix K/V, each
+    suffix blind to the others (a block-diagonal mask): attention is then one large matmul per observation instead
+    of N small ones, and the cache is not copied N times.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    """per layer (k, v), each (BN, K, Lp, hd), rotary already applied"""
+    """per layer (k, v), each (B, K, Lp, hd), rotary already applied"""
     state: torch.Tensor
     """(BN, state_pad_dim) padded state"""
     suffix_mask: torch.Tensor
-    """(BN, 1, G * Ls, Lp + Ls) folded additive attention mask of the suffix queries"""
+    """(B, 1, G * N * Ls, Lp + N * Ls) folded additive attention mask of the N suffixes' queries"""
     suffix_cos: torch.Tensor
-    """(BN, Ls, hd) rotary tables of the suffix positions"""
+    """(B, N * Ls, hd) rotary tables of the suffix positions (the same for every sample)"""
     suffix_sin: torch.Tensor
-    """(BN, Ls, hd)"""
+    """(B, N * Ls, hd)"""
     prefix_embeddings: torch.Tensor
     """(B, Lp, D_vlm) prefix input embeddings (image + prompt tokens), for the residual-RL token encoder"""
     prefix_hidden: torch.Tensor
     """(B, Lp, D_vlm) the VLM's final (normed) hidden states of the prefix"""
     prefix_mask: torch.Tensor
     """(B, Lp) bool, True for real prefix tokens"""
+    num_samples: int
+    """N"""
 
 
 class Pi0Model(nn.Module):
@@ -273,6 +294,7 @@ class Pi0Model(nn.Module):
         sin: torch.Tensor,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         keep_kv: bool = False,
+        attention: str = "sdpa",
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
         """π0's joint transformer over the given streams (VLM on `prefix`, expert on `suffix`; either may be None).
 
@@ -281,6 +303,7 @@ class Pi0Model(nn.Module):
         prefix length if `prefix_kv` is given. cos, sin: (B, Lq, hd) rotary tables of the query tokens.
         prefix_kv: per layer (k, v) of an earlier prefix pass, prepended to the keys/values (inference).
         keep_kv: return this pass's per-layer (k, v) (rotary applied) to use as `prefix_kv` later.
+        attention: grouped_attention's impl ("sdpa" or "matmul").
         Returns (prefix_out, suffix_out, kv): final-normed hidden states of each stream (None if absent), and kv.
         """
         streams = [s for s, x in ((self.vlm, prefix), (self.expert, suffix)) if x is not None]
@@ -308,7 +331,7 @@ class Pi0Model(nn.Module):
             if prefix_kv is not None:
                 k = torch.cat([prefix_kv[i][0], k], dim=2)  # (B, K, Lp + Lq, hd)
                 v = torch.cat([prefix_kv[i][1], v], dim=2)
-            attended = grouped_attention(q, k, v, folded_mask)  # (B, Lq, H * hd)
+            attended = grouped_attention(q, k, v, folded_mask, attention)  # (B, Lq, H * hd)
             # Each stream its own output projection, residual, and MLP.
             new_hidden = []
             for layer, x, a in zip(layers, hidden, attended.split(lengths, dim=1)):
@@ -388,8 +411,9 @@ class Pi0Model(nn.Module):
     # ---- inference -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_prefix(self, batch: dict, num_samples: int = 1) -> PrefixCache:
-        """Run the prefix through the VLM once and keep every layer's K/V, expanded to `num_samples` per observation."""
+    def prepare_prefix(self, batch: dict, num_samples: int = 1, attention: str = "sdpa") -> PrefixCache:
+        """Run the prefix through the VLM once and keep every layer's K/V, expanded to `num_samples` per observation.
+        attention: grouped_attention's impl."""
         prefix, prefix_mask = self.embed_prefix(batch)  # (B, Lp, D), (B, Lp)
         state = self.pad_state(batch["state"])  # (B, Ps)
         prefix_len = prefix.shape[1]
@@ -399,30 +423,41 @@ class Pi0Model(nn.Module):
 
         prefix_fold = fold_mask_for_gqa(mask[:, :prefix_len, :prefix_len], groups, self.dtype)
         hidden, _, kv = self.run_layers(
-            prefix, None, prefix_fold, cos[:, :prefix_len], sin[:, :prefix_len], keep_kv=True
+            prefix, None, prefix_fold, cos[:, :prefix_len], sin[:, :prefix_len], keep_kv=True, attention=attention
         )
 
-        def per_sample(x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (B * N, ...), sample-major per observation
-            return x.repeat_interleave(num_samples, dim=0) if num_samples > 1 else x
-
+        # The N suffixes of an observation as one token sequence: each sees the prefix as the suffix would, and
+        # inside its own block only itself (eye(N) x the suffix's own mask), so sample n is computed exactly as if
+        # it ran alone. Every suffix has the same positions.
+        n = num_samples
+        to_prefix = mask[:, prefix_len:, :prefix_len].repeat(1, n, 1)  # (B, N * Ls, Lp)
+        within = mask[:, prefix_len:, prefix_len:]  # (B, Ls, Ls)
+        own_block = torch.eye(n, dtype=torch.bool, device=mask.device)[None, :, None, :, None]
+        suffix_len = within.shape[1]
+        within = (own_block & within[:, None, :, None, :]).reshape(-1, n * suffix_len, n * suffix_len)
         return PrefixCache(
-            kv=[(per_sample(k), per_sample(v)) for k, v in kv],
-            state=per_sample(state),
-            suffix_mask=per_sample(fold_mask_for_gqa(mask[:, prefix_len:, :], groups, self.dtype)),
-            suffix_cos=per_sample(cos[:, prefix_len:]),
-            suffix_sin=per_sample(sin[:, prefix_len:]),
+            kv=kv,
+            state=state.repeat_interleave(n, dim=0) if n > 1 else state,
+            suffix_mask=fold_mask_for_gqa(torch.cat([to_prefix, within], dim=2), groups, self.dtype),
+            suffix_cos=cos[:, prefix_len:].repeat(1, n, 1),
+            suffix_sin=sin[:, prefix_len:].repeat(1, n, 1),
             prefix_embeddings=prefix,
             prefix_hidden=hidden,
             prefix_mask=prefix_mask,
+            num_samples=n,
         )
 
-    def denoise_velocity(self, cache: PrefixCache, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """One flow step's velocity (BN, T, P) float32: only the expert runs, over the suffix, on the cached prefix K/V."""
-        suffix = self.embed_suffix(cache.state, noisy_actions, time)
-        _, suffix_out, _ = self.run_layers(
-            None, suffix, cache.suffix_mask, cache.suffix_cos, cache.suffix_sin, prefix_kv=cache.kv
-        )
-        return self.action_out_proj(suffix_out[:, 1:]).float()
+    def denoise_velocity(
+        self, cache: PrefixCache, noisy_actions: torch.Tensor, time: torch.Tensor, attention: str = "sdpa"
+    ) -> torch.Tensor:
+        """One flow step's velocity (BN, T, P) float32: only the expert runs, over the suffix, on the cached prefix K/V.
+        attention: grouped_attention's impl."""
+        suffix = self.embed_suffix(cache.state, noisy_actions, time)  # (BN, Ls, D)
+        rows, suffix_len, width = suffix.shape
+        samples = suffix.reshape(rows // cache.num_samples, cache.num_samples * suffix_len, width)  # (B, N * Ls, D)
+        _, suffix_out, _ = self.run_layers(None, samples, cache.suffix_mask, cache.suffix_cos, cache.suffix_sin,
+                                           prefix_kv=cache.kv, attention=attention)
+        return self.action_out_proj(suffix_out.reshape(rows, suffix_len, width)[:, 1:]).float()
 
     @torch.no_grad()
     def sample_actions(
