@@ -173,7 +173,7 @@ def test_command_line_reaches_every_diagnostic(monkeypatch):
     overfit = tyro.cli(cli.COMMAND, args=["overfit", "--data", "d.hdf5"])
     assert (overfit.variant, overfit.steps) == ("joint", 5000)
     reference = tyro.cli(cli.COMMAND, args=["state-bc", "--data", "d.hdf5"])
-    assert (reference.episodes, reference.execute, reference.train.steps) == (50, 1, 8000)
+    assert (reference.episodes, reference.execute, reference.train.steps) == (50, 1, 16000)
 
 
 def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, tmp_path, monkeypatch):
