@@ -345,9 +345,11 @@ def resumed_norm_stats(state_dir: Path, run: Path, init_from: Path | None) -> di
     meta = json.loads((state_dir / "state.json").read_text())
     if meta.get("norm_stats") is not None:
         return meta["norm_stats"]
+    from coop_transport.policy.checkpoint import CONFIG_FILE
+
     sources = sorted((run / "checkpoints").glob("step_*"))[-1:] + ([Path(init_from)] if init_from else [])
     for source in sources:
-        config_file = source / "config.json"
+        config_file = source / CONFIG_FILE
         if config_file.is_file():
             return json.loads(config_file.read_text())["norm_stats"]
     return None

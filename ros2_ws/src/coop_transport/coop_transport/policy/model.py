@@ -412,8 +412,8 @@ class Pi0Model(nn.Module):
 
     @torch.no_grad()
     def prepare_prefix(self, batch: dict, num_samples: int = 1, attention: str = "sdpa") -> PrefixCache:
-        """Run the prefix through the VLM once and keep every layer's K/V, expanded to `num_samples` per observation.
-        attention: grouped_attention's impl."""
+        """Run the prefix through the VLM once and keep every layer's K/V (one copy per observation, shared by its
+        `num_samples` samples: see PrefixCache). attention: grouped_attention's impl."""
         prefix, prefix_mask = self.embed_prefix(batch)  # (B, Lp, D), (B, Lp)
         state = self.pad_state(batch["state"])  # (B, Ps)
         prefix_len = prefix.shape[1]
