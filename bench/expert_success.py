@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handover", choices=("observed", "planned"), help="override ExpertConfig.handover")
     ap.add_argument("--present-offset", type=float, metavar="M",
                     help="robot0 presents the payload this far (m, along world x) off the planned hand-over point")
+    ap.add_argument("--handover-spread", type=float, metavar="M",
+                    help="override ExpertConfig.handover_spread: std (m) of where robot0 presents the payload")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", help="also write per-seed results and the summary here")
     args = ap.parse_args(argv)
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
     overrides = {k: v for k, v in (("noise", args.noise), ("waypoint_jitter", args.waypoint_jitter),
-                                   ("handover", args.handover)) if v is not None}
+                                   ("handover", args.handover), ("handover_spread", args.handover_spread))
+                 if v is not None}
     if args.present_offset is not None:
         overrides["present_offset"] = (args.present_offset, 0.0, 0.0)
 
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = np.array([r["length"] for r in results])
     failed = [r for r in results if not r["success"]]
     print(f"scripted expert (expert seed {args.expert_seed}, noise {config.noise}, waypoint jitter "
-          f"{config.waypoint_jitter} m, hand-over {config.handover}, presenting {list(config.present_offset)} m off) "
+          f"{config.waypoint_jitter} m, hand-over {config.handover}, spread {config.handover_spread} m, presenting {list(config.present_offset)} m off) "
           f"on reset seeds {args.seeds}: {len(results)} episodes, {args.workers} workers")
     print(f"success: {format_rate(successes, len(results))}")
     print(f"episode length: mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "

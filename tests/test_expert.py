@@ -125,3 +125,22 @@ def test_hand_over_from_what_the_scene_shows_tolerates_an_off_point_presenter(si
         ExpertConfig(handover="telepathy")
     with pytest.raises(ValueError, match="present_offset"):
         ExpertConfig(present_offset=(0.0, float("nan"), 0.0))
+
+
+def test_handover_spread_moves_only_the_presentation_point(sim):
+    """handover_spread draws where robot0 presents the payload after every other per-episode offset (so those stay
+    the earlier demonstrations'), upwards only; robot1 keeps waiting at the nominal point."""
+    sim.reset(6)
+    plain = ScriptedExpert()
+    plain.reset(sim)
+    spread = ScriptedExpert(ExpertConfig(handover_spread=0.03))
+    spread.reset(sim)
+    assert np.array_equal(plain._present, plain._handover)
+    assert np.array_equal(spread._handover, plain._handover)
+    assert all(np.array_equal(spread._grasp_offset[k], plain._grasp_offset[k]) for k in plain._grasp_offset)
+    offset = spread._present - spread._handover
+    assert np.linalg.norm(offset) > 0 and offset[2] >= 0
+    with pytest.raises(ValueError, match="handover_spread"):
+        ExpertConfig(handover_spread=0.05)  # beyond a third of the capture radius: robot1 might never move in
+    with pytest.raises(ValueError, match="observed"):
+        ExpertConfig(handover_spread=0.02, handover="planned")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from coop_transport.recipe import ABLATION_LADDER, ChunkedActor, ClipCounters, RecipeConfig, reduce_chunk
+from coop_transport.recipe import (ABLATION_LADDER, ChunkedActor, ClipCounters, RecipeConfig, demonstrated_range,
+                                   reduce_chunk)
 from coop_transport.utils.stats import wilson_interval
 
 
@@ -44,7 +45,8 @@ def test_clipping_to_k_sigma_and_counters():
     mean, std = np.zeros(3), np.array([1.0, 0.5, 2.0])
     samples = np.array([[[3.0, 0.2, -5.0], [0.1, -2.0, 1.0]]])  # (N=1, H=2, D=3)
     counters = ClipCounters()
-    out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=2.0), mean, std, counters)
+    plain = RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=2.0, clip_beyond_demonstrated=False)
+    out = reduce_chunk(samples, plain, mean, std, counters)
     np.testing.assert_allclose(out, [[2.0, 0.2, -4.0], [0.1, -1.0, 1.0]])
     assert counters.actions == 2 and counters.clipped_actions == 2
     assert counters.clipped_values == 3 and counters.per_dim == [1, 1, 1]
@@ -54,6 +56,27 @@ def test_clipping_to_k_sigma_and_counters():
     out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=None), mean, std, off)
     np.testing.assert_allclose(out, samples[0])
     assert off.actions == 2 and off.clipped_actions == 0
+
+
+def test_clipping_never_cuts_inside_the_demonstrated_range():
+    # A dimension with a few large demonstrated values has a small sigma: plain 2 sigma would cut them.
+    mean, std = np.zeros(3), np.array([1.0, 0.1, 2.0])
+    lo, hi = np.array([-1.0, -0.6, -3.0]), np.array([1.0, 0.3, 3.0])  # demonstrated min / max
+    samples = np.array([[[1.5, 0.5, -3.5], [-2.5, -0.4, 3.9]]])
+    counters = ClipCounters()
+    out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=2.0), mean, std, counters,
+                       lo, hi)
+    # dim 0: ±2 sigma (2.0) is wider than the range, so it is the bound; dim 1: widened to [-0.6, 0.3] (not ±0.2);
+    # dim 2: widened to 2 sigma = 4 above, the demonstrated -3 below.
+    np.testing.assert_allclose(out, [[1.5, 0.3, -3.5], [-2.0, -0.4, 3.9]])
+    assert counters.per_dim == [1, 1, 0] and counters.clipped_actions == 2
+    # Without the demonstrated range (statistics that lack it, with a warning at load) it is the plain ±2 sigma.
+    out = reduce_chunk(samples, RecipeConfig(execute_steps=2, num_samples=1), mean, std)
+    np.testing.assert_allclose(out, [[1.5, 0.2, -3.5], [-2.0, -0.2, 3.9]])
+    stats = {"actions": {"mean": [0.0], "std": [1.0], "min": [-0.5], "max": [2.0]}}
+    np.testing.assert_allclose(demonstrated_range(stats)[1], [2.0])
+    with pytest.warns(UserWarning, match="min / max"):
+        assert demonstrated_range({"actions": {"mean": [0.0], "std": [1.0]}}) == (None, None)
 
 
 class GripperSampler:

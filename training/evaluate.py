@@ -58,6 +58,9 @@ class Config:
     """Recipe: ±k·sigma clipping (default 2)."""
     no_clip: bool = False
     """Recipe: switch clipping off."""
+    plain_clip: bool = False
+    """Recipe: clip at mean ± k·sigma even inside the range the demonstrations span (the seed paper's plain rule;
+    by default a bound is widened to the demonstrated min / max)."""
     gripper_latch: float | None = None
     """Recipe: execute the gripper as ±1 with this hysteresis threshold (default off; see RecipeConfig)."""
     recipe_ablation: bool = False
@@ -89,6 +92,8 @@ def recipe_overrides(cfg: Config) -> dict:
         recipe["clip_sigma"] = cfg.clip_sigma
     if cfg.gripper_latch is not None:
         recipe["gripper_latch"] = cfg.gripper_latch
+    if cfg.plain_clip:
+        recipe["clip_beyond_demonstrated"] = False
     if cfg.no_clip:
         recipe["clip_sigma"] = None
     return recipe

@@ -20,6 +20,9 @@ STEPS=${STEPS:-30000}
 BATCH=${BATCH:-128}
 TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-}
 CHECKPOINTS=${CHECKPOINTS:-5}
+LABELS=${LABELS:-auto}        # imitation targets: auto | expert (noise-free labels; the shipped default) | executed
+LR=${LR:-}                    # peak learning rate (empty: imitation.py's default; the shipped default used 3e-4)
+WARMUP=${WARMUP:-}            # warm-up steps (empty: imitation.py's default; the shipped default used 500)
 COMPILE=${COMPILE:-1}         # torch.compile the loss (fewer kernels: the small model is launch-bound)
 VARIANTS=${VARIANTS:-per-arm joint}
 SELECT_SEEDS=${SELECT_SEEDS:-101}   # selection on reset seeds 101..(101 + SELECT_EPISODES - 1), disjoint from 1-100
@@ -59,6 +62,7 @@ if has train; then
         CUDA_VISIBLE_DEVICES=${gpus:-${CUDA_VISIBLE_DEVICES:-}} "${launch[@]}" training/imitation.py --variant "$variant" \
             --model small --data "$DATA" --out "$OUT/$variant-small" \
             --steps "$STEPS" --batch-size "$BATCH" --num-checkpoints "$CHECKPOINTS" --no-progress \
+            --action-labels "$LABELS" ${LR:+--lr "$LR"} ${WARMUP:+--warmup-steps "$WARMUP"} \
             $([[ "$COMPILE" == 1 ]] && echo --compile) ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} \
             >"$OUT/$variant-small.log" 2>&1 &
         pids+=($!)

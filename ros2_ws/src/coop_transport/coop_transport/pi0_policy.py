@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coop_transport.recipe import demonstrated_range
 from coop_transport.adapters import (ARM_PROMPTS, JOINT_PROMPT, arm_images, check_image, check_state, joint_images,
                                      joint_proprio, variant_spec)
 
@@ -54,6 +55,7 @@ class Pi0Policy:
         self.state_std = np.asarray(norm_stats["state"]["std"], dtype=np.float32)
         self.action_mean = np.asarray(norm_stats["actions"]["mean"], dtype=np.float32)
         self.action_std = np.asarray(norm_stats["actions"]["std"], dtype=np.float32)
+        self.action_min, self.action_max = demonstrated_range(norm_stats)
         from coop_transport.policy.tokenizer import make_tokenizer
 
         self.tokenizer = make_tokenizer(config, extra.get("weights_dir"))

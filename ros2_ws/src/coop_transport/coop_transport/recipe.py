@@ -6,6 +6,10 @@ A chunked policy predicts H actions at once; the recipe decides what is executed
   averaging independent 7-D samples denoises, though it can blur distinct modes of a 14-D joint chunk);
 - **±kσ clipping**: clip each action dimension to mean ± k·std of the demonstration actions, which suppresses the
   rare large-magnitude outliers that otherwise compound in open-loop execution. Counters record how often it fired.
+  By default a bound never cuts inside the range the demonstrations span (it is widened to their min / max): on
+  this project's demonstrations, plain ±2σ cut 18% of executed actions, among them robot1's wrist turns at
+  the trash grasp, and took the retrained per-arm policy from 15% to 3% success (README). Statistics without a
+  min / max (openpi's keep mean, std and quantiles) fall back to plain ±kσ, with a warning at load.
 - **gripper latch** (this project's, off by default): the gripper command executed as a crisp ±1 with hysteresis.
 
 Each intervention is switchable, so the paper's Table 2 ablation is a matter of configuration. Defaults are the
@@ -14,6 +18,7 @@ paper's final per-arm recipe (C=10, N=4, ±2σ); the joint policy's chunk is 25 
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -33,6 +38,10 @@ class RecipeConfig:
     """N: samples drawn in one batched forward pass and averaged (1 disables mean-of-N)."""
     clip_sigma: float | None = 2.0
     """k: clip every action dimension to mean ± k·std of the demonstration actions (None disables clipping)."""
+    clip_beyond_demonstrated: bool = True
+    """Widen each ±kσ bound to the demonstrations' min / max where it falls inside them, so that clipping removes
+    only values beyond anything demonstrated (the seed paper's outliers, 1.8-2.1x the nominal range). Dimensions
+    with a few large legitimate values (a wrist turn) have a small σ; plain ±kσ (False) cuts those too."""
     gripper_latch: float | None = None
     """h: execute the gripper command as ±1, switching to closed when the value rises above +h and to open when it
     falls below -h, else keeping the last state (None: the value as predicted). The demonstrator commands a crisp
@@ -105,10 +114,27 @@ class ClipCounters:
 ChunkSampler = Callable[[dict, int], np.ndarray]
 
 
+def clip_bounds(config: RecipeConfig, action_mean: np.ndarray | None, action_std: np.ndarray | None,
+                action_min: np.ndarray | None = None, action_max: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) per action dimension of the recipe's clipping: mean ± k·std, widened to the demonstrated
+    [min, max] when ``config.clip_beyond_demonstrated`` and the statistics have them (``demonstrated_range`` warns
+    when a policy's do not: its clipping is then the plain ±k·std)."""
+    if action_mean is None or action_std is None:
+        raise ValueError("clipping needs the demonstration action mean and std")
+    lo = np.asarray(action_mean, np.float64) - config.clip_sigma * np.asarray(action_std, np.float64)
+    hi = np.asarray(action_mean, np.float64) + config.clip_sigma * np.asarray(action_std, np.float64)
+    if config.clip_beyond_demonstrated and action_min is not None and action_max is not None:
+        lo = np.minimum(lo, np.asarray(action_min, np.float64))
+        hi = np.maximum(hi, np.asarray(action_max, np.float64))
+    return lo, hi
+
+
 def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndarray | None,
-                 action_std: np.ndarray | None, counters: ClipCounters | None = None) -> np.ndarray:
+                 action_std: np.ndarray | None, counters: ClipCounters | None = None,
+                 action_min: np.ndarray | None = None, action_max: np.ndarray | None = None) -> np.ndarray:
     """(N, H, D) sampled chunks -> (C, D) actions to execute: average the N samples, keep the first C steps,
-    clip to mean ± k·std. Non-finite samples raise ValueError (they must never reach a robot)."""
+    clip (``clip_bounds``). Non-finite samples raise ValueError (they must never reach a robot)."""
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 3:
         raise ValueError(f"expected samples of shape (N, H, D), got {samples.shape}")
@@ -119,10 +145,7 @@ def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndar
         raise ValueError(f"execute_steps={config.execute_steps} exceeds the policy's horizon {horizon}")
     chunk = samples.mean(axis=0)[: config.execute_steps]  # (C, D)
     if config.clip_sigma is not None:
-        if action_mean is None or action_std is None:
-            raise ValueError("clipping needs the demonstration action mean and std")
-        lo = action_mean - config.clip_sigma * action_std
-        hi = action_mean + config.clip_sigma * action_std
+        lo, hi = clip_bounds(config, action_mean, action_std, action_min, action_max)
         clipped = np.clip(chunk, lo, hi)
         if counters is not None:
             fired = clipped != chunk  # (C, D)
@@ -140,15 +163,36 @@ def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndar
     return chunk.astype(np.float32)
 
 
+def demonstrated_range(norm_stats: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(min, max) float32 of the demonstration actions from a checkpoint's or manifest's normalization
+    statistics; (None, None), with a warning, where they were not recorded (statistics from elsewhere, e.g.
+    openpi's, keep mean / std / quantiles only): clipping is then the plain ±k·std."""
+    actions = norm_stats.get("actions", {})
+    if actions.get("min") is None or actions.get("max") is None:
+        warnings.warn("the policy's normalization statistics have no action min / max: the recipe clips at plain "
+                      "mean ± k·std (clip_beyond_demonstrated needs the demonstrated range)", stacklevel=2)
+        return None, None
+    return np.asarray(actions["min"], dtype=np.float32), np.asarray(actions["max"], dtype=np.float32)
+
+
+def demonstrated_action_stats(policy) -> tuple:
+    """(mean, std, min, max) of a policy's demonstration actions; min / max are None where its statistics lack
+    them (clipping is then the plain ±k·std)."""
+    return (policy.action_mean, policy.action_std, getattr(policy, "action_min", None),
+            getattr(policy, "action_max", None))
+
+
 class ChunkedActor:
     """Executes a chunk sampler under the recipe: one action per control step, re-planning every C steps."""
 
     def __init__(self, sampler: ChunkSampler, config: RecipeConfig = RecipeConfig(),
-                 action_mean: np.ndarray | None = None, action_std: np.ndarray | None = None):
+                 action_mean: np.ndarray | None = None, action_std: np.ndarray | None = None,
+                 action_min: np.ndarray | None = None, action_max: np.ndarray | None = None):
         self.sampler = sampler
         self.config = config
-        self.action_mean = None if action_mean is None else np.asarray(action_mean, dtype=np.float64)
-        self.action_std = None if action_std is None else np.asarray(action_std, dtype=np.float64)
+        as64 = lambda x: None if x is None else np.asarray(x, dtype=np.float64)  # noqa: E731
+        self.action_mean, self.action_std = as64(action_mean), as64(action_std)
+        self.action_min, self.action_max = as64(action_min), as64(action_max)
         self.counters = ClipCounters()
         self._queue: deque[np.ndarray] = deque()
         self.chunks_planned = 0
@@ -157,13 +201,14 @@ class ChunkedActor:
     @classmethod
     def for_arm(cls, policy, arm: str, config: RecipeConfig) -> "ChunkedActor":
         """One arm of a per-arm policy (anything with ``sample_arm(obs, arm, n)`` and the demonstration
-        ``action_mean`` / ``action_std``: the PyTorch policy or an exported backend)."""
-        return cls(lambda obs, n: policy.sample_arm(obs, arm, n), config, policy.action_mean, policy.action_std)
+        ``action_mean`` / ``action_std`` / ``action_min`` / ``action_max``: the PyTorch policy or an exported
+        backend)."""
+        return cls(lambda obs, n: policy.sample_arm(obs, arm, n), config, *demonstrated_action_stats(policy))
 
     @classmethod
     def for_joint(cls, policy, config: RecipeConfig) -> "ChunkedActor":
         """A joint (14-D) policy with ``sample_joint(obs, n)``."""
-        return cls(lambda obs, n: policy.sample_joint(obs, n), config, policy.action_mean, policy.action_std)
+        return cls(lambda obs, n: policy.sample_joint(obs, n), config, *demonstrated_action_stats(policy))
 
     def reset(self) -> None:
         self._queue.clear()
@@ -173,7 +218,8 @@ class ChunkedActor:
         """Sample N chunks for ``obs`` and reduce them to the (C, D) actions to execute."""
         samples = self.sampler(obs, self.config.num_samples)
         self.chunks_planned += 1
-        chunk = reduce_chunk(samples, self.config, self.action_mean, self.action_std, self.counters)
+        chunk = reduce_chunk(samples, self.config, self.action_mean, self.action_std, self.counters,
+                             self.action_min, self.action_max)
         if self.config.gripper_latch is not None:
             chunk = self._latch_grippers(chunk)
         return chunk

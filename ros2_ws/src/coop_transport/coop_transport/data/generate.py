@@ -95,6 +95,9 @@ class GenerateConfig:
     expert_handover: Literal["observed", "planned"] = "observed"
     """The scripted expert's hand-over rule (``ExpertConfig.handover``): observed, or planned to regenerate the
     demonstrations the shipped default policy was trained on. Only for the default runner."""
+    expert_handover_spread: float = 0.0
+    """Std (m) of where the expert's robot0 presents the payload around the hand-over point
+    (``ExpertConfig.handover_spread``; 0: millimetres apart, as in earlier demonstrations). Default runner only."""
     overwrite: bool = False
     """Replace an existing complete ``out`` (only once the new file is complete)."""
     keep_shards: bool = False
@@ -125,6 +128,9 @@ class GenerateConfig:
             bad.append(f"horizon={self.horizon} (must be >= 1)")
         if ":" not in self.runner:
             bad.append(f"runner={self.runner!r} (expected 'module:function')")
+        if self.expert_handover_spread and self.runner != DEFAULT_RUNNER:
+            bad.append(f"expert_handover_spread={self.expert_handover_spread} with runner={self.runner!r} (it "
+                       f"configures the scripted expert of the default runner {DEFAULT_RUNNER!r})")
         if self.expert_handover != "observed" and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover={self.expert_handover!r} with runner={self.runner!r} (it configures the "
                        f"scripted expert of the default runner {DEFAULT_RUNNER!r})")
@@ -162,7 +168,12 @@ def _expert_config(spec: str, overrides: dict | None = None) -> dict | None:
 
 
 def _expert_overrides(config: GenerateConfig) -> dict:
-    return {"handover": config.expert_handover} if config.runner == DEFAULT_RUNNER else {}
+    if config.runner != DEFAULT_RUNNER:
+        return {}
+    overrides = {"handover": config.expert_handover}
+    if config.expert_handover_spread:
+        overrides["handover_spread"] = config.expert_handover_spread
+    return overrides
 
 
 def _runner(config: GenerateConfig) -> Callable:

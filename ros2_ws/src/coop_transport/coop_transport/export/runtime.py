@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from coop_transport.recipe import demonstrated_range
 from coop_transport.adapters import arm_images, check_image, check_state, joint_images, joint_proprio, variant_spec
 from coop_transport.export.backends import (CUDA_GRAPH_BACKENDS, ChunkBackend, canonical_backend, make_backend,
                                             needs_export)
@@ -61,6 +62,9 @@ class PolicyMeta:
     state_std: np.ndarray
     action_mean: np.ndarray
     action_std: np.ndarray
+    action_min: np.ndarray | None
+    action_max: np.ndarray | None
+    """the demonstrations' action range (recipe.clip_beyond_demonstrated); None in manifests without it"""
     prompts: dict[str, str]
     """prompt key (arm name, or 'joint') -> text"""
     prompt_tokens: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -70,12 +74,14 @@ class PolicyMeta:
     def from_manifest(cls, manifest: dict[str, Any]) -> "PolicyMeta":
         p, stats = manifest["policy"], manifest["norm_stats"]
         f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+        action_min, action_max = demonstrated_range(stats)
         return cls(
             variant=p["variant"], slots=tuple(p["slots"]), image_size=int(p["image_size"]), horizon=int(p["horizon"]),
             action_dim=int(p["action_dim"]), action_pad_dim=int(p["action_pad_dim"]), state_dim=int(p["state_dim"]),
             max_token_len=int(p["max_token_len"]), tokenizer=p["tokenizer"],
             state_mean=f32(stats["state"]["mean"]), state_std=f32(stats["state"]["std"]),
             action_mean=f32(stats["actions"]["mean"]), action_std=f32(stats["actions"]["std"]),
+            action_min=action_min, action_max=action_max,
             prompts={k: v["text"] for k, v in manifest["prompts"].items()},
             prompt_tokens={v["text"]: (np.asarray(v["tokens"], dtype=np.int64), np.asarray(v["mask"], dtype=bool))
                            for v in manifest["prompts"].values()},
@@ -93,7 +99,8 @@ class PolicyMeta:
             horizon=config.action_horizon, action_dim=config.action_dim, action_pad_dim=config.action_pad_dim,
             state_dim=config.state_dim, max_token_len=config.max_token_len, tokenizer=config.tokenizer,
             state_mean=policy.state_mean, state_std=policy.state_std, action_mean=policy.action_mean,
-            action_std=policy.action_std, prompts=dict(policy.prompts), prompt_tokens=tokens,
+            action_std=policy.action_std, action_min=getattr(policy, "action_min", None),
+            action_max=getattr(policy, "action_max", None), prompts=dict(policy.prompts), prompt_tokens=tokens,
         )
 
 
@@ -111,6 +118,7 @@ class BackendPolicy:
         self.prompts = dict(meta.prompts)
         self.state_mean, self.state_std = meta.state_mean, meta.state_std
         self.action_mean, self.action_std = meta.action_mean, meta.action_std
+        self.action_min, self.action_max = meta.action_min, meta.action_max
         self.noise_source = noise_source
         """callable(shape) -> float32 standard normal noise; None draws from an unseeded generator"""
         self._rng = np.random.default_rng()

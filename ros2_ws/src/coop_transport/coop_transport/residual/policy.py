@@ -122,5 +122,6 @@ def load_residual_arm_policy(path, arm: str, recipe=None, device: str = "auto", 
         torch.set_num_threads(threads)
     system = load_policy(path, device)
     if recipe is not None:
-        system = system.with_recipe(system.recipe.with_(num_samples=recipe.num_samples, clip_sigma=recipe.clip_sigma))
+        system = system.with_recipe(system.recipe.with_(num_samples=recipe.num_samples, clip_sigma=recipe.clip_sigma,
+                                                        clip_beyond_demonstrated=recipe.clip_beyond_demonstrated))
     return ResidualArmPolicy(system, arm)

@@ -146,8 +146,8 @@ class ResidualSystem:
         pc = vla.config
         noise = torch.randn((rows * n, pc.action_horizon, pc.action_pad_dim), generator=generator)
         samples, cache = vla.sample_batch(batch, n, noise=noise.to(self.device), return_prefix=True)
-        refs = np.stack([reduce_chunk(s, self.recipe, vla.action_mean, vla.action_std, self.counters)
-                         for s in samples])  # (R, C, D)
+        refs = np.stack([reduce_chunk(s, self.recipe, vla.action_mean, vla.action_std, self.counters,
+                                      vla.action_min, vla.action_max) for s in samples])  # (R, C, D)
         prefix = cache.prefix_embeddings if self.config.prefix_source == "embeddings" else cache.prefix_hidden
         ref = torch.as_tensor(refs, dtype=torch.float32, device=self.device)
         return ref, (prefix.float() if keep_prefix else None), cache.prefix_mask

@@ -110,6 +110,8 @@ class PolicyNode(Node):
         d("chunk_length", recipe_defaults.execute_steps, _p("Recipe C: actions executed per chunk."))
         d("num_samples", recipe_defaults.num_samples, _p("Recipe N: samples averaged per chunk."))
         d("clip_sigma", float(recipe_defaults.clip_sigma or 0.0), _p("Recipe k: clip to mean +- k std; <= 0 off."))
+        d("clip_beyond_demonstrated", recipe_defaults.clip_beyond_demonstrated,
+          _p("Recipe: widen each clip bound to the demonstrated action range (false: plain mean +- k std)."))
         d("gripper_latch", -1.0, _p("Recipe: execute the gripper as +-1, switching past +-h (hysteresis h in "
                                     "[0, 1)); < 0 off (the predicted value)."))
         d("control_rate", float(CONTROL_FREQ), _p("Command rate in Hz (on the node clock)."))
@@ -138,6 +140,7 @@ class PolicyNode(Node):
         clip, latch = g("clip_sigma"), g("gripper_latch")
         self.recipe = RecipeConfig(execute_steps=g("chunk_length"), num_samples=g("num_samples"),
                                    clip_sigma=clip if clip > 0 else None,
+                                   clip_beyond_demonstrated=bool(g("clip_beyond_demonstrated")),
                                    gripper_latch=latch if latch >= 0 else None)
         self.rate = float(g("control_rate"))
         self.dt = 1.0 / self.rate

@@ -83,6 +83,9 @@ class RemotePolicy:
         self.action_pad_dim = int(m["action_pad_dim"])
         self.action_mean = np.asarray(m["action_mean"], dtype=np.float32)
         self.action_std = np.asarray(m["action_std"], dtype=np.float32)
+        # The demonstrated range (recipe.clip_beyond_demonstrated); absent from older servers' metadata.
+        self.action_min, self.action_max = (np.asarray(m[k], dtype=np.float32) if k in m else None
+                                            for k in ("action_min", "action_max"))
         self.prompts = {arm: arm for arm in m.get("arms", [])} or {"joint": "joint"}
 
     @property

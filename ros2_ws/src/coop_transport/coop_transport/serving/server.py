@@ -61,6 +61,8 @@ class PolicyRunner:
                 "arms": list(self.schema.prompt_keys) if self.schema.per_arm else [],
                 "action_mean": [float(x) for x in self.policy.action_mean],
                 "action_std": [float(x) for x in self.policy.action_std],
+                **{key: [float(x) for x in value] for key in ("action_min", "action_max")
+                   if (value := getattr(self.policy, key, None)) is not None},
                 "max_num_samples": self.schema.max_num_samples, **self.schema.describe()}
 
     def _noise(self, r: Request) -> np.ndarray:

@@ -161,6 +161,13 @@ class ExpertConfig:
     """World-frame offset (m) of where robot0 presents the payload from the planned hand-over point, which robot1
     still plans around: a robustness check of the hand-over rule (an imitating robot0 presents 4-8 cm off); zero
     in demonstrations."""
+    handover_spread: float = 0.0
+    """Std (m) of a per-episode offset of where robot0 presents the payload across the line between the robots
+    (world x); along that line, where both arms are near full stretch, a third of it, and a third of it upwards
+    only (a lower payload hangs its head towards the rims). robot1 waits
+    at the nominal point (which the bins show) and takes the handle wherever it is presented, so that an imitating
+    robot1 learns to go where it sees the handle rather than to one memorized place: with ``waypoint_jitter``
+    alone the presentations differ by millimetres. Observed hand-over rule only."""
     await_back: float = 0.08
     """Distance (m) behind its hand-over grip point (towards its base) at which robot1 waits, clear of robot0's
     forearm as it brings the payload in."""
@@ -215,6 +222,12 @@ class ExpertConfig:
             raise ValueError(f"handover must be one of {HANDOVER_PROTOCOLS}, got {self.handover!r}")
         if len(self.present_offset) != 3 or not np.all(np.isfinite(self.present_offset)):
             raise ValueError(f"present_offset must be 3 finite numbers (m), got {self.present_offset}")
+        if not 0.0 <= self.handover_spread < self.handover_capture_radius / 3:
+            raise ValueError(f"handover_spread must lie in [0, handover_capture_radius / 3), got "
+                             f"{self.handover_spread}")
+        if self.handover_spread > 0 and self.handover != "observed":
+            raise ValueError("handover_spread needs the observed hand-over rule (the planned one waits at the "
+                             "planned point)")
         if self.handover_hold_steps < 1 or self.handover_capture_radius <= 0:
             raise ValueError(f"need handover_hold_steps >= 1 and handover_capture_radius > 0, got "
                              f"{self.handover_hold_steps}, {self.handover_capture_radius}")
@@ -438,6 +451,13 @@ class ScriptedExpert:
             offset = self._jitter()
             offset[2] = abs(offset[2]) / 4  # never down into a floor or plate; much higher misses the pads
             self._grasp_offset[name] = offset
+        # Drawn last and only when asked for, so that the other offsets of a (reset seed, expert seed) pair stay
+        # those of earlier demonstrations.
+        spread = np.zeros(3)
+        if cfg.handover_spread > 0:
+            spread = self._rng.normal(0.0, cfg.handover_spread, 3) * np.array([1.0, 1.0 / 3.0, 1.0 / 3.0])
+            spread[2] = abs(spread[2])  # never lower: the hammer's head would hang towards the rims
+        self._present = self._handover + spread + np.asarray(cfg.present_offset)
 
     # ------------------------------------------------------------------------------------------------ sensing
     def _read_scene(self, sim: TransportSim) -> _Scene:
@@ -633,7 +653,7 @@ class ScriptedExpert:
                 return _Command(np.array([*(pos[:2] + centring), pos[2] + clear_z - s.payload_low_z]),
                                 memory["rot"], CLOSE)
             # Bring the handle's centre to the hand-over point, turned to run along world y.
-            target = pos + (self._handover + np.asarray(cfg.present_offset) - s.payload_pos)
+            target = pos + (self._present - s.payload_pos)
             carry_rot = self._payload_carry_rotation(rot)
             if stage == "carry":
                 if self._reached(arm, s, target, carry_rot, cfg.reach_tolerance):
