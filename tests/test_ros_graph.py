@@ -179,6 +179,8 @@ def test_graph_contents_and_typed_overrides():
     assert ("partner_message", "/left/message") in right.remappings
     assert left.params_files[0].endswith("config/sim.yaml") and Path(left.params_files[0]).exists()
     assert "num_samples" not in left.parameters  # empty launch argument: the YAML / node default decides
+    plain = graph.build_graph("sim", {"clip_beyond_demonstrated": "false"})
+    assert plain.nodes[1].parameters["clip_beyond_demonstrated"] is False
     wall = graph.build_graph("sim", {"use_sim_time": "false"})
     assert wall.nodes[0].parameters["time_mode"] == "wall"
     with pytest.raises(ValueError, match="unknown launch arguments"):

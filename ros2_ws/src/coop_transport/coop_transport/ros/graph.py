@@ -92,6 +92,8 @@ _POLICY_ARGS = [
     LaunchArgument("chunk_length", "", "Recipe: actions executed per chunk (C); empty = config/default (10)."),
     LaunchArgument("num_samples", "", "Recipe: samples averaged per chunk (mean-of-N); empty = default (4)."),
     LaunchArgument("clip_sigma", "", "Recipe: clip actions to mean +- k std (<= 0 disables); empty = default (2)."),
+    LaunchArgument("clip_beyond_demonstrated", "", "Recipe: widen each clip bound to the demonstrated action range "
+                   "(false: the plain mean +- k std); empty = default (true)."),
     LaunchArgument("left_namespace", topics.DEFAULT_NAMESPACES["robot0"], "Namespace of robot0 (payload arm)."),
     LaunchArgument("right_namespace", topics.DEFAULT_NAMESPACES["robot1"], "Namespace of robot1 (receiver arm)."),
     LaunchArgument("log_level", "info", "ROS log level of every node."),
@@ -182,7 +184,8 @@ def _policy_overrides(values: dict[str, str], arm: str) -> dict:
                                   "policy_server_timeout": ("policy_server_timeout", float),
                                   "architecture": ("architecture", str), "inference_backend": ("backend", str),
                                   "chunk_length": ("chunk_length", int), "num_samples": ("num_samples", int),
-                                  "clip_sigma": ("clip_sigma", float)}))
+                                  "clip_sigma": ("clip_sigma", float),
+                                  "clip_beyond_demonstrated": ("clip_beyond_demonstrated", bool)}))
     return params
 
 
