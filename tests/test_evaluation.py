@@ -51,3 +51,32 @@ def test_stage_funnel_records_every_milestone_of_a_solved_episode(tmp_path):
     assert summary["milestone_rates"] == {m: 1.0 for m in MILESTONES} and summary["mean_milestones"] == len(MILESTONES)
     text = (tmp_path / "summary.md").read_text()
     assert "| 1 | yes |" in text and text.rstrip().endswith("| payload_in_target_bin |")
+
+
+def test_a_killed_evaluation_resumes_with_the_seeds_left(tmp_path, monkeypatch):
+    import coop_transport.evaluation as evaluation
+
+    spec, config = ControllerSpec("expert"), EvalConfig(episodes=3, first_seed=5, workers=1, horizon=3)
+    first = evaluate(spec, config, tmp_path, progress=False)
+    log = tmp_path / evaluation.EPISODE_LOG
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3
+    # As if killed during the third episode's line: two whole lines and a torn one, no summary.
+    log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    (tmp_path / "summary.json").unlink()
+    ran = []
+    run = evaluation._worker_run
+    monkeypatch.setattr(evaluation, "_worker_run", lambda job: ran.append(job[0]) or run(job))
+    resumed = evaluate(spec, config, tmp_path, progress=False, resume=True)
+    assert ran == [7]  # only the seed that had not finished
+    assert [r["seed"] for r in resumed["per_seed"]] == [5, 6, 7] and resumed["resumed_episodes"] == 2
+    assert resumed["per_seed"][:2] == first["per_seed"][:2]  # the logged results, not new ones
+    assert json.loads((tmp_path / "summary.json").read_text())["episodes"] == 3
+    # A log of another evaluation (another horizon) is refused, not mixed in.
+    with pytest.raises(ValueError, match="another evaluation"):
+        evaluate(spec, EvalConfig(episodes=3, first_seed=5, workers=1, horizon=4), tmp_path, progress=False,
+                 resume=True)
+    # Without resume a rerun is a new measurement: every seed runs again.
+    ran.clear()
+    evaluate(spec, config, tmp_path, progress=False)
+    assert ran == [5, 6, 7] and len((tmp_path / evaluation.EPISODE_LOG).read_text().splitlines()) == 3

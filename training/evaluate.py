@@ -78,6 +78,9 @@ class Config:
     """host:port of a policy server to evaluate instead of loading --policy here."""
     noise_seed: int | None = None
     """Flow noise from a stream restarted at every episode (paired comparisons: backends, served vs in-process)."""
+    resume: bool = False
+    """Continue a killed evaluation in --out: episodes already in its episodes.jsonl (same policy, recipe and
+    horizon) are not run again (without it, the evaluation starts over)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -114,7 +117,7 @@ def main(cfg: Config) -> dict:
                              horizon=cfg.horizon)
     if cfg.controller == "expert":
         spec = ControllerSpec("expert", {"handover": cfg.expert_handover}, label=f"expert ({cfg.expert_handover})")
-        summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress)
+        summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
         print(f"expert: {summary['successes']}/{summary['episodes']} -> {cfg.out / 'summary.md'}")
         return summary
     if cfg.controller != "pi0":
@@ -139,7 +142,7 @@ def main(cfg: Config) -> dict:
             spec = ControllerSpec("pi0", args, label=name)
             out = cfg.out / (policy.name if policy and len(policies) > 1 else "") / (
                 "" if len(recipes) == 1 else recipe_name.split(" (")[0].replace(" ", "_").replace("±", "pm"))
-            summary = evaluate(spec, eval_config, out, progress=cfg.progress)
+            summary = evaluate(spec, eval_config, out, progress=cfg.progress, resume=cfg.resume)
             source = policy
             if source is None and not cfg.policy_server:
                 from coop_transport.pi0_policy import default_policy_dir

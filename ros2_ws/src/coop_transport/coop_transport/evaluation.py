@@ -176,13 +176,56 @@ def _stats_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, progress: bool = True) -> dict:
-    """Run ``config.episodes`` episodes of ``spec`` from fixed seeds; write summary.json/.md under ``out``."""
+EPISODE_LOG = "episodes.jsonl"
+"""Each finished episode's result, one JSON line, appended as it arrives: an evaluation killed part-way (a machine
+that limits one command's time) keeps what it measured, and ``evaluate(..., resume=True)`` runs only the seeds
+left."""
+
+
+def _episode_key(spec: ControllerSpec, config: EvalConfig) -> dict:
+    """What makes two episodes of one reset seed the same measurement (not the worker count or the videos)."""
+    return {"controller": {"kind": spec.kind, "args": to_jsonable(spec.args)}, "horizon": config.horizon}
+
+
+def _logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
+    """Results already in ``log`` for ``seeds`` (a torn last line, from a kill mid-write, is skipped). A log of
+    another evaluation is refused rather than mixed in or overwritten."""
+    done: dict[int, dict] = {}
+    if not log.exists():
+        return done
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("key") != key:
+            raise ValueError(f"{log} holds episodes of another evaluation ({record.get('key')}, not {key}): "
+                             "give another output directory, or remove that file to start over")
+        if record["result"]["seed"] in seeds:
+            done[record["result"]["seed"]] = record["result"]
+    return done
+
+
+def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, progress: bool = True,
+             resume: bool = False) -> dict:
+    """Run ``config.episodes`` episodes of ``spec`` from fixed seeds; write summary.json/.md under ``out``.
+
+    With ``out``, every finished episode is appended to ``out/episodes.jsonl`` at once. ``resume``: episodes
+    already there (same controller and horizon) are not run again, so a killed evaluation continues where it
+    stopped; without it the log starts over, as the summaries do (a rerun is a new measurement)."""
     from tqdm import tqdm
 
     out = Path(out) if out else None
+    key = _episode_key(spec, config)
+    done: dict[int, dict] = {}
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            done = _logged_episodes(out / EPISODE_LOG, key, config.seeds)
+        else:
+            (out / EPISODE_LOG).unlink(missing_ok=True)
+        if done:
+            print(f"resuming: {len(done)} of {len(config.seeds)} episodes already in {out / EPISODE_LOG}")
     videos = config.videos
     if videos and out:
         from coop_transport.utils.video import mp4_writer_available
@@ -194,27 +237,41 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
     jobs = []
     for i, seed in enumerate(config.seeds):
         video = str(out / "videos" / f"seed_{seed:04d}.mp4") if out and i < videos else None
-        jobs.append((seed, video, config.video_camera, config.video_size))
+        if seed not in done:
+            jobs.append((seed, video, config.video_camera, config.video_size))
     start = time.perf_counter()
-    results = []
-    bar = tqdm(total=len(jobs), desc=f"eval {spec.name}", disable=not progress, dynamic_ncols=True)
-    if config.workers == 1:
-        _worker_init(spec, config.horizon)
-        for job in jobs:
-            results.append(_worker_run(job))
-            _update_bar(bar, results)
-        _WORKER["sim"].close()
-        _WORKER.clear()
-    else:
-        ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL contexts or torch threads
-        with ctx.Pool(min(config.workers, len(jobs)), initializer=_worker_init,
-                      initargs=(spec, config.horizon)) as pool:
-            for result in pool.imap_unordered(_worker_run, jobs):
-                results.append(result)
-                _update_bar(bar, results)
-    bar.close()
+    results = list(done.values())
+    log = open(out / EPISODE_LOG, "a") if out else None
+
+    def finished(result: dict) -> None:
+        results.append(result)
+        if log:
+            log.write(json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
+            log.flush()
+        _update_bar(bar, results)
+
+    bar = tqdm(total=len(config.seeds), initial=len(done), desc=f"eval {spec.name}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if jobs and config.workers == 1:
+            _worker_init(spec, config.horizon)
+            for job in jobs:
+                finished(_worker_run(job))
+            _WORKER["sim"].close()
+            _WORKER.clear()
+        elif jobs:
+            ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL contexts or torch threads
+            with ctx.Pool(min(config.workers, len(jobs)), initializer=_worker_init,
+                          initargs=(spec, config.horizon)) as pool:
+                for result in pool.imap_unordered(_worker_run, jobs):
+                    finished(result)
+    finally:
+        bar.close()
+        if log:
+            log.close()
     results.sort(key=lambda r: r["seed"])
     summary = summarize(spec, config, results, time.perf_counter() - start)
+    summary["resumed_episodes"] = len(done)  # wall_s counts this call's episodes only
     if out:
         write_summary(summary, out)
     return summary
