@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = np.array([r["length"] for r in results])
     failed = [r for r in results if not r["success"]]
     print(f"scripted expert (expert seed {args.expert_seed}, noise {config.noise}, waypoint jitter "
-          f"{config.waypoint_jitter} m, hand-over {config.handover}, spread {config.handover_spread} m, presenting {list(config.present_offset)} m off) "
+          f"{config.waypoint_jitter} m, hand-over {config.handover}, spread {config.handover_spread} m, "
+          f"presenting {list(config.present_offset)} m off) "
           f"on reset seeds {args.seeds}: {len(results)} episodes, {args.workers} workers")
     print(f"success: {format_rate(successes, len(results))}")
     print(f"episode length: mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "

@@ -99,8 +99,8 @@ class PolicyMeta:
             horizon=config.action_horizon, action_dim=config.action_dim, action_pad_dim=config.action_pad_dim,
             state_dim=config.state_dim, max_token_len=config.max_token_len, tokenizer=config.tokenizer,
             state_mean=policy.state_mean, state_std=policy.state_std, action_mean=policy.action_mean,
-            action_std=policy.action_std, action_min=getattr(policy, "action_min", None),
-            action_max=getattr(policy, "action_max", None), prompts=dict(policy.prompts), prompt_tokens=tokens,
+            action_std=policy.action_std, action_min=policy.action_min, action_max=policy.action_max,
+            prompts=dict(policy.prompts), prompt_tokens=tokens,
         )
 
 
