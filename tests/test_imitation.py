@@ -167,6 +167,39 @@ def test_resuming_a_warm_start_keeps_the_warm_start_statistics(demo_file, tmp_pa
         assert torch.equal(a[key], b[key]), key
 
 
+def test_dagger_episodes_are_the_learners_and_labelled_by_the_expert(demo_file, tmp_path):
+    """training/demos.py --learner: the policy drives, the expert labels what it would do there, failures are kept,
+    and imitation trains on them through --extra-data."""
+    import h5py
+
+    from coop_transport.data import hdf5_format as fmt
+    from coop_transport.data.dataset import read_meta
+    from coop_transport.data.generate import GenerateConfig, generate
+
+    run = tmp_path / "run"
+    first = train(_config(demo_file, run, 2, num_checkpoints=1))
+    policy = run / "checkpoints" / "step_000002"
+    out = generate(GenerateConfig(out=tmp_path / "dagger.hdf5", episodes=1, workers=1, images=True, image_size=32,
+                                  horizon=10, seed_offset=500, learner=policy, learner_device="cpu",
+                                  progress=False))  # successful_only stays on: a learner's failures are kept anyway
+    with h5py.File(out, "r") as f:
+        demo = f["data/demo_0"]
+        executed, labels = demo[fmt.ACTIONS][:], demo[fmt.EXPERT_ACTIONS][:]
+        assert executed.shape == labels.shape == (10, 14) and not bool(demo.attrs["success"])
+        assert demo.attrs["seed"] == fmt.demo_seed(500)
+        assert demo["obs/agentview_image"].shape == (10, 32, 32, 3)
+    # An untrained tiny policy does not do what the expert would: the labels are the expert's, not the actions.
+    assert np.abs(executed - labels).max() > 0.1
+    learner = read_meta(out)["fingerprint"]["learner"]
+    assert learner["weights_sha256"] == json.loads((policy / "config.json").read_text())["weights_sha256"]
+
+    summary = train(_config(demo_file, tmp_path / "aggregated", 1, extra_data=(out,)))
+    assert summary["trajectories"] == first["trajectories"] + 2  # both arms of the learner's episode joined
+
+    with pytest.raises(ValueError, match="not a π0 policy directory"):
+        GenerateConfig(out=tmp_path / "x.hdf5", learner=tmp_path)
+
+
 @pytest.mark.slow
 def test_shipped_default_policy_runs_a_short_closed_loop_episode():
     """The committed per-arm default loads from the package and drives both arms for a few control steps."""

@@ -72,6 +72,10 @@ class ImitationConfig:
     """Global gradient-norm clip."""
     augment: bool = True
     """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
+    extra_data: tuple[Path, ...] = ()
+    """More demonstration files whose every trajectory joins the training set, e.g. DAgger rollouts of a policy
+    labelled by the scripted expert (``training/demos.py --learner DIR``). Normalization statistics stay those of
+    ``--data`` (or of ``--init-from``): the extra files are failures and corrections, not the demonstrated task."""
     init_from: Path | None = None
     """Start from this inference checkpoint's weights and normalization statistics (a warm start: fine-tune a
     trained policy further with a fresh schedule); the model configuration must match. Ignored when resuming."""
@@ -179,6 +183,11 @@ def _demo_norm_stats(config: ImitationConfig, demos, names: list[str]) -> dict:
             "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
 
 
+def _trajectories(variant: str, demos) -> list:
+    return demos.arm_trajectories(None, images="memory") if variant == "per-arm" \
+        else demos.joint_trajectories(None, images="memory")
+
+
 def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device,
                      norm_override: dict | None = None):
     """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names).
@@ -204,11 +213,16 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
-        trajs = demos.arm_trajectories(None, images="memory") if config.variant == "per-arm" \
-            else demos.joint_trajectories(None, images="memory")
+        trajs = _trajectories(config.variant, demos)
         trajs = [t for t in trajs if t.demo in set(names)]
         if not trajs:
             raise ValueError(f"no trajectories selected from {config.data}")
+        extra = []
+        for path in config.extra_data:
+            with load_demonstrations(path, action_labels=config.action_labels) as more:
+                print(f"imitation targets: {more.action_labels} actions of {path} ({len(more)} episodes, all used)")
+                extra.extend(_trajectories(config.variant, more))
+        trajs = trajs + extra
         if config.variant == "per-arm":
             prompts = [ARM_PROMPTS[a] for a in ARMS]
             prompt_of = lambda t: ARMS.index(t.arm)  # noqa: E731

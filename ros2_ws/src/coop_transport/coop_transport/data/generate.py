@@ -48,6 +48,7 @@ from coop_transport.data.render_states import DEFAULT_CAMERAS
 DEFAULT_RUNNER = "coop_transport.sim.expert:run_expert_episode"
 LABELS_MODULE = "coop_transport.sim.labels"
 SHARD_GROUP = "demo"
+LABELLING_STAGE_TIMEOUT = 10**9  # steps: never, while the expert labels a learner's episode
 
 
 class GenerationError(RuntimeError):
@@ -98,6 +99,15 @@ class GenerateConfig:
     expert_handover_spread: float = 0.0
     """Std (m) of where the expert's robot0 presents the payload around the hand-over point
     (``ExpertConfig.handover_spread``; 0: millimetres apart, as in earlier demonstrations). Default runner only."""
+    learner: Path | None = None
+    """DAgger: a π0 policy directory that drives every episode (under its variant's default recipe) instead of the
+    expert, while the scripted expert labels each state the policy visits with what it would do there
+    (``expert_actions``; ``actions`` holds what the policy did). Every episode is kept, successful or not. Give
+    a ``seed_offset`` no other file used, so that the scenes are new ones."""
+    learner_device: str = "auto"
+    """Device of the learner policy in each worker (cuda, cpu, auto)."""
+    learner_backend: str = "torch"
+    """Inference backend of the learner policy (``coop_transport.export.backends``: torch, cudagraph, ...)."""
     overwrite: bool = False
     """Replace an existing complete ``out`` (only once the new file is complete)."""
     keep_shards: bool = False
@@ -134,8 +144,19 @@ class GenerateConfig:
         if self.expert_handover != "observed" and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover={self.expert_handover!r} with runner={self.runner!r} (it configures the "
                        f"scripted expert of the default runner {DEFAULT_RUNNER!r})")
+        if self.learner is not None:
+            if self.runner != DEFAULT_RUNNER:
+                bad.append(f"learner with runner={self.runner!r} (the learner's episodes are labelled by the scripted "
+                           f"expert of the default runner {DEFAULT_RUNNER!r})")
+            if not (Path(self.learner) / "config.json").is_file():
+                bad.append(f"learner={str(self.learner)!r} (not a π0 policy directory: no config.json)")
         if bad:
             raise ValueError("invalid GenerateConfig: " + "; ".join(bad))
+
+    @property
+    def keeps_failures(self) -> bool:
+        """Failed episodes are kept: on request, and always for a learner (its failures are what DAgger is for)."""
+        return not self.successful_only or self.learner is not None
 
 
 def paths(out: Path) -> tuple[Path, Path]:
@@ -173,20 +194,36 @@ def _expert_overrides(config: GenerateConfig) -> dict:
     overrides = {"handover": config.expert_handover}
     if config.expert_handover_spread:
         overrides["handover_spread"] = config.expert_handover_spread
+    if config.learner is not None:
+        # The stage timeout rescues the expert from its own jams by backing off to the home pose; while it only
+        # labels, a slow learner would trip it and the labels would say "go home" in the middle of a grasp.
+        overrides["stage_timeout"] = LABELLING_STAGE_TIMEOUT
     return overrides
 
 
-def _runner(config: GenerateConfig) -> Callable:
-    """The episode runner; the default one gets a scripted expert configured by ``config``."""
+def _runner(config: GenerateConfig, learner=None) -> Callable:
+    """The episode runner; the default one gets a scripted expert configured by ``config``. With a ``learner``
+    controller, the learner acts and the expert only labels (``run_learner_episode``)."""
     runner = resolve_runner(config.runner)
     overrides = _expert_overrides(config)
-    if not overrides:
+    if not overrides and learner is None:
         return runner
-    from coop_transport.sim.expert import ExpertConfig, ScriptedExpert
+    from coop_transport.sim.expert import ExpertConfig, ScriptedExpert, run_learner_episode
 
     expert_config = ExpertConfig(**overrides)
+    if learner is not None:
+        return lambda sim, seed, on_step=None: run_learner_episode(sim, seed, learner,
+                                                                   ScriptedExpert(expert_config), on_step=on_step)
     # A fresh expert per episode, seeded as the runner's own default (expert seed 0).
     return lambda sim, seed, on_step=None: runner(sim, seed, expert=ScriptedExpert(expert_config), on_step=on_step)
+
+
+def _learner_identity(config: GenerateConfig) -> dict | None:
+    """The learner policy a DAgger file was collected with: its directory and its weights' sha256."""
+    if config.learner is None:
+        return None
+    meta = json.loads((Path(config.learner) / "config.json").read_text())
+    return {"weights_sha256": meta.get("weights_sha256"), "step": meta.get("step"), "backend": config.learner_backend}
 
 
 def _labels_available() -> bool:
@@ -226,7 +263,8 @@ def shard_fingerprint(config: GenerateConfig) -> dict:
         "runner": config.runner,
         "expert_config": _expert_config(config.runner, _expert_overrides(config)),
         "horizon": config.horizon,
-        "successful_only": config.successful_only,
+        "successful_only": not config.keeps_failures,
+        "learner": _learner_identity(config),
         "seed_scheme": f"{fmt.DEMO_SEED_BASE} + i + {config.seed_offset} + {fmt.DEMO_SEED_STRIDE} * attempt"
         if config.seed_offset else f"{fmt.DEMO_SEED_BASE} + i + {fmt.DEMO_SEED_STRIDE} * attempt",
         "images": config.images,
@@ -370,7 +408,16 @@ def _worker_init(config: GenerateConfig, fingerprint: dict, in_process: bool = F
 def _setup_worker(config: GenerateConfig, fingerprint: dict) -> None:
     from coop_transport.sim import SimConfig, TransportSim  # configures MUJOCO_GL first
 
-    sim = TransportSim(SimConfig(horizon=config.horizon))
+    learner, sim_overrides = None, {}
+    if config.learner is not None:
+        from coop_transport.evaluation import ControllerSpec, build_controller
+
+        learner, sim_overrides = build_controller(ControllerSpec("pi0", {
+            "policy": str(config.learner), "device": config.learner_device, "backend": config.learner_backend}))
+        if config.images and sim_overrides.get("image_size") != config.image_size:
+            raise GenerationError(f"the learner {config.learner} sees {sim_overrides.get('image_size')} px images "
+                                  f"but --image-size is {config.image_size}: its training data would not match it")
+    sim = TransportSim(SimConfig(horizon=config.horizon, **sim_overrides))
     renderer = None
     if config.images:
         from coop_transport.data.render_states import StateRenderer
@@ -380,7 +427,7 @@ def _setup_worker(config: GenerateConfig, fingerprint: dict) -> None:
     if fingerprint["labels"]:
         labels_fn = importlib.import_module(LABELS_MODULE).step_labels
     _W.update(config=config, fingerprint=fingerprint, sim=sim, renderer=renderer, labels_fn=labels_fn,
-              runner=_runner(config), object_keys=object_state_keys(sim),
+              runner=_runner(config, learner), object_keys=object_state_keys(sim),
               env_args=fmt.env_args(sim.env_kwargs | {"seed": 0}, sim.controller_config,
                                     _package_version("robosuite") or "unknown",
                                     tuple(config.cameras) if config.images else (), config.image_size))
@@ -410,7 +457,7 @@ def _run_demo(index: int) -> dict:
         if "object_layout" not in _W:
             _W["object_layout"] = object_layout(_W["sim"].observation, _W["object_keys"])
         steps += len(record)
-        if record.success or not config.successful_only:
+        if record.success or config.keeps_failures:
             t_render = time.perf_counter()
             if _W["renderer"] is not None:
                 add_images(record, _W["renderer"], config.next_obs_images)

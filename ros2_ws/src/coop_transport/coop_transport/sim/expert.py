@@ -886,3 +886,29 @@ def run_expert_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | No
         if on_step is not None:
             on_step(obs, action, reward, done, info)
     return {"success": success, "length": sim.t, "seed": int(seed)}
+
+
+def run_learner_episode(sim: TransportSim, seed: int, learner, expert: ScriptedExpert | None = None,
+                        on_step=None) -> dict:
+    """DAgger's episode: ``learner`` (an ``evaluation.Controller``, e.g. the per-arm π0 policy under its recipe)
+    drives the arms while ``expert`` labels every state the learner reaches with its own noise-free action.
+
+    The expert runs beside the learner on the same scene: its stages advance on what it observes (the lid is off,
+    the payload is held, ...), not on what it commanded, so its label is what it would do from wherever the
+    learner brought the arms, including its recovery when something was dropped. ``on_step`` as
+    ``run_expert_episode``'s: ``action`` is what the learner did, ``info["expert_action"]`` the label."""
+    expert = expert if expert is not None else ScriptedExpert()
+    sim.reset(seed)
+    learner.reset(sim, seed)
+    expert.reset(sim)
+    done, success = False, False
+    while not done:
+        expert.act(sim)  # advance the expert's stages on this state; only its label is used
+        label = expert.intended_action.copy()
+        action = np.asarray(learner.act(sim), dtype=np.float32)
+        obs, reward, done, info = sim.step(action)
+        info = {**info, "expert_action": label}
+        success = success or bool(info["success"])
+        if on_step is not None:
+            on_step(obs, action, reward, done, info)
+    return {"success": success, "length": sim.t, "seed": int(seed)}
