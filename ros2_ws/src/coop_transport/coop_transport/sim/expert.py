@@ -203,6 +203,10 @@ class ExpertConfig:
     stage_timeout: int = 90
     """Control steps without finishing a stage (other than a waiting one) after which the arm backs off to its
     starting pose and tries the stage again."""
+    adopt_held_grasps: bool = False
+    """A grasp stage (reach, descend, close) that finds its object already held in still fingers moves on to the
+    lift at the hand's pose. The expert's own grasps always pass through closing; a policy it labels (DAgger)
+    grasps its own way, and without this the labels would say "open, go back above it" all through its lift."""
 
     def __post_init__(self):
         if self.noise < 0 or self.waypoint_jitter < 0:
@@ -567,6 +571,10 @@ class ScriptedExpert:
         cfg, state = self.config, self._arms[arm]
         pos = s.eef_pos[arm]
         approach_height = cfg.approach_height if approach_height is None else approach_height
+        if (cfg.adopt_held_grasps and state.stage != f"{name}_close" and holding
+                and s.finger_speed[arm] < cfg.finger_still_speed):
+            self._enter(arm, then, pos=pos.copy(), rot=s.eef_rot[arm].copy())
+            return _Command(pos, s.eef_rot[arm], CLOSE)
         if state.stage == f"{name}_reach":
             above = grip + approach_height * UP
             aligned = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.align_radius and pos[2] < above[2] + 0.03
