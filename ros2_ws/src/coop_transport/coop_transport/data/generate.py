@@ -198,7 +198,7 @@ def _expert_overrides(config: GenerateConfig) -> dict:
         # The stage timeout rescues the expert from its own jams by backing off to the home pose; while it only
         # labels, a slow learner would trip it and the labels would say "go home" in the middle of a grasp.
         overrides["stage_timeout"] = LABELLING_STAGE_TIMEOUT
-        overrides["adopt_held_grasps"] = True  # the learner grasps its own way; follow it into the lift
+        overrides["labelling"] = True  # the learner grasps its own way: follow it down and into the lift
     return overrides
 
 

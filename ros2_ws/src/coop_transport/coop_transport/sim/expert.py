@@ -203,10 +203,18 @@ class ExpertConfig:
     stage_timeout: int = 90
     """Control steps without finishing a stage (other than a waiting one) after which the arm backs off to its
     starting pose and tries the stage again."""
-    adopt_held_grasps: bool = False
-    """A grasp stage (reach, descend, close) that finds its object already held in still fingers moves on to the
-    lift at the hand's pose. The expert's own grasps always pass through closing; a policy it labels (DAgger)
-    grasps its own way, and without this the labels would say "open, go back above it" all through its lift."""
+    labelling: bool = False
+    """The expert labels states a policy reached (DAgger) rather than driving itself. Its grasp stages then follow
+    what the scene shows instead of the order it would have gone through: an object already held in still fingers
+    moves the stage on to the lift at the hand's pose, and a hand already within ``labelling_capture_radius`` of
+    the grip point (horizontally, at most the approach height above it, turned within ``labelling_capture_turn``
+    of the grasp) goes on down to it rather than back up to the approach height. Without this, a policy that
+    grasps its own way is labelled "open, go back above it" all through its approach and lift."""
+    labelling_capture_radius: float = 0.025
+    """m; see ``labelling``."""
+    labelling_capture_turn: float = 0.8
+    """rad; see ``labelling``. A policy's hand arrives turned up to 0.7 rad from the expert's choice of grasp and
+    still grasps (measured on the shipped default's rollouts); the label turns it the rest of the way down."""
 
     def __post_init__(self):
         if self.noise < 0 or self.waypoint_jitter < 0:
@@ -571,10 +579,17 @@ class ScriptedExpert:
         cfg, state = self.config, self._arms[arm]
         pos = s.eef_pos[arm]
         approach_height = cfg.approach_height if approach_height is None else approach_height
-        if (cfg.adopt_held_grasps and state.stage != f"{name}_close" and holding
-                and s.finger_speed[arm] < cfg.finger_still_speed):
-            self._enter(arm, then, pos=pos.copy(), rot=s.eef_rot[arm].copy())
-            return _Command(pos, s.eef_rot[arm], CLOSE)
+        if cfg.labelling and state.stage != f"{name}_close":
+            if holding and s.finger_speed[arm] < cfg.finger_still_speed:  # the policy's own grasp: lift it
+                self._enter(arm, then, pos=pos.copy(), rot=s.eef_rot[arm].copy())
+                return _Command(pos, s.eef_rot[arm], CLOSE)
+            near = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.labelling_capture_radius
+                    and pos[2] < grip[2] + approach_height + 0.01
+                    and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.labelling_capture_turn)
+            if state.stage == f"{name}_reach" and near and may_descend:
+                self._enter(arm, f"{name}_descend")
+            elif state.stage == f"{name}_descend" and not near:
+                self._enter(arm, f"{name}_reach")
         if state.stage == f"{name}_reach":
             above = grip + approach_height * UP
             aligned = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.align_radius and pos[2] < above[2] + 0.03
