@@ -190,8 +190,11 @@ def test_dagger_episodes_are_the_learners_and_labelled_by_the_expert(demo_file, 
         assert demo["obs/agentview_image"].shape == (10, 32, 32, 3)
     # An untrained tiny policy does not do what the expert would: the labels are the expert's, not the actions.
     assert np.abs(executed - labels).max() > 0.1
-    learner = read_meta(out)["fingerprint"]["learner"]
-    assert learner["weights_sha256"] == json.loads((policy / "config.json").read_text())["weights_sha256"]
+    meta = read_meta(out)
+    assert meta["fingerprint"]["learner"]["weights_sha256"] == json.loads(
+        (policy / "config.json").read_text())["weights_sha256"]
+    # The expert labels in its labelling mode: it follows the learner's grasps and never backs off on a timeout.
+    assert meta["expert_config"]["labelling"] is True and meta["expert_config"]["stage_timeout"] >= 10**9
 
     summary = train(_config(demo_file, tmp_path / "aggregated", 1, extra_data=(out,)))
     assert summary["trajectories"] == first["trajectories"] + 2  # both arms of the learner's episode joined

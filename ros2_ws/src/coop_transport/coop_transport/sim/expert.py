@@ -214,7 +214,8 @@ class ExpertConfig:
     """m; see ``labelling``."""
     labelling_capture_turn: float = 0.8
     """rad; see ``labelling``. A policy's hand arrives turned up to 0.7 rad from the expert's choice of grasp and
-    still grasps (measured on the shipped default's rollouts); the label turns it the rest of the way down."""
+    still grasps (a CPU rollout of the shipped default, reset seed 21000); the label turns it the rest of the
+    way down."""
 
     def __post_init__(self):
         if self.noise < 0 or self.waypoint_jitter < 0:
