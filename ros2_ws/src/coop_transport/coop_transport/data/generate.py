@@ -220,7 +220,7 @@ def _runner(config: GenerateConfig, learner=None) -> Callable:
 
 
 def _learner_identity(config: GenerateConfig) -> dict | None:
-    """The learner policy a DAgger file was collected with: its directory and its weights' sha256."""
+    """The learner policy a DAgger file was collected with: its weights' sha256, step and inference backend."""
     if config.learner is None:
         return None
     meta = json.loads((Path(config.learner) / "config.json").read_text())

@@ -585,7 +585,7 @@ class ScriptedExpert:
                 self._enter(arm, then, pos=pos.copy(), rot=s.eef_rot[arm].copy())
                 return _Command(pos, s.eef_rot[arm], CLOSE)
             near = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.labelling_capture_radius
-                    and pos[2] < grip[2] + approach_height + 0.01
+                    and pos[2] < grip[2] + approach_height + 0.01  # (a policy need not stop exactly there)
                     and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.labelling_capture_turn)
             if state.stage == f"{name}_reach" and near and may_descend:
                 self._enter(arm, f"{name}_descend")
@@ -917,10 +917,11 @@ def run_learner_episode(sim: TransportSim, seed: int, learner, expert: ScriptedE
     """DAgger's episode: ``learner`` (an ``evaluation.Controller``, e.g. the per-arm π0 policy under its recipe)
     drives the arms while ``expert`` labels every state the learner reaches with its own noise-free action.
 
-    The expert runs beside the learner on the same scene: its stages advance on what it observes (the lid is off,
-    the payload is held, ...), not on what it commanded, so its label is what it would do from wherever the
-    learner brought the arms, including its recovery when something was dropped. ``on_step`` as
-    ``run_expert_episode``'s: ``action`` is what the learner did, ``info["expert_action"]`` the label."""
+    The expert runs beside the learner on the same scene. Most of its stages advance on what it observes (the lid
+    is off, the payload is held or dropped, ...); its grasp stages also wait for its own approach and closing,
+    which a learner grasping its own way never makes, unless ``ExpertConfig.labelling`` lets them follow the
+    scene (``training/demos.py --learner`` turns it on). ``on_step`` as ``run_expert_episode``'s: ``action`` is
+    what the learner did, ``info["expert_action"]`` the label."""
     expert = expert if expert is not None else ScriptedExpert()
     sim.reset(seed)
     learner.reset(sim, seed)
