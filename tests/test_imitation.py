@@ -195,6 +195,7 @@ def test_dagger_episodes_are_the_learners_and_labelled_by_the_expert(demo_file, 
         (policy / "config.json").read_text())["weights_sha256"]
     # The expert labels in its labelling mode: it follows the learner's grasps and never backs off on a timeout.
     assert meta["expert_config"]["labelling"] is True and meta["expert_config"]["stage_timeout"] >= 10**9
+    assert meta["learner_success_rate"] == 0.0 and meta["expert_success_rate"] is None  # the learner's episodes
 
     summary = train(_config(demo_file, tmp_path / "aggregated", 1, extra_data=(out,)))
     assert summary["trajectories"] == first["trajectories"] + 2  # both arms of the learner's episode joined

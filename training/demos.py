@@ -46,6 +46,7 @@ def info(config: InfoConfig) -> dict:
             "action_frame_on_disk": demos.action_frame, "flip_images": demos.flip_images,
             "env_version": demos.env_version, "seeds": demos.meta.get("seeds"),
             "expert_success_rate": demos.meta.get("expert_success_rate"),
+            "learner_success_rate": demos.meta.get("learner_success_rate"),  # DAgger files (--learner)
         }
     print(json.dumps(report, indent=1))
     for variant, s in stats.items():

@@ -676,6 +676,7 @@ def _merge(config: GenerateConfig, fingerprint: dict, partial: Path, tmp: Path, 
         import coop_transport
 
         s = [summaries[i] for i in range(config.episodes)]
+        success_rate = sum(v["success"] for v in s) / max(1, sum(v["attempts"] for v in s))
         meta = {
             "format_version": fmt.FORMAT_VERSION,
             "generator": "coop_transport.data.generate",
@@ -697,7 +698,9 @@ def _merge(config: GenerateConfig, fingerprint: dict, partial: Path, tmp: Path, 
             "eval_seeds": [fmt.EVAL_SEEDS.start, fmt.EVAL_SEEDS.stop - 1],
             "seeds": [v["seed"] for v in s],
             "failed_seeds": [v["failed_seeds"] for v in s],
-            "expert_success_rate": sum(v["success"] for v in s) / max(1, sum(v["attempts"] for v in s)),
+            # A learner file's episodes are the learner's (DAgger): its success rate, not the expert's.
+            "expert_success_rate": None if config.learner else success_rate,
+            "learner_success_rate": success_rate if config.learner else None,
             "episode_seconds": sum(v.get("episode_seconds", 0.0) for v in s),
             "render_seconds": sum(v.get("render_seconds", 0.0) for v in s),
             "wall_seconds_last_run": wall_seconds,
