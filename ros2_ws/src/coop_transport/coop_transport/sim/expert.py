@@ -898,18 +898,7 @@ def run_expert_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | No
     recorder); ``info["expert_action"]`` is the expert's noise-free action for that step. The episode ends where the
     simulator says so: at the first success (``SimConfig.terminate_on_success``) or at the horizon.
     """
-    expert = expert if expert is not None else ScriptedExpert()
-    sim.reset(seed)
-    expert.reset(sim)
-    done, success = False, False
-    while not done:
-        action = expert.act(sim)
-        obs, reward, done, info = sim.step(action)
-        info = {**info, "expert_action": expert.intended_action}
-        success = success or bool(info["success"])
-        if on_step is not None:
-            on_step(obs, action, reward, done, info)
-    return {"success": success, "length": sim.t, "seed": int(seed)}
+    return _run_labelled_episode(sim, seed, expert, None, on_step)
 
 
 def run_learner_episode(sim: TransportSim, seed: int, learner, expert: ScriptedExpert | None = None,
@@ -922,15 +911,23 @@ def run_learner_episode(sim: TransportSim, seed: int, learner, expert: ScriptedE
     which a learner grasping its own way never makes, unless ``ExpertConfig.labelling`` lets them follow the
     scene (``training/demos.py --learner`` turns it on). ``on_step`` as ``run_expert_episode``'s: ``action`` is
     what the learner did, ``info["expert_action"]`` the label."""
+    return _run_labelled_episode(sim, seed, expert, learner, on_step)
+
+
+def _run_labelled_episode(sim: TransportSim, seed: int, expert: ScriptedExpert | None, learner, on_step) -> dict:
+    """One episode in which the expert acts at every state (which advances its stages) and its noise-free action
+    is the label; the executed action is the expert's own (noisy) one, or the ``learner``'s where there is one."""
     expert = expert if expert is not None else ScriptedExpert()
     sim.reset(seed)
-    learner.reset(sim, seed)
+    if learner is not None:
+        learner.reset(sim, seed)
     expert.reset(sim)
     done, success = False, False
     while not done:
-        expert.act(sim)  # advance the expert's stages on this state; only its label is used
-        label = expert.intended_action.copy()
-        action = np.asarray(learner.act(sim), dtype=np.float32)
+        action = expert.act(sim)
+        label = expert.intended_action
+        if learner is not None:
+            action = np.asarray(learner.act(sim), dtype=np.float32)
         obs, reward, done, info = sim.step(action)
         info = {**info, "expert_action": label}
         success = success or bool(info["success"])
