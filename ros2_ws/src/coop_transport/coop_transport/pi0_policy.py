@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coop_transport.recipe import demonstrated_range
 from coop_transport.adapters import (ARM_PROMPTS, JOINT_PROMPT, arm_images, check_image, check_state, joint_images,
                                      joint_proprio, variant_spec)
+from coop_transport.recipe import demonstrated_range
 
 DEFAULT_POLICY_NAME = "per_arm_small"
 

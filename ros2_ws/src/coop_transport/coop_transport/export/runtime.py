@@ -19,13 +19,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from coop_transport.recipe import demonstrated_range
 from coop_transport.adapters import arm_images, check_image, check_state, joint_images, joint_proprio, variant_spec
 from coop_transport.export.backends import (CUDA_GRAPH_BACKENDS, ChunkBackend, canonical_backend, make_backend,
                                             needs_export)
 from coop_transport.export.manifest import MANIFEST_FILE, check_source, read_manifest
 from coop_transport.export.spec import NOISE, PROMPT_MASK, PROMPT_TOKENS, STATE, ExportError, ExportFileMissing, \
     image_input
+from coop_transport.recipe import demonstrated_range
 
 DEFAULT_EXPORT_SUBDIR = "export"  # load_backend_policy looks for <checkpoint>/export when no export_dir is given
 
