@@ -199,6 +199,11 @@ def test_dagger_episodes_are_the_learners_and_labelled_by_the_expert(demo_file, 
 
     summary = train(_config(demo_file, tmp_path / "aggregated", 1, extra_data=(out,)))
     assert summary["trajectories"] == first["trajectories"] + 2  # both arms of the learner's episode joined
+    # An extra file without images is refused, naming that file (not --data).
+    bare = generate(GenerateConfig(out=tmp_path / "bare.hdf5", episodes=1, workers=1, horizon=4, seed_offset=600,
+                                   learner=policy, learner_device="cpu", progress=False))
+    with pytest.raises(ValueError, match="bare.hdf5: demonstration demo_0 has no images"):
+        train(_config(demo_file, tmp_path / "bare_run", 1, extra_data=(bare,)))
 
     with pytest.raises(ValueError, match="not a π0 policy directory"):
         GenerateConfig(out=tmp_path / "x.hdf5", learner=tmp_path)

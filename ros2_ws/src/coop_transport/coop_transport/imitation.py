@@ -213,16 +213,14 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
-        trajs = _trajectories(config.variant, demos)
-        trajs = [t for t in trajs if t.demo in set(names)]
+        selected = set(names)
+        trajs = [(config.data, t) for t in _trajectories(config.variant, demos) if t.demo in selected]
         if not trajs:
             raise ValueError(f"no trajectories selected from {config.data}")
-        extra = []
         for path in config.extra_data:
             with load_demonstrations(path, action_labels=config.action_labels) as more:
                 print(f"imitation targets: {more.action_labels} actions of {path} ({len(more)} episodes, all used)")
-                extra.extend(_trajectories(config.variant, more))
-        trajs = trajs + extra
+                trajs.extend((path, t) for t in _trajectories(config.variant, more))
         if config.variant == "per-arm":
             prompts = [ARM_PROMPTS[a] for a in ARMS]
             prompt_of = lambda t: ARMS.index(t.arm)  # noqa: E731
@@ -235,11 +233,11 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
                                      "agentview": t.images.get("agentview_image")}
         images = {slot: [] for slot in spec.slots}
         states, actions, ends, prompt_ids, total = [], [], [], [], 0
-        for t in trajs:
+        for source, t in trajs:
             frames = slot_frames(t)
             for slot in spec.slots:
                 if frames[slot] is None:
-                    raise ValueError(f"{config.data}: demonstration {t.demo} has no images for slot {slot!r}; "
+                    raise ValueError(f"{source}: demonstration {t.demo} has no images for slot {slot!r}; "
                                      "render them first (python training/demos.py render ...)")
                 images[slot].append(np.asarray(frames[slot]))
             states.append((t.proprio - mean_s) / std_s)
