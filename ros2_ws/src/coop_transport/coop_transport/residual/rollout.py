@@ -55,19 +55,27 @@ class EnvWorker:
     def reset(self, seed: int) -> dict:
         return self._pack(self.sim.reset(int(seed)))
 
-    def step(self, actions: np.ndarray) -> dict:
+    def step(self, actions: np.ndarray, milestones: bool = False) -> dict:
         """Run a (C, 14) chunk; stops early when the episode ends. Returns the packed observation after it and
-        reward (sum_j γ^j r_j), steps, success, terminated (success), truncated (time limit)."""
+        reward (sum_j γ^j r_j), steps, success, terminated (success), truncated (time limit), and with
+        ``milestones`` the task milestones that held at any step of the chunk, in task order (evaluation's stage
+        funnel; off in training collection, where the check would cost ~1 ms a step for nothing)."""
+        from coop_transport.sim.labels import MILESTONES, reached_milestones
+
         total, success, done, k, obs = 0.0, False, False, 0, None
+        reached: set[str] = set()
         for k, action in enumerate(np.asarray(actions, dtype=np.float64), start=1):
             obs, reward, done, info = self.sim.step(action)
             total += self.gamma ** (k - 1) * reward
             success = success or info["success"]
+            if milestones:
+                reached |= reached_milestones(self.sim)
             if done:
                 break
         out = self._pack(obs)
         out.update(reward=total, steps=k, success=success, terminated=bool(done and success),
-                   truncated=bool(done and not success), t=self.sim.t)
+                   truncated=bool(done and not success), t=self.sim.t,
+                   milestones=[m for m in MILESTONES if m in reached])
         return out
 
     def replay(self, seed: int, chunks: list[np.ndarray]) -> dict:
@@ -108,8 +116,8 @@ class EnvPool:
     def reset(self, seeds: dict[int, int]) -> dict[int, dict]:
         return self.call("reset", {e: (s,) for e, s in seeds.items()})
 
-    def step(self, actions: dict[int, np.ndarray]) -> dict[int, dict]:
-        return self.call("step", {e: (a,) for e, a in actions.items()})
+    def step(self, actions: dict[int, np.ndarray], milestones: bool = False) -> dict[int, dict]:
+        return self.call("step", {e: (a, milestones) for e, a in actions.items()})
 
     def replay(self, episodes: dict[int, tuple[int, list]]) -> dict[int, dict]:
         return self.call("replay", episodes)
@@ -395,14 +403,17 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
 
     ``message_override(boundary, context)`` replaces received messages (probes); ``recorder(boundary, context)``
     sees every boundary; context holds ``envs``, ``seeds`` and ``boundary_index`` (chunk number in the episode)
-    of the rows. Returns one {seed, success, length} per seed, in seed order.
+    of the rows. Returns one {seed, success, length, milestones} per seed, in seed order (``milestones``: those
+    of ``sim.labels.MILESTONES`` the episode reached at any step, in task order, as ``evaluation.run_episode``).
     """
+    from coop_transport.sim.labels import MILESTONES
+
     queue = list(seeds)
     active: dict[int, dict] = {}
     first = {e: queue.pop(0) for e in range(min(pool.num_envs, len(queue)))}
     for e, out in pool.reset(first).items():
         active[e] = {"seed": first[e], "obs": out["obs"], "labels": out["labels"], "k": 0, "length": 0,
-                     "success": False}
+                     "success": False, "milestones": set()}
     results = []
     while active:
         envs = sorted(active)
@@ -414,16 +425,18 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
         if recorder is not None:
             recorder(b, context)
         actions = b.joint_action()
-        out = pool.step({e: actions[i] for i, e in enumerate(envs)})
+        out = pool.step({e: actions[i] for i, e in enumerate(envs)}, milestones=True)
         resets = {}
         for e in envs:
             r, ep = out[e], active[e]
             ep["k"] += 1
             ep["length"] += r["steps"]
             ep["success"] = ep["success"] or bool(r["success"])
+            ep["milestones"].update(r["milestones"])
             ep["obs"], ep["labels"] = r["obs"], r["labels"]
             if r["terminated"] or r["truncated"]:
-                results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"]})
+                results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"],
+                                "milestones": [m for m in MILESTONES if m in ep["milestones"]]})
                 if progress is not None:
                     progress(results)
                 del active[e]
@@ -431,5 +444,5 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
                     resets[e] = queue.pop(0)
         for e, o in pool.reset(resets).items() if resets else ():
             active[e] = {"seed": resets[e], "obs": o["obs"], "labels": o["labels"], "k": 0, "length": 0,
-                         "success": False}
+                         "success": False, "milestones": set()}
     return sorted(results, key=lambda r: r["seed"])
