@@ -73,6 +73,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("arch", ["B1", "B2", "V3", "V4", "V5", "V6"])
 def test_every_architecture_runs_end_to_end(assets, pool, runs, arch):
     from coop_transport.residual.checkpoint import load_policy
+    from coop_transport.sim.labels import MILESTONES
 
     config = make_config(assets, arch, runs / arch)
     if arch == "B1":  # through the command line (its own in-process simulation)
@@ -87,6 +88,7 @@ def test_every_architecture_runs_end_to_end(assets, pool, runs, arch):
     run = config.run_dir(0)
     saved = json.loads((run / "result.json").read_text())
     assert saved["arch"] == arch and 0.0 <= saved["success_rate"] <= 1.0 and saved["episodes"] == 1
+    assert list(saved["milestone_rates"]) == list(MILESTONES)  # the stage funnel of the reported evaluation
     assert (run / "eval").is_dir()
     if arch in ("B1", "B2"):
         assert saved["trains"] is False and saved["best_checkpoint"] is None

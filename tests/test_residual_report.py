@@ -61,3 +61,25 @@ def test_report_tables_and_plots(tmp_path):
     assert payload["paired"]["V6-V5"]["mean_difference"] == pytest.approx(-0.0025)
     assert "| V6 - V4 | +2.75 pp | 4 |" in md and "robomimic BC (cited" in md
     assert (tmp_path / "report" / "table1.png").stat().st_size > 0 and (tmp_path / "report" / "curves.png").is_file()
+
+
+def test_funnel_table_averages_seeds_and_leaves_out_runs_without_milestones(tmp_path):
+    from coop_transport.sim.labels import MILESTONES
+
+    def rates(first_half: float, second_half: float) -> dict:
+        return {m: first_half if i < 4 else second_half for i, m in enumerate(MILESTONES)}
+
+    for arch, seed, funnel in (("V4", 0, rates(1.0, 0.10)), ("V4", 1, rates(0.8, 0.20)), ("V5", 0, rates(0.9, 0.3)),
+                               ("V5", 1, None)):
+        d = tmp_path / arch / f"seed_{seed}"
+        d.mkdir(parents=True)
+        r = result(arch, seed, 0.15)
+        if funnel is not None:
+            r["milestone_rates"] = funnel
+        (d / "result.json").write_text(json.dumps(r))
+    payload = write_report([tmp_path], tmp_path / "report")
+    assert set(payload["funnel"]) == {"V4"}  # one V5 seed has no funnel: V5 is left out, not half-averaged
+    assert payload["funnel"]["V4"][MILESTONES[0]] == pytest.approx(0.9)
+    assert payload["funnel"]["V4"][MILESTONES[-1]] == pytest.approx(0.15)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Stage funnel" in md and "| V4 | 90% | 90% | 90% | 90% | 15% | 15% | 15% | 15% |" in md

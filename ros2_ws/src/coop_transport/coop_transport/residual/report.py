@@ -124,6 +124,22 @@ def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", rows
 
 
+def funnel_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
+    """Share of evaluation episodes reaching each task milestone, per method, averaged over its seeds (best
+    checkpoints): where in the task each architecture gains or loses. Methods with a seed evaluated before the
+    residual evaluation recorded milestones are left out."""
+    from coop_transport.sim.labels import MILESTONES
+
+    rows = {arch: {m: float(np.mean([r["milestone_rates"][m] for r in rs])) for m in MILESTONES}
+            for arch, rs in results.items() if all(r.get("milestone_rates") for r in rs)}
+    if not rows:
+        return "", {}
+    lines = ["| Method | " + " | ".join(MILESTONES) + " |", "|---" * (len(MILESTONES) + 1) + "|"]
+    lines += [f"| {arch} | " + " | ".join(f"{100 * rates[m]:.0f}%" for m in MILESTONES) + " |"
+              for arch, rates in sorted(rows.items(), key=lambda kv: list(ARCHS).index(kv[0]))]
+    return "\n".join(lines) + "\n", rows
+
+
 def table2_markdown(ablations: list[dict]) -> tuple[str, dict]:
     """Rows of the ladder averaged over V4 seeds; Δ cumulative against the first row, Δ marginal against the
     previous applicable row."""
@@ -217,6 +233,9 @@ def write_report(paths: list[Path], out: Path) -> dict:
                 paired[f"{b}-{a}"] = test
     md = ["# Cooperative residual RL on TwoArmTransport", "",
           "## Table 1: closed-loop success (best checkpoint per seed, reset seeds 1..n)", "", t1]
+    funnel, funnel_rows = funnel_markdown(results)
+    if funnel:
+        md += ["## Stage funnel (share of evaluation episodes reaching each milestone, mean over seeds)", "", funnel]
     if t2:
         md += ["## Table 2: inference-recipe ablation on V4", "", t2]
     if paired:
@@ -235,7 +254,8 @@ def write_report(paths: list[Path], out: Path) -> dict:
     if probes:
         md += ["## Communication probes", "", probes_markdown(probes)]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    payload = {"table1": rows, "table2": ladder, "paired": paired, "paired_v4_v5": paired.get("V5-V4"),
+    payload = {"table1": rows, "funnel": funnel_rows, "table2": ladder, "paired": paired,
+               "paired_v4_v5": paired.get("V5-V4"),
                "probes": probes}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     plot_table1(rows, results, out / "table1.png")
