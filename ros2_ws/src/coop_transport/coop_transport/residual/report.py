@@ -255,8 +255,7 @@ def write_report(paths: list[Path], out: Path) -> dict:
         md += ["## Communication probes", "", probes_markdown(probes)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     payload = {"table1": rows, "funnel": funnel_rows, "table2": ladder, "paired": paired,
-               "paired_v4_v5": paired.get("V5-V4"),
-               "probes": probes}
+               "paired_v4_v5": paired.get("V5-V4"), "probes": probes}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     plot_table1(rows, results, out / "table1.png")
     plot_curves(results, out / "curves.png")

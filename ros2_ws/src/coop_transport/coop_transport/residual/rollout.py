@@ -74,8 +74,9 @@ class EnvWorker:
                 break
         out = self._pack(obs)
         out.update(reward=total, steps=k, success=success, terminated=bool(done and success),
-                   truncated=bool(done and not success), t=self.sim.t,
-                   milestones=[m for m in MILESTONES if m in reached])
+                   truncated=bool(done and not success), t=self.sim.t)
+        if milestones:  # absent, not empty, when not checked
+            out["milestones"] = [m for m in MILESTONES if m in reached]
         return out
 
     def replay(self, seed: int, chunks: list[np.ndarray]) -> dict:
