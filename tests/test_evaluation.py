@@ -80,3 +80,18 @@ def test_a_killed_evaluation_resumes_with_the_seeds_left(tmp_path, monkeypatch):
     ran.clear()
     evaluate(spec, config, tmp_path, progress=False)
     assert ran == [5, 6, 7] and len((tmp_path / evaluation.EPISODE_LOG).read_text().splitlines()) == 3
+
+
+def test_rollout_command_fixes_the_noise_on_request_and_refuses_it_for_the_expert(tmp_path):
+    """training/rollout.py (the README's main job) with --noise-seed: a short episode of the shipped default and
+    its video; the option is refused where there is no flow noise."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import rollout
+
+    result = rollout.main(rollout.Config(horizon=3, noise_seed=0, video=tmp_path / "pi0.mp4"))
+    assert result["length"] == 3 and (tmp_path / "pi0.mp4").stat().st_size > 0
+    with pytest.raises(ValueError, match="noise-seed"):
+        rollout.main(rollout.Config(controller="expert", noise_seed=0, video=tmp_path / "expert.mp4"))

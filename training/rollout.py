@@ -4,6 +4,7 @@ Usage:
     python training/rollout.py                      # the shipped π0 default on reset seed 1 -> data/rollout.mp4
     python training/rollout.py --controller expert  # the scripted demonstrator instead
     python training/rollout.py --policy runs/imitation/per-arm-small/checkpoints/step_030000 --seed 7
+    python training/rollout.py --seed 17 --noise-seed 0  # the flow noise fixed too: the same episode every run
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ class Config:
     """Video frame size in pixels (square)."""
     horizon: int = 400
     """Control steps before the episode ends (20 Hz: 20 s; the expert needs about 300)."""
+    noise_seed: int | None = None
+    """π0 only: draw the flow-matching noise from a stream restarted at the episode's start, so a run can be
+    repeated (as training/evaluate.py --noise-seed). Default: fresh noise every run."""
 
 
 def main(config: Config) -> dict:
     params = {}
     if config.controller == "pi0":
-        params = {"policy": str(config.policy) if config.policy else None, "device": "cpu", "threads": 2}
-    elif config.policy is not None:
-        raise ValueError("--policy applies to --controller pi0 only")
+        params = {"policy": str(config.policy) if config.policy else None, "device": "cpu", "threads": 2,
+                  "noise_seed": config.noise_seed}
+    elif config.policy is not None or config.noise_seed is not None:
+        raise ValueError("--policy and --noise-seed apply to --controller pi0 only")
     controller, sim_overrides = build_controller(ControllerSpec(config.controller, params))
     start = time.perf_counter()
     with TransportSim(SimConfig(horizon=config.horizon, **sim_overrides)) as sim:
