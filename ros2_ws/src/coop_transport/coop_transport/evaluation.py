@@ -104,7 +104,7 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     """One closed-loop episode; returns {seed, success, length, wall_s, milestones}: ``milestones`` lists the
     task milestones (``sim.labels.MILESTONES``) the episode reached at any step, in task order."""
     from coop_transport.constants import ARMS, WRIST_CAMERA, image_key
-    from coop_transport.sim.labels import MILESTONES, reached_milestones
+    from coop_transport.sim.labels import in_task_order, reached_milestones
     from coop_transport.utils.video import VideoWriter
 
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     if writer:
         writer.close()
     return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start,
-            "milestones": [m for m in MILESTONES if m in reached]}
+            "milestones": in_task_order(reached)}
 
 
 # ------------------------------------------------------------------------------------------- worker processes

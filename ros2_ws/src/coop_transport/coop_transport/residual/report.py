@@ -135,8 +135,8 @@ def funnel_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     if not rows:
         return "", {}
     lines = ["| Method | " + " | ".join(MILESTONES) + " |", "|---" * (len(MILESTONES) + 1) + "|"]
-    lines += [f"| {arch} | " + " | ".join(f"{100 * rates[m]:.0f}%" for m in MILESTONES) + " |"
-              for arch, rates in sorted(rows.items(), key=lambda kv: list(ARCHS).index(kv[0]))]
+    lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][m]:.0f}%" for m in MILESTONES) + " |"
+              for arch in ARCHS if arch in rows]
     return "\n".join(lines) + "\n", rows
 
 

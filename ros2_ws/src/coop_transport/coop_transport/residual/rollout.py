@@ -60,7 +60,7 @@ class EnvWorker:
         reward (sum_j γ^j r_j), steps, success, terminated (success), truncated (time limit), and with
         ``milestones`` the task milestones that held at any step of the chunk, in task order (evaluation's stage
         funnel; off in training collection, where the check would cost ~1 ms a step for nothing)."""
-        from coop_transport.sim.labels import MILESTONES, reached_milestones
+        from coop_transport.sim.labels import in_task_order, reached_milestones
 
         total, success, done, k, obs = 0.0, False, False, 0, None
         reached: set[str] = set()
@@ -76,7 +76,7 @@ class EnvWorker:
         out.update(reward=total, steps=k, success=success, terminated=bool(done and success),
                    truncated=bool(done and not success), t=self.sim.t)
         if milestones:  # absent, not empty, when not checked
-            out["milestones"] = [m for m in MILESTONES if m in reached]
+            out["milestones"] = in_task_order(reached)
         return out
 
     def replay(self, seed: int, chunks: list[np.ndarray]) -> dict:
@@ -407,7 +407,7 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
     of the rows. Returns one {seed, success, length, milestones} per seed, in seed order (``milestones``: those
     of ``sim.labels.MILESTONES`` the episode reached at any step, in task order, as ``evaluation.run_episode``).
     """
-    from coop_transport.sim.labels import MILESTONES
+    from coop_transport.sim.labels import in_task_order
 
     queue = list(seeds)
     active: dict[int, dict] = {}
@@ -437,7 +437,7 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
             ep["obs"], ep["labels"] = r["obs"], r["labels"]
             if r["terminated"] or r["truncated"]:
                 results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"],
-                                "milestones": [m for m in MILESTONES if m in ep["milestones"]]})
+                                "milestones": in_task_order(ep["milestones"])})
                 if progress is not None:
                     progress(results)
                 del active[e]

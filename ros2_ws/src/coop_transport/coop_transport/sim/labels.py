@@ -168,6 +168,11 @@ MILESTONES = ("lid_off", "payload_grasped", "payload_lifted", "trash_grasped", "
               "payload_received", "payload_in_target_bin")
 
 
+def in_task_order(milestones) -> list[str]:
+    """The given milestone names as a list in task order (the order of ``MILESTONES``)."""
+    return [m for m in MILESTONES if m in milestones]
+
+
 def reached_milestones(sim) -> set[str]:
     """The milestones of ``MILESTONES`` that hold in the current state (evaluation keeps the union over steps)."""
     p = TaskPredicates(sim)
