@@ -165,6 +165,18 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     assert "r2" in probe["pose"] and set(probe["per_agent"]) == {"robot0", "robot1"}
     assert json.loads((config.run_dir(0) / "probes.json").read_text())["arch"] == "V5"
 
+    # resumable: probes whose result is gone run again (with out of time first), the others are read back, and the
+    # random probes draw from their own streams, so the results equal the uninterrupted run's
+    probes_dir = config.run_dir(0) / "probes"
+    for name in ("gaussian", "shuffle_time"):
+        (probes_dir / name / "probe.json").unlink()
+    stopped = run_probes(config.replace(stop_after_s=1e-9), 0, pool)
+    assert stopped["out_of_time"] and "gaussian" not in stopped["done"]
+    assert not (probes_dir / "gaussian" / "probe.json").exists()
+    again = run_probes(config, 0, pool)
+    assert again["interventions"] == payload["interventions"]
+    assert again["linear_probe"] == payload["linear_probe"]
+
 
 def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     from coop_transport.residual.report import run_ablation
@@ -218,6 +230,27 @@ def test_resume_after_a_kill_continues_identically(assets, pool, tmp_path):
     tc = load_file(str(timed.run_dir(0) / "train_state" / "state.safetensors"))
     for key in ta:
         assert torch.equal(ta[key], tc[key]), key
+
+
+def test_an_evaluation_that_would_overrun_the_deadline_runs_first_on_the_rerun(assets, pool, tmp_path, monkeypatch):
+    import coop_transport.residual.train as train_module
+
+    a = train(make_config(assets, "V4", tmp_path / "straight", chunks=4, eval_every=2), 0, pool)
+    timed = make_config(assets, "V4", tmp_path / "timed", chunks=4, eval_every=2, stop_after_s=1e5)
+    with monkeypatch.context() as m:  # an evaluation estimated at 1e6 s cannot fit the 1e5 s deadline
+        m.setattr(train_module, "evaluation_estimate_s", lambda config, ps: 1e6)
+        first = train(timed, 0, pool)
+    assert first["out_of_time"] and first["eval_pending"] and first["stopped_at"] == 2
+    assert not (timed.run_dir(0) / "result.json").exists() and not (timed.run_dir(0) / "eval").exists()
+    b = train(timed, 0, pool)  # the deferred evaluation of chunk 2 first, then on to chunk 4 and its evaluation
+    assert [e["chunks"] for e in b["evals"]] == [e["chunks"] for e in a["evals"]] == [2, 4]
+    assert (b["chunks"], b["updates"], b["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
+
+    # a finished seed is read back from its result.json: nothing trains or evaluates again
+    monkeypatch.setattr(train_module, "_evaluate_checkpoint", lambda *args, **kw: pytest.fail("evaluated again"))
+    again = train(timed, 0, pool)
+    assert (again["chunks"], again["updates"], again["evals"]) == (b["chunks"], b["updates"], json.loads(
+        json.dumps(b["evals"])))
 
 
 # ------------------------------------------------------------------------------------------------------ parity

@@ -42,6 +42,22 @@ def test_awr_weights_exponential_and_capped():
     assert w.tolist() == pytest.approx([1.0, math.exp(3.0), math.exp(-3.0), 100.0])
 
 
+def test_awr_weights_normalized_by_the_batch_std():
+    # advantages of the critic's small scale: raw weights stay near 1, normalized ones act on standard deviations
+    advantage = torch.tensor([-0.002, 0.0, 0.002, 0.004])
+    std = advantage.std().item()  # unbiased, 0.0025820 for these four
+    raw = awr_weights(advantage, beta=3.0)
+    assert raw.tolist() == pytest.approx([math.exp(3 * a) for a in advantage.tolist()])
+    assert max(abs(w - 1.0) for w in raw.tolist()) < 0.013
+    normalized = awr_weights(advantage, beta=3.0, normalize=True)
+    expected = [min(math.exp(3 * a / (std + 1e-6)), 100.0) for a in advantage.tolist()]  # 1e-6: the guard
+    assert normalized.tolist() == pytest.approx(expected, rel=1e-4)
+    assert normalized[3].item() == 100.0  # exp(3 · 1.549) = 104.3, capped
+    assert normalized[0].item() == pytest.approx(0.098, abs=1e-3)  # exp(-3 · 0.775)
+    scaled = awr_weights(advantage * 10, beta=3.0, normalize=True)  # the critic's scale drops out (up to the guard)
+    assert scaled.tolist() == pytest.approx(normalized.tolist(), rel=1e-3)
+
+
 def test_awr_loss_weighted_squared_chunk_error():
     predicted = torch.tensor([[[0.0, 1.0], [1.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])  # (B=2, C=2, A=2)
     action = torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])

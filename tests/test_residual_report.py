@@ -83,3 +83,28 @@ def test_funnel_table_averages_seeds_and_leaves_out_runs_without_milestones(tmp_
     assert payload["funnel"]["V4"][MILESTONES[-1]] == pytest.approx(0.15)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Stage funnel" in md and "| V4 | 90% | 90% | 90% | 90% | 15% | 15% | 15% | 15% |" in md
+
+
+def test_runs_of_one_architecture_with_different_settings_are_not_averaged(tmp_path):
+    from coop_transport.residual.report import find_results
+
+    def write(name: str, seed: int, rate: float, **config) -> None:
+        d = tmp_path / name / f"seed_{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({**result("V4", seed, rate), "config": {"arch": "V4", **config}}))
+
+    # where and how a run executed (envs, device, deadline) does not matter; an older result.json without a newer
+    # field counts as that field's default
+    write("a", 0, 0.12, envs=7, device="cuda", stop_after_s=540.0, advantage_norm=False)
+    write("a", 1, 0.12, envs=14, device="cpu")
+    assert [r["seed"] for r in find_results([tmp_path / "a"])["V4"]] == [0, 1]
+
+    write("b", 2, 0.08, advantage_norm=True, beta=1.0)  # a variant of V4 next to the paper's setting
+    with pytest.raises(ValueError, match=r"V4 runs differ in advantage_norm, beta") as err:
+        find_results([tmp_path])
+    assert str(tmp_path / "b" / "seed_2") in str(err.value)
+    assert len(find_results([tmp_path / "b"])["V4"]) == 1  # alone, the variant reports
+
+    write("c", 0, 0.11)  # seed 0 of the same setting twice
+    with pytest.raises(ValueError, match="V4 seed 0 appears twice"):
+        find_results([tmp_path / "a", tmp_path / "c"])

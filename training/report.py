@@ -32,7 +32,10 @@ class ReportConfig:
 def main(config: ReportConfig) -> dict:
     if not config.runs:
         raise SystemExit("name at least one run directory")
-    payload = write_report(list(config.runs), config.out)
+    try:
+        payload = write_report(list(config.runs), config.out)
+    except ValueError as e:  # runs that cannot share a table (see find_results): say why, no traceback
+        raise SystemExit(f"report.py: {e}") from None
     print((config.out / "report.md").read_text())
     return payload
 

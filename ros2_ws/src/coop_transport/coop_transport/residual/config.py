@@ -91,6 +91,9 @@ class ResidualConfig:
     """AWR inverse temperature β: weights min(exp(β·A), max_weight)."""
     max_weight: float = 100.0
     """Cap of the AWR weights."""
+    advantage_norm: bool = False
+    """Divide each batch's advantages by their standard deviation before the AWR exponent. Off: the paper's raw
+    A, which left the weights at 0.99-1.00 (advantages ~1e-3) in the tenth session's 3,000-chunk runs."""
     polyak: float = 0.005
     """Target critic update rate."""
     lr: float = 3e-4

@@ -4,6 +4,7 @@
     td_target        y = r + γ^k V(s') (1 - done)   for a k-step chunk transition (r: discounted chunk return)
     td_loss          L_Q = SmoothL1(Q1(s, a), y) + SmoothL1(Q2(s, a), y)                          (eq. 3)
     awr_weights      w = min(exp(β A), 100),  A = Q_target(s, a) - V(s),  β = 3
+                     (optionally A / std(A) over the batch: the paper's raw A, ≈ 1e-3 here, gives w ≈ 1)
     awr_loss         L_π = E[w ||π(s) - a||²]   (squared norm over the whole chunk)               (eq. 4)
     message_supervision_loss   λ_sup (CE(phase) + BCE(gripper) + BCE(ready) + MSE(pose)) of the SENDER
     gaussian_kl      KL(N(μ, σ²) || N(0, I)), summed over the message dimensions, averaged over the batch
@@ -33,9 +34,17 @@ def td_loss(q1: torch.Tensor, q2: torch.Tensor, target: torch.Tensor) -> torch.T
     return F.smooth_l1_loss(q1, target) + F.smooth_l1_loss(q2, target)
 
 
-def awr_weights(advantage: torch.Tensor, beta: float = 3.0, max_weight: float = 100.0) -> torch.Tensor:
-    """min(exp(β A), max_weight), detached."""
-    return torch.exp(beta * advantage.detach()).clamp(max=max_weight)
+def awr_weights(advantage: torch.Tensor, beta: float = 3.0, max_weight: float = 100.0,
+                normalize: bool = False) -> torch.Tensor:
+    """min(exp(β A), max_weight), detached.
+
+    ``normalize`` divides A by its standard deviation over the batch first, so β acts on how many standard deviations
+    an action is better than V rather than on the critic's scale (which the shaped reward leaves at ~1e-3 here).
+    """
+    advantage = advantage.detach()
+    if normalize:
+        advantage = advantage / (advantage.std() + 1e-6)
+    return torch.exp(beta * advantage).clamp(max=max_weight)
 
 
 def awr_loss(predicted: torch.Tensor, action: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ against chance (the majority class of the test set, and uniform as the paper rep
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -57,6 +58,36 @@ class Recording:
                 self.seeds.append(seed)
                 self.agent.append(i)
 
+    # A recording is saved beside the probe results so that an interrupted probe run resumes without the recorded
+    # pass (an evaluation of its own): numpy arrays only, no pickle.
+    def save(self, path) -> None:
+        keys = sorted(self.received)
+        np.savez_compressed(
+            path, received_keys=np.array(keys, dtype=np.int64).reshape(-1, 3),
+            received_values=np.stack([self.received[k] for k in keys]) if keys else np.zeros((0, 0), np.float32),
+            length_seeds=np.array(sorted(self.lengths), dtype=np.int64),
+            length_values=np.array([self.lengths[s] for s in sorted(self.lengths)], dtype=np.int64),
+            sent=np.stack(self.sent), partner_chunk=np.stack(self.partner_chunk),
+            received_rows=np.stack(self.received_rows), seeds=np.array(self.seeds, dtype=np.int64),
+            agent=np.array(self.agent, dtype=np.int64),
+            phase=np.array([lab["phase"] for lab in self.labels], dtype=np.int64),
+            gripper=np.array([lab["gripper"] for lab in self.labels], dtype=np.int64),
+            ready=np.array([lab["ready"] for lab in self.labels], dtype=np.int64),
+            pose=np.stack([lab["pose"] for lab in self.labels]))
+
+    @classmethod
+    def load(cls, system, path) -> "Recording":
+        rec = cls(system)
+        with np.load(path, allow_pickle=False) as f:
+            rec.received = {tuple(int(x) for x in k): v for k, v in zip(f["received_keys"], f["received_values"])}
+            rec.lengths = {int(s): int(n) for s, n in zip(f["length_seeds"], f["length_values"])}
+            rec.sent, rec.partner_chunk, rec.received_rows = list(f["sent"]), list(f["partner_chunk"]), list(
+                f["received_rows"])
+            rec.seeds, rec.agent = [int(x) for x in f["seeds"]], [int(x) for x in f["agent"]]
+            rec.labels = [{"phase": int(p), "gripper": int(g), "ready": int(r), "pose": pose}
+                          for p, g, r, pose in zip(f["phase"], f["gripper"], f["ready"], f["pose"])]
+        return rec
+
 
 def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
@@ -71,9 +102,7 @@ class Interventions:
     """The message replacements, fitted on a recording."""
 
     def __init__(self, system, rec: Recording, seed: int = 0):
-        self.system, self.rec = system, rec
-        self.rng = np.random.default_rng(seed)
-        self.torch_gen = torch.Generator().manual_seed(seed)
+        self.system, self.rec, self.seed = system, rec, seed
         chunks = np.stack(rec.partner_chunk)
         received = np.stack(rec.received_rows)
         self.pca_mean = chunks.mean(0)
@@ -93,13 +122,18 @@ class Interventions:
     def override(self, name: str):
         if name == "none":
             return None
+        # Random draws of each probe from its own stream: a probe's result does not depend on which probes ran
+        # before it (so a resumed probe run matches an uninterrupted one).
+        index = PROBES.index(name) if name in PROBES else len(PROBES)
+        rng = np.random.default_rng([self.seed, index])
+        torch_gen = torch.Generator().manual_seed(self.seed * 1000 + index)
 
         def fn(b, ctx):
             e, a, m = b.received.shape
             if name == "zeros":
                 return torch.zeros_like(b.received)
             if name == "gaussian":
-                noise = torch.randn((e, a, m), generator=self.torch_gen).to(b.received.device)
+                noise = torch.randn((e, a, m), generator=torch_gen).to(b.received.device)
                 if self.learned:
                     return noise
                 return noise * torch.as_tensor(self.msg_std, device=noise.device) + torch.as_tensor(
@@ -112,10 +146,10 @@ class Interventions:
                         if name == "shuffle_time":
                             n = self.rec.lengths.get(seed, 1)
                             choices = [x for x in range(n) if x != k] or [0]
-                            key = (seed, int(self.rng.choice(choices)), i)
+                            key = (seed, int(rng.choice(choices)), i)
                         else:
                             others = [s for s in seeds if s != seed] or seeds
-                            other = int(self.rng.choice(others))
+                            other = int(rng.choice(others))
                             key = (other, min(k, self.rec.lengths[other] - 1), i)
                         out[row, i] = self.rec.received[key]
                 return torch.as_tensor(out, device=b.received.device)
@@ -178,33 +212,76 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
 
 # ----------------------------------------------------------------------------------------------------------- run
 def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -> dict:
-    """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/)."""
+    """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/).
+
+    Resumable: each finished probe leaves ``probes/<name>/probe.json`` and the recorded pass ``probes/recording.npz``;
+    a rerun evaluates only the probes without a result. ``config.stop_after_s`` stops before a probe that would not
+    finish in time (judged by the longest probe so far) and returns ``{"out_of_time": True, ...}``.
+    """
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
     from coop_transport.residual.train import evaluate_system, sim_config_for
 
+    started = time.perf_counter()
     run = config.run_dir(seed)
     system = load_policy(run, config.device)
     if system.spec.message == "none":
         raise ValueError(f"{system.spec.name} has no message channel: probes apply to V5 and V6")
-    own = pool is None
-    pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
-                             config.ray_address)
     checkpoint = str(resolve_policy_dir(run))
-    results = {}
+    out_dir = run / "probes"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(name: str) -> dict | None:
+        path = out_dir / name / "probe.json"
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        same = saved.get("checkpoint") == checkpoint and saved.get("episodes") == config.eval_episodes
+        return saved["result"] if same else None  # another checkpoint or episode count: evaluate again
+
+    def finish(name: str, summary: dict) -> dict:
+        result = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates")
+                  if k in summary}
+        (out_dir / name / "probe.json").write_text(json.dumps(
+            {"checkpoint": checkpoint, "episodes": config.eval_episodes, "result": result}, indent=1))
+        return result
+
+    results: dict[str, dict] = {}
+    rec = None
+    if (out_dir / "recording.npz").is_file() and done("none") is not None:
+        rec, results["none"] = Recording.load(system, out_dir / "recording.npz"), done("none")
+    todo = [name for name in probes if name != "none" and done(name) is None]
+    for name in probes:
+        if name != "none" and name not in todo:
+            results[name] = done(name)
+    own = pool is None and (rec is None or todo)
+    if own:
+        pool = make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
+                         config.ray_address)
+    longest = 0.0
     try:
-        rec = Recording(system)
-        summary = evaluate_system(system, pool, config.eval_episodes, run / "probes" / "none", "probe none",
-                                  {"checkpoint": checkpoint, "probe": "none"}, recorder=rec, progress=config.progress)
-        results["none"] = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95")}
+        if rec is None:
+            t0 = time.perf_counter()
+            rec = Recording(system)
+            summary = evaluate_system(system, pool, config.eval_episodes, out_dir / "none", "probe none",
+                                      {"checkpoint": checkpoint, "probe": "none"}, recorder=rec,
+                                      progress=config.progress)
+            rec.save(out_dir / "recording.npz")
+            results["none"] = finish("none", summary)
+            longest = time.perf_counter() - t0
         interventions = Interventions(system, rec, seed)
-        for name in probes:
-            if name == "none":
-                continue
-            summary = evaluate_system(system, pool, config.eval_episodes, run / "probes" / name, f"probe {name}",
+        for name in todo:
+            elapsed = time.perf_counter() - started
+            if config.stop_after_s is not None and elapsed + longest > config.stop_after_s:
+                print(f"stopping the probes of {run} before '{name}' after {elapsed:.0f} s (--stop-after-s "
+                      f"{config.stop_after_s:g}); the same command resumes")
+                return {"arch": system.spec.name, "seed": seed, "out_of_time": True, "done": sorted(results)}
+            t0 = time.perf_counter()
+            summary = evaluate_system(system, pool, config.eval_episodes, out_dir / name, f"probe {name}",
                                       {"checkpoint": checkpoint, "probe": name},
                                       message_override=interventions.override(name), progress=config.progress)
-            results[name] = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95")}
+            results[name] = finish(name, summary)
+            longest = max(longest, time.perf_counter() - t0)
     finally:
         if own:
             pool.close()
@@ -215,7 +292,8 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -
         per_agent[name] = linear_probe(sent[sel], [lab for lab, s in zip(rec.labels, sel) if s], seeds[sel])
     mean = {key: {k: float(np.mean([per_agent[a][key][k] for a in per_agent])) for k in per_agent[
         system.agent_names[0]][key]} for key in ("phase", "gripper", "ready", "pose")}
-    payload = {"arch": system.spec.name, "seed": seed, "checkpoint": checkpoint, "interventions": results,
+    payload = {"arch": system.spec.name, "seed": seed, "checkpoint": checkpoint,
+               "interventions": {name: results[name] for name in probes},
                "linear_probe": {**mean, "per_agent": per_agent}, "samples": int(len(sent))}
     (run / "probes.json").write_text(json.dumps(payload, indent=2))
     return payload

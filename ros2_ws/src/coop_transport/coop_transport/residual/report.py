@@ -33,8 +33,32 @@ PAIRED_COMPARISONS = (("V4", "V5"), ("V4", "V6"), ("V5", "V6"))
 
 
 # ------------------------------------------------------------------------------------------------------ loading
+RUN_CONTROL_FIELDS = frozenset({"out", "seed", "seeds", "data", "envs", "ray_address", "device", "threads",
+                                "save_every", "log_every", "resume", "stop_after_s", "mode", "progress",
+                                "inference_batch"})
+"""ResidualConfig fields that say where and how a run was executed, not what was trained or measured: runs of one
+architecture may differ in these and still be averaged together."""
+
+
+def run_settings(result: dict) -> dict:
+    """The settings of a result that make runs comparable: its config without the run-control fields, with the
+    defaults of fields that an older result.json does not have."""
+    import dataclasses
+
+    from coop_transport.residual.config import ResidualConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ResidualConfig)
+                if f.default is not dataclasses.MISSING}
+    config = {**defaults, **result.get("config", {})}
+    return {k: v for k, v in config.items() if k not in RUN_CONTROL_FIELDS}
+
+
 def find_results(paths: list[Path]) -> dict[str, list[dict]]:
-    """arch -> result dicts (sorted by seed) under the given run directories (searched recursively)."""
+    """arch -> result dicts (sorted by seed) under the given run directories (searched recursively).
+
+    Seeds of one architecture are averaged and paired with other architectures by seed, so they must be runs of
+    one setting: runs of an architecture that differ in a setting (``run_settings``), or that repeat a seed, are
+    refused with the differing fields and directories (report such variants from separate directories)."""
     out: dict[str, list[dict]] = {}
     for path in paths:
         path = Path(path)
@@ -43,8 +67,21 @@ def find_results(paths: list[Path]) -> dict[str, list[dict]]:
             r = json.loads(f.read_text())
             r["_dir"] = str(f.parent)
             out.setdefault(r["arch"], []).append(r)
-    for rs in out.values():
+    for arch, rs in out.items():
         rs.sort(key=lambda r: r["seed"])
+        settings = [run_settings(r) for r in rs]
+        differing = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
+        if differing:
+            detail = "; ".join(f"{k}: " + ", ".join(f"{s.get(k)!r} ({r['_dir']})" for s, r in zip(settings, rs))
+                               for k in differing)
+            raise ValueError(f"the {arch} runs differ in {', '.join(differing)}, so their seeds cannot be averaged "
+                             f"into one row: {detail}. Report each setting from its own directories.")
+        seen: dict[int, str] = {}
+        for r in rs:
+            if r["seed"] in seen:
+                raise ValueError(f"{arch} seed {r['seed']} appears twice ({seen[r['seed']]} and {r['_dir']}): "
+                                 "one result per seed")
+            seen[r["seed"]] = r["_dir"]
     return out
 
 

@@ -127,8 +127,10 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
 
     ``stop_after``: return after that many chunks as if killed there (tests of resumption), without evaluating.
     ``config.stop_after_s``: save the training state and return ``{"stopped_at": chunks, "out_of_time": True}``
-    once that much wall time has passed since ``started`` (time.perf_counter(); default: this call's start);
-    the same command resumes.
+    once that much wall time has passed since ``started`` (time.perf_counter(); default: this call's start), or
+    when an evaluation is due that would not finish in time (``"eval_pending": True``; estimated from the
+    collection's env steps/s); the same command resumes, with the pending evaluation first. A seed with a
+    result.json of ``config.chunks`` chunks returns it without training (unless ``config.resume`` is off).
     """
     call_start = time.perf_counter() if started is None else started
     from tqdm import tqdm
@@ -140,6 +142,13 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
 
     spec = config.spec
     run = config.run_dir(seed)
+    done = run / RESULT_JSON
+    if config.resume and spec.residual and done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("chunks", 0) >= config.chunks:  # finished, evaluation included: nothing to resume
+            print(f"{run} is finished ({result['chunks']} chunks, success {result['success_rate']:.2f}); "
+                  "--no-resume trains it again")
+            return result
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
     device = resolve_device(config.device)
@@ -170,6 +179,10 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 agent.encoder.requires_grad_(False)
             progress_state = meta["progress"]
             print(f"resuming {run} at chunk {progress_state['chunks']}")
+            if progress_state.pop("eval_pending", False):  # deferred by --stop-after-s: the networks of that chunk
+                _evaluate_checkpoint(config, seed, run, system, pool, progress_state)
+                if progress_state["chunks"] < config.chunks:
+                    collector.restore_envs()
         else:
             demo, demo_info = build_demo_buffer(system, config, pool, generator, config.progress)
             progress_state = {"chunks": 0, "updates": 0, "debt": 0.0, "episodes": [], "evals": [], "log": [],
@@ -217,12 +230,19 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 ps["log"].append(_log_row(ps, window, recent))
                 window.clear()
             final = ps["chunks"] >= config.chunks
-            if config.eval_every and (_crossed(before, ps["chunks"], config.eval_every) or final):
+            eval_due = (config.eval_every and _crossed(before, ps["chunks"], config.eval_every)) or (
+                final and (config.eval_every or not ps["evals"]))
+            # An evaluation runs to its end once started (minutes at n = 100): with a deadline, one that would not
+            # finish before it is deferred to the rerun, which starts with it.
+            defer_eval = eval_due and _evaluation_would_overrun(config, ps, call_start)
+            if eval_due and not defer_eval and config.eval_every:
                 _evaluate_checkpoint(config, seed, run, system, pool, ps)
                 if not final:
                     collector.restore_envs()
-            out_of_time = (config.stop_after_s is not None and not final
-                           and time.perf_counter() - call_start >= config.stop_after_s)
+            out_of_time = defer_eval or (config.stop_after_s is not None and not final
+                                         and time.perf_counter() - call_start >= config.stop_after_s)
+            if defer_eval:
+                ps["eval_pending"] = True
             if _crossed(before, ps["chunks"], config.save_every) or final or out_of_time:
                 ps["window"] = window
                 save_train_state(state_dir, system, learner, demo, online, collector, {"progress": ps,
@@ -232,7 +252,12 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 bar.close()
                 print(f"stopping {run} at chunk {ps['chunks']} after {time.perf_counter() - call_start:.0f} s "
                       f"(--stop-after-s {config.stop_after_s:g}); the same command resumes")
-                return {"arch": spec.name, "seed": seed, "stopped_at": ps["chunks"], "out_of_time": True}
+                if defer_eval:
+                    print(f"the evaluation at chunk {ps['chunks']} (~{evaluation_estimate_s(config, ps):.0f} s) "
+                          f"would not finish within --stop-after-s {config.stop_after_s:g}: the same command runs "
+                          "it first")
+                return {"arch": spec.name, "seed": seed, "stopped_at": ps["chunks"], "out_of_time": True,
+                        "eval_pending": defer_eval}
             if stop_after is not None and ps["chunks"] >= stop_after and not final:
                 bar.close()
                 return {"stopped_at": ps["chunks"]}
@@ -260,6 +285,21 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
     finally:
         if own_pool:
             pool.close()
+
+
+def evaluation_estimate_s(config: ResidualConfig, ps: dict) -> float | None:
+    """Expected seconds of one evaluation (``eval_episodes`` full-length episodes) at this run's collection rate,
+    plus 20% for the milestone checks that evaluation adds; None before anything was collected."""
+    if ps["collect_s"] <= 0 or ps["env_steps"] <= 0:
+        return None
+    return 1.2 * config.eval_episodes * config.horizon * ps["collect_s"] / ps["env_steps"]
+
+
+def _evaluation_would_overrun(config: ResidualConfig, ps: dict, call_start: float) -> bool:
+    if config.stop_after_s is None:
+        return False
+    estimate = evaluation_estimate_s(config, ps)
+    return estimate is not None and time.perf_counter() - call_start + estimate > config.stop_after_s
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -329,9 +369,8 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
 
 
 def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, started: float) -> list[dict]:
-    """Seeds one after the other; a seed stopped by --stop-after-s ends the call. The next call resumes it; the
-    seeds already finished resume at their last chunk and train no more (with --eval-every 0 their final
-    evaluation runs again: it is not part of the saved state)."""
+    """Seeds one after the other; a seed stopped by --stop-after-s ends the call. The next call resumes it (an
+    evaluation deferred by the deadline first); seeds with a result.json are finished and only read back."""
     results = []
     for s in seeds:
         results.append(train(config, s, pool, started=started))

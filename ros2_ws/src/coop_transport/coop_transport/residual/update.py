@@ -6,6 +6,7 @@ team reward, and the message it *receives*) and does, in order:
     1. value:   L_V = expectile(min(Q1_targ, Q2_targ)(s, a) - V(s), τ)              clip 1.0
     2. critics: L_Q = SmoothL1(Q_k(s, a), r + γ^k V(s') (1 - done)), k = 1, 2         clip 1.0
     3. actor:   L_π = E[min(exp(β (Q_targ - V)), 100) ||π(s) - a||²]                 clip 5.0
+                (``advantage_norm``: Q_targ - V divided by its batch standard deviation first)
     4. message (V5, the sender's own head): λ_sup (CE + BCE + BCE + MSE)(decoder(m_i), labels_i) + 1e-4 KL(m_i)
     5. Polyak: Q_targ <- (1 - 0.005) Q_targ + 0.005 Q
 
@@ -84,7 +85,7 @@ class AgentLearner:
         # 3. actor: advantage-weighted regression of the executed chunk (before the final clip) onto a
         with torch.no_grad():
             advantage = q_target - agent.v(z, p, m)
-            weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
+            weights = awr_weights(advantage, cfg.beta, cfg.max_weight, cfg.advantage_norm)
         predicted = agent.actor.residual_action(z, p, b["ref"], m)
         loss_pi = awr_loss(predicted, a, weights)
         self._step(self.actor_opt, loss_pi, agent.actor.parameters(), cfg.actor_grad_clip)
@@ -92,7 +93,8 @@ class AgentLearner:
         metrics = {
             "losses/v": loss_v.item(), "losses/q": loss_q.item(), "losses/actor": loss_pi.item(),
             "charts/q": q1.mean().item(), "charts/v": v.mean().item(), "charts/td_target": y.mean().item(),
-            "charts/advantage": advantage.mean().item(), "charts/awr_weight": weights.mean().item(),
+            "charts/advantage": advantage.mean().item(), "charts/advantage_std": advantage.std().item(),
+            "charts/awr_weight": weights.mean().item(), "charts/awr_weight_max": weights.max().item(),
             "charts/residual_radius": agent.actor.scale().mean().item(),
             "charts/residual_magnitude": (predicted - b["ref"]).abs().mean().item(),
         }
