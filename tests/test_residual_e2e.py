@@ -253,6 +253,36 @@ def test_an_evaluation_that_would_overrun_the_deadline_runs_first_on_the_rerun(a
         json.dumps(b["evals"])))
 
 
+def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
+    """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4), a first
+    call whose deadline leaves no time for any job, then the same command to the end and the report."""
+    import os
+    import subprocess
+
+    tiny = (f"--vla {assets / 'per-arm'} --vla-joint {assets / 'joint'} --chunks 4 --chunk {CHUNK} --baseline-chunk "
+            f"{CHUNK} --num-samples 2 --horizon {HORIZON} --latent-dim 32 --encoder-width 16 --encoder-heads 2 "
+            "--encoder-layers 1 --hidden-dim 32 --batch-size 8 --learning-starts 1 --encoder-steps 3 "
+            "--encoder-batch 4 --encoder-pool 16 --eval-every 0 --eval-episodes 1 --save-every 2 --log-every 2")
+    env = {**os.environ, "JOBS": "V5:0 V4:0 V5:0:probes", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
+           "DATA": str(assets / "demos.hdf5"), "PROBE_EPISODES": "1", "EXTRA": tiny, "PYTHON": sys.executable}
+    out = tmp_path / "runs"
+    script = ["bash", str(ROOT / "training" / "reproduce_residual.sh"), str(out)]
+    first = subprocess.run(script, cwd=ROOT, env={**env, "DEADLINE_S": "60"}, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "3 of 3 jobs not done: rerun the same command" in first.stdout
+    assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
+    done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "all jobs done" in done.stdout, done.stdout
+    for arch in ("V4", "V5"):
+        assert json.loads((out / arch / "seed_0" / "result.json").read_text())["chunks"] >= 4
+    probes = json.loads((out / "V5" / "seed_0" / "probes.json").read_text())
+    assert set(probes["interventions"]) >= {"none", "zeros"}
+    report = (out / "report" / "report.md").read_text()
+    assert "| **V4 " in report and "| **V5 " in report and "Communication probes" in report
+
+
 # ------------------------------------------------------------------------------------------------------ parity
 def _chunk_outcome(pool) -> list:
     out = [pool.reset({0: 7})[0]]

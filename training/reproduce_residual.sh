@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Residual-RL seeds of several architectures on one GPU machine (MuJoCo rendering through EGL): demonstrations with
+# images if missing -> the jobs, several training processes side by side ("lanes", spread over the machine's GPUs)
+# -> training/report.py over everything finished.
+#
+#   JOBS="B1:0 V4:0 V4:1 V5:0 V5:1 V6:0" LANES=2 ENVS=7 bash training/reproduce_residual.sh runs/residual
+#   DEADLINE_S=540 bash training/reproduce_residual.sh runs/residual    # machines that limit one command's time
+#
+# A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), or ARCH:SEED:probes for the communication probes of a trained V5/V6 seed
+# (after its training job in the same lane). Lane l takes jobs l, l + LANES, ... and runs them in order, so a probes
+# job goes LANES places after its seed's training job. EXTRA="--eval-every 0" evaluates only the final networks
+# (residual.py's default also evaluates every 1,000 chunks, 100 episodes each time). With
+# DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation that would not finish is
+# deferred), and the same command resumes each job where it stopped: rerun it until it prints "all jobs done".
+# Simulation is CPU-bound: LANES x ENVS should not exceed the machine's cores.
+set -uo pipefail
+OUT=${1:-runs/residual}
+PY=${PYTHON:-python3}
+CORES=$($PY -c "import os; print(len(os.sched_getaffinity(0)))")
+JOBS=${JOBS:-"B1:0 V4:0 V5:0 V6:0"}
+LANES=${LANES:-2}
+ENVS=${ENVS:-$(( CORES / LANES > 1 ? CORES / LANES - 1 : 1 ))}
+DEVICE=${DEVICE:-cuda}
+DATA=${DATA:-data/transport_scripted.hdf5}
+EPISODES=${EPISODES:-100}           # demonstrations (the demo buffer uses the train split: 90 of 100)
+DEADLINE_S=${DEADLINE_S:-}
+PROBE_EPISODES=${PROBE_EPISODES:-100}
+EXTRA=${EXTRA:-}                    # more training/residual.py flags, the same for every job (one setting per report)
+START=$(date +%s)
+export MUJOCO_GL=${MUJOCO_GL:-egl}
+mkdir -p "$OUT/logs"
+
+if [[ ! -f "$DATA" ]]; then
+    echo "== demonstrations: $EPISODES scripted episodes, 3 cameras at 96 px, $CORES workers -> $DATA"
+    $PY training/demos.py --episodes "$EPISODES" --out "$DATA" --images --image-size 96 --workers "$CORES" \
+        --no-progress > "$OUT/logs/demos.log" 2>&1 || { tail -20 "$OUT/logs/demos.log"; exit 1; }
+fi
+
+left() { [[ -z "$DEADLINE_S" ]] && echo 999999 || echo $(( DEADLINE_S - ($(date +%s) - START) )); }
+
+# One job until done (or out of time): 0 done, 1 out of time, 2 failed.
+run_job() {
+    local arch=$1 seed=$2 mode=$3 marker log s budget
+    marker="$OUT/$arch/seed_$seed/result.json"
+    [[ $mode == probes ]] && marker="$OUT/$arch/seed_$seed/probes.json"
+    log="$OUT/logs/$arch.s$seed.$mode.log"
+    local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --mode "$mode"
+                --data "$DATA" --no-progress)
+    [[ $mode == probes ]] && args+=(--eval-episodes "$PROBE_EPISODES")
+    while [[ ! -f "$marker" ]]; do
+        s=$(left)
+        (( s < 90 )) && return 1
+        budget=()
+        # the command saves and stops 30 s before the call's deadline; timeout is the backstop
+        [[ -n "$DEADLINE_S" ]] && budget=(--stop-after-s $(( s - 30 )))
+        echo "[$(date +%T)] $arch seed $seed $mode (${DEADLINE_S:+$s s left})"
+        if [[ -n "$DEADLINE_S" ]]; then
+            timeout "$s" $PY training/residual.py "${args[@]}" "${budget[@]}" $EXTRA >> "$log" 2>&1
+        else
+            $PY training/residual.py "${args[@]}" $EXTRA >> "$log" 2>&1
+        fi
+        case $? in
+            0) ;;
+            124) return 1 ;;
+            *) echo "$arch seed $seed $mode failed (log: $log):"; tail -5 "$log"; return 2 ;;
+        esac
+    done
+    echo "[$(date +%T)] $arch seed $seed $mode done: $($PY -c "import json,sys; r=json.load(open(sys.argv[1]))
+print(f\"success {r['success_rate']:.2f}\" if 'success_rate' in r else 'probes written')" "$marker")"
+    return 0
+}
+
+lane() {
+    local job arch seed mode
+    for job in "$@"; do
+        IFS=: read -r arch seed mode <<<"$job"
+        run_job "$arch" "$seed" "${mode:-train}" || return
+    done
+}
+
+read -r -a jobs <<<"$JOBS"
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+pids=()
+for (( l = 0; l < LANES; l++ )); do
+    mine=()
+    for (( j = l; j < ${#jobs[@]}; j += LANES )); do mine+=("${jobs[j]}"); done
+    (( ${#mine[@]} )) || continue
+    if (( ngpu > 0 )); then export CUDA_VISIBLE_DEVICES=$(( l % ngpu )); fi
+    lane "${mine[@]}" > "$OUT/logs/lane$l.out" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+cat "$OUT"/logs/lane*.out
+
+missing=0
+for job in "${jobs[@]}"; do
+    IFS=: read -r arch seed mode <<<"$job"
+    f="$OUT/$arch/seed_$seed/result.json"; [[ ${mode:-train} == probes ]] && f="$OUT/$arch/seed_$seed/probes.json"
+    [[ -f "$f" ]] || missing=$(( missing + 1 ))
+done
+if (( missing )); then
+    echo "$missing of ${#jobs[@]} jobs not done: rerun the same command to continue"
+else
+    echo "all jobs done"
+fi
+$PY training/report.py "$OUT" --out "$OUT/report" > "$OUT/logs/report.log" 2>&1 \
+    && echo "report: $OUT/report/report.md" || tail -3 "$OUT/logs/report.log"
+echo "call $(( $(date +%s) - START )) s"
