@@ -22,7 +22,7 @@ from coop_transport.export.runtime import EpisodeNoise, load_backend_policy
 from coop_transport.export.spec import fake_inputs
 from coop_transport.policy import build_model, get_config, load_checkpoint, save_checkpoint
 
-TOL = 1e-4  # float32 backends, z-scored action units
+TOL = 5e-4  # float32 backends, z-scored action units (why: export/parity.py TOLERANCE_FP32)
 
 
 def make_checkpoint(path, name="small", seed=0):

@@ -2,7 +2,8 @@
 PyTorch; and the closed-loop version (success on the same reset seeds and flow noise).
 
 Open-loop figures are in z-scored action units (the graphs' output; 1.0 = one demonstration standard deviation) and,
-per dimension, in environment units (times the action std). Tolerances: float32 backends 1e-4, float16 ones 5e-2.
+per dimension, in environment units (times the action std). Tolerances: float32 backends 5e-4 (see TOLERANCE_FP32),
+float16 ones 5e-2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import numpy as np
 
 from coop_transport.export.spec import ACTIONS, ExportError, fake_inputs
 
-TOLERANCE_FP32 = 1e-4
+# Max abs error in z-scored action units between two float32 implementations of the sampler. Rounding is amplified
+# through the 10 flow steps: over 400 random inputs of the shipped default (2026-11-26, 2-core CPU host) ONNX
+# Runtime's CPU graph differed from PyTorch eager by 2e-6 at the median and up to 1.08e-4 (N = 4). On the worst
+# input the original PyTorch model was 8e-6 from a float64 run of it, the fused rewrite 3.9e-5, and ONNX Runtime
+# (its approximate exp / tanh kernels on top) 9.6e-5. 5e-4 leaves a margin over that; an export fault (a wrong
+# weight, mask or step) shows as errors of 1e-2 and more. The sampler's own spread is ~0.08.
+TOLERANCE_FP32 = 5e-4
 TOLERANCE_FP16 = 5e-2
 REFERENCE_SUFFIX = ".reference.npz"
 
