@@ -38,11 +38,15 @@ fi
 
 left() { [[ -z "$DEADLINE_S" ]] && echo 999999 || echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 
+# The file a finished job leaves: result.json of a seed, probes.json of its probes.
+marker() {
+    if [[ $3 == probes ]]; then echo "$OUT/$1/seed_$2/probes.json"; else echo "$OUT/$1/seed_$2/result.json"; fi
+}
+
 # One job until done (or out of time): 0 done, 1 out of time, 2 failed.
 run_job() {
     local arch=$1 seed=$2 mode=$3 marker log s budget
-    marker="$OUT/$arch/seed_$seed/result.json"
-    [[ $mode == probes ]] && marker="$OUT/$arch/seed_$seed/probes.json"
+    marker=$(marker "$arch" "$seed" "$mode")
     log="$OUT/logs/$arch.s$seed.$mode.log"
     local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --mode "$mode"
                 --data "$DATA" --no-progress)
@@ -95,8 +99,7 @@ cat "$OUT"/logs/lane*.out
 missing=0
 for job in "${jobs[@]}"; do
     IFS=: read -r arch seed mode <<<"$job"
-    f="$OUT/$arch/seed_$seed/result.json"; [[ ${mode:-train} == probes ]] && f="$OUT/$arch/seed_$seed/probes.json"
-    [[ -f "$f" ]] || missing=$(( missing + 1 ))
+    [[ -f $(marker "$arch" "$seed" "${mode:-train}") ]] || missing=$(( missing + 1 ))
 done
 if (( missing )); then
     echo "$missing of ${#jobs[@]} jobs not done: rerun the same command to continue"

@@ -246,14 +246,13 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -
             {"checkpoint": checkpoint, "episodes": config.eval_episodes, "result": result}, indent=1))
         return result
 
-    results: dict[str, dict] = {}
+    results = {name: saved for name in dict.fromkeys(("none", *probes)) if (saved := done(name)) is not None}
     rec = None
-    if (out_dir / "recording.npz").is_file() and done("none") is not None:
-        rec, results["none"] = Recording.load(system, out_dir / "recording.npz"), done("none")
-    todo = [name for name in probes if name != "none" and done(name) is None]
-    for name in probes:
-        if name != "none" and name not in todo:
-            results[name] = done(name)
+    if "none" in results and (out_dir / "recording.npz").is_file():
+        rec = Recording.load(system, out_dir / "recording.npz")
+    else:
+        results.pop("none", None)  # its recording is gone: the recorded pass runs again
+    todo = [name for name in probes if name != "none" and name not in results]
     own = pool is None and (rec is None or todo)
     if own:
         pool = make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,

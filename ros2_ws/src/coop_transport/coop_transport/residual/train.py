@@ -235,7 +235,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             # An evaluation runs to its end once started (minutes at n = 100): with a deadline, one that would not
             # finish before it is deferred to the rerun, which starts with it.
             defer_eval = eval_due and _evaluation_would_overrun(config, ps, call_start)
-            if eval_due and not defer_eval and config.eval_every:
+            if eval_due and not defer_eval:
                 _evaluate_checkpoint(config, seed, run, system, pool, ps)
                 if not final:
                     collector.restore_envs()
@@ -262,7 +262,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 bar.close()
                 return {"stopped_at": ps["chunks"]}
         bar.close()
-        if not ps["evals"]:  # eval_every == 0: evaluate the final networks once
+        if not ps["evals"]:  # a state saved at the last chunk before its evaluation ran (older runs)
             _evaluate_checkpoint(config, seed, run, system, pool, ps)
         best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
         wall = ps["prepare_s"] + ps["collect_s"] + ps["update_s"]
