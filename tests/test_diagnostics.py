@@ -176,6 +176,18 @@ def test_command_line_reaches_every_diagnostic(monkeypatch):
     assert (reference.episodes, reference.execute, reference.train.steps) == (50, 1, 16000)
 
 
+def test_state_history_stacks_newest_first_and_repeats_the_first_state():
+    from coop_transport.state_bc import StateBCConfig, stack_history
+
+    states = np.arange(5, dtype=float)[:, None] * [1.0, 10.0]  # (5, 2)
+    out = stack_history(states, history=3, stride=2)
+    assert out.shape == (5, 6)
+    assert out[4].tolist() == [4, 40, 2, 20, 0, 0] and out[1].tolist() == [1, 10, 0, 0, 0, 0]
+    assert np.array_equal(stack_history(states, 1, 1), states)
+    with pytest.raises(ValueError, match="history"):
+        StateBCConfig(history=0)
+
+
 def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, tmp_path, monkeypatch):
     import json
 
@@ -205,6 +217,21 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
         first = controller.act(sim)
         np.testing.assert_allclose(first, np.clip(actions[0][0], -1, 1), atol=0.15)  # it learned the first action
         assert first.shape == (14,) and np.all(np.isfinite(first)) and len(controller._queue) == 1
+
+    # With a state history the controller stacks what training stacked: the first state repeated at the start.
+    stacked = state_bc.train(demo_file, tmp_path / "history", state_bc.StateBCConfig(steps=400, chunk=4, history=3,
+                                                                                    history_stride=2),
+                             split=None, progress=False)
+    assert json.loads((stacked / state_bc.CONFIG_FILE).read_text())["state_dim"] == 3 * states[0].shape[1]
+    controller = state_bc.StateBCController(stacked, execute=1)
+    with TransportSim(SimConfig(horizon=6)) as sim:
+        sim.reset(seed)
+        controller.reset(sim, seed)
+        first = controller.act(sim)
+        np.testing.assert_allclose(first, np.clip(actions[0][0], -1, 1), atol=0.15)
+        for _ in range(5):
+            sim.step(controller.act(sim))
+        assert len(controller._states) == 5  # the newest and the two strides of 2 before it
 
     # A damaged or foreign checkpoint is refused with a clear error.
     with pytest.raises(ValueError, match="not a state-bc checkpoint"):

@@ -110,6 +110,68 @@ def test_gripper_latch_executes_crisp_commands_with_hysteresis():
     assert [plain.act({})[6] for _ in range(2)] == pytest.approx([0.2, 0.3])
 
 
+class PositionSampler:
+    """Chunk k (from 0) predicts 10·k + j for its j-th step, in every dimension: which chunk said what is readable."""
+
+    def __init__(self, horizon=3, dim=7):
+        self.horizon, self.dim, self.calls = horizon, dim, 0
+
+    def __call__(self, obs, n):
+        chunk = 10.0 * self.calls + np.arange(self.horizon, dtype=float)
+        self.calls += 1
+        return np.broadcast_to(chunk[None, :, None], (n, self.horizon, self.dim)).copy()
+
+
+def test_temporal_ensemble_averages_every_kept_chunks_prediction():
+    # C = 1, H = 3: step t is predicted by the chunks planned at t-2, t-1 and t (fewer at the start), chunk s
+    # predicting 10·s + (t - s) for it. m = 0 weighs them alike.
+    actor = ChunkedActor(PositionSampler(), RecipeConfig(execute_steps=1, num_samples=1, clip_sigma=None,
+                                                         temporal_ensemble=0.0))
+    got = [actor.act({})[0] for _ in range(5)]
+    assert got == pytest.approx([0.0, (1 + 10) / 2, (2 + 11 + 20) / 3, (12 + 21 + 30) / 3, (22 + 31 + 40) / 3])
+    assert actor.chunks_planned == 5
+    # m = ln 2: oldest weight 1, then 1/2, 1/4 (ACT's rule: older predictions count more).
+    actor = ChunkedActor(PositionSampler(), RecipeConfig(execute_steps=1, num_samples=1, clip_sigma=None,
+                                                         temporal_ensemble=float(np.log(2.0))))
+    got = [actor.act({})[0] for _ in range(3)]
+    assert got == pytest.approx([0.0, (1 + 10 / 2) / 1.5, (2 + 11 / 2 + 20 / 4) / 1.75])
+    # C = 2: chunks at steps 0, 2, 4; steps in between use the kept ones only.
+    sampler = PositionSampler(horizon=4)
+    actor = ChunkedActor(sampler, RecipeConfig(execute_steps=2, num_samples=1, clip_sigma=None,
+                                               temporal_ensemble=0.0))
+    needs = []
+    got = []
+    for _ in range(5):
+        needs.append(actor.needs_plan)
+        got.append(actor.act({})[0])
+    assert needs == [True, False, True, False, True] and sampler.calls == 3
+    assert got == pytest.approx([0.0, 1.0, (2 + 10) / 2, (3 + 11) / 2, (12 + 20) / 2])  # chunk 0 expires at 4
+    actor.reset()  # a new episode keeps nothing of the last
+    assert actor.needs_plan and actor.act({})[0] == pytest.approx(30.0)
+
+
+def test_temporal_ensemble_clips_the_ensembled_action_and_refuses_chunk_planning():
+    mean, std = np.zeros(7), np.ones(7)
+    config = RecipeConfig(execute_steps=1, num_samples=1, clip_sigma=2.0, clip_beyond_demonstrated=False,
+                          temporal_ensemble=0.0)
+    actor = ChunkedActor(PositionSampler(), config, mean, std)
+    got = [actor.act({})[0] for _ in range(3)]
+    assert got == pytest.approx([0.0, 2.0, 2.0])  # 5.5 and 11 clipped to mean + 2σ
+    assert actor.counters.actions == 3 and actor.counters.clipped_actions == 2
+    with pytest.raises(ValueError, match="step by step"):
+        actor.plan({})
+    with pytest.raises(ValueError, match="NaN"):
+        ChunkedActor(lambda obs, n: np.full((n, 3, 7), np.nan), config, mean, std).act({})
+    with pytest.raises(ValueError, match="horizon"):
+        ChunkedActor(PositionSampler(horizon=3), config.with_(execute_steps=4), mean, std).act({})
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temporal_ensemble"):
+            RecipeConfig(temporal_ensemble=bad)
+    from coop_transport.deploy import ArmPolicy  # the node executes planned chunks: refused with a reason
+    with pytest.raises(ValueError, match="evaluation-side"):
+        ArmPolicy(object(), "robot0", config)
+
+
 def test_recipe_refuses_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         reduce_chunk(np.full((1, 4, 7), np.nan), RecipeConfig(execute_steps=2), np.zeros(7), np.ones(7))

@@ -63,6 +63,9 @@ class Config:
     by default a bound is widened to the demonstrated min / max)."""
     gripper_latch: float | None = None
     """Recipe: execute the gripper as ±1 with this hysteresis threshold (default off; see RecipeConfig)."""
+    temporal_ensemble: float | None = None
+    """Recipe: ACT's temporal ensembling with weight exponent m (default off; see RecipeConfig): every step executes
+    the weighted mean of all kept chunks' predictions for it (use with a short --chunk, e.g. 1)."""
     recipe_ablation: bool = False
     """Evaluate the paper's Table 2 ladder (baseline, +mean-of-4, +clipping, +chunk 25) instead of one recipe."""
     select_best: bool = False
@@ -95,6 +98,8 @@ def recipe_overrides(cfg: Config) -> dict:
         recipe["clip_sigma"] = cfg.clip_sigma
     if cfg.gripper_latch is not None:
         recipe["gripper_latch"] = cfg.gripper_latch
+    if cfg.temporal_ensemble is not None:
+        recipe["temporal_ensemble"] = cfg.temporal_ensemble
     if cfg.plain_clip:
         recipe["clip_beyond_demonstrated"] = False
     if cfg.no_clip:

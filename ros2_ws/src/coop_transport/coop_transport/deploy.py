@@ -30,6 +30,9 @@ class ArmPolicy:
     def __init__(self, policy, arm: str, recipe: RecipeConfig):
         self.policy = policy
         self.arm = arm
+        if recipe.temporal_ensemble is not None:  # the node executes whole chunks, planned ahead of their use
+            raise ValueError("temporal_ensemble is an evaluation-side recipe switch (training/evaluate.py "
+                             "--temporal-ensemble); the policy node executes chunks as planned")
         self.recipe = recipe
         self._actor = ChunkedActor.for_arm(policy, arm, recipe)
 

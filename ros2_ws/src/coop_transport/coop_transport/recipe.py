@@ -11,6 +11,9 @@ A chunked policy predicts H actions at once; the recipe decides what is executed
   the trash grasp, and took the retrained per-arm policy from 15% to 3% success (README). Statistics without a
   min / max (openpi's keep mean, std and quantiles) fall back to plain ±kσ, with a warning at load.
 - **gripper latch** (this project's, off by default): the gripper command executed as a crisp ±1 with hysteresis.
+- **temporal ensembling** (ACT's, Zhao et al. 2023; off by default): every step's action is the weighted mean of what
+  each still-valid chunk predicted for that step, rather than what the latest chunk alone predicted; with C = 1 the
+  policy re-plans every step and still moves smoothly.
 
 Each intervention is switchable, so the paper's Table 2 ablation is a matter of configuration. Defaults are the
 paper's final per-arm recipe (C=10, N=4, ±2σ); the joint policy's chunk is 25 (``RecipeConfig.joint()``).
@@ -48,6 +51,13 @@ class RecipeConfig:
     ±1; averaging N samples that disagree near a grasp or a release gives values near 0, which half-open a hand
     that holds something (seen as drops of a carried payload in closed loop)."""
 
+    temporal_ensemble: float | None = None
+    """m: ACT's temporal ensembling. A new chunk is still planned every C steps, but every chunk is kept for its
+    whole horizon H, and the executed action for step t is the mean of every kept chunk's prediction for t, weighted
+    exp(-m·i) with i = 0 for the oldest of them (ACT's rule: m > 0 favours older predictions, m = 0 weighs all alike;
+    ACT uses 0.01). Clipping and the gripper latch apply to the ensembled action. None: execute the latest chunk's
+    actions as they are."""
+
     def __post_init__(self):
         if self.execute_steps < 1:
             raise ValueError(f"execute_steps must be >= 1, got {self.execute_steps}")
@@ -57,6 +67,9 @@ class RecipeConfig:
             raise ValueError(f"clip_sigma must be positive or None, got {self.clip_sigma}")
         if self.gripper_latch is not None and not 0.0 <= self.gripper_latch < 1.0:
             raise ValueError(f"gripper_latch must lie in [0, 1) or be None, got {self.gripper_latch}")
+        if self.temporal_ensemble is not None and not (np.isfinite(self.temporal_ensemble)
+                                                       and self.temporal_ensemble >= 0):
+            raise ValueError(f"temporal_ensemble must be a finite m >= 0 or None, got {self.temporal_ensemble}")
 
     @staticmethod
     def per_arm() -> "RecipeConfig":
@@ -130,36 +143,52 @@ def clip_bounds(config: RecipeConfig, action_mean: np.ndarray | None, action_std
     return lo, hi
 
 
-def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndarray | None,
-                 action_std: np.ndarray | None, counters: ClipCounters | None = None,
-                 action_min: np.ndarray | None = None, action_max: np.ndarray | None = None) -> np.ndarray:
-    """(N, H, D) sampled chunks -> (C, D) actions to execute: average the N samples, keep the first C steps,
-    clip (``clip_bounds``). Non-finite samples raise ValueError (they must never reach a robot)."""
+def mean_chunk(samples: np.ndarray) -> np.ndarray:
+    """(N, H, D) sampled chunks -> their (H, D) float64 mean. Non-finite samples raise ValueError (they must never
+    reach a robot)."""
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 3:
         raise ValueError(f"expected samples of shape (N, H, D), got {samples.shape}")
     if not np.all(np.isfinite(samples)):
         raise ValueError("policy produced NaN or inf actions")
-    horizon = samples.shape[1]
-    if config.execute_steps > horizon:
-        raise ValueError(f"execute_steps={config.execute_steps} exceeds the policy's horizon {horizon}")
-    chunk = samples.mean(axis=0)[: config.execute_steps]  # (C, D)
+    return samples.mean(axis=0)
+
+
+def clip_actions(actions: np.ndarray, config: RecipeConfig, action_mean: np.ndarray | None,
+                 action_std: np.ndarray | None, counters: ClipCounters | None = None,
+                 action_min: np.ndarray | None = None, action_max: np.ndarray | None = None) -> np.ndarray:
+    """(C, D) actions clipped as the recipe says (``clip_bounds``; unchanged when clipping is off), counted in
+    ``counters``."""
     if config.clip_sigma is not None:
         lo, hi = clip_bounds(config, action_mean, action_std, action_min, action_max)
-        clipped = np.clip(chunk, lo, hi)
+        clipped = np.clip(actions, lo, hi)
         if counters is not None:
-            fired = clipped != chunk  # (C, D)
+            fired = clipped != actions  # (C, D)
             if not counters.per_dim:
-                counters.per_dim = [0] * chunk.shape[1]
-            counters.actions += chunk.shape[0]
+                counters.per_dim = [0] * actions.shape[1]
+            counters.actions += actions.shape[0]
             counters.clipped_actions += int(fired.any(axis=1).sum())
             counters.values += fired.size
             counters.clipped_values += int(fired.sum())
             counters.per_dim = [c + int(n) for c, n in zip(counters.per_dim, fired.sum(axis=0))]
-        chunk = clipped
-    elif counters is not None:
-        counters.actions += chunk.shape[0]
-        counters.values += chunk.size
+        return clipped
+    if counters is not None:
+        counters.actions += actions.shape[0]
+        counters.values += actions.size
+    return actions
+
+
+def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndarray | None,
+                 action_std: np.ndarray | None, counters: ClipCounters | None = None,
+                 action_min: np.ndarray | None = None, action_max: np.ndarray | None = None) -> np.ndarray:
+    """(N, H, D) sampled chunks -> (C, D) actions to execute: average the N samples, keep the first C steps,
+    clip (``clip_bounds``). Non-finite samples raise ValueError (they must never reach a robot)."""
+    mean = mean_chunk(samples)
+    horizon = mean.shape[0]
+    if config.execute_steps > horizon:
+        raise ValueError(f"execute_steps={config.execute_steps} exceeds the policy's horizon {horizon}")
+    chunk = clip_actions(mean[: config.execute_steps], config, action_mean, action_std, counters, action_min,
+                         action_max)
     return chunk.astype(np.float32)
 
 
@@ -197,6 +226,10 @@ class ChunkedActor:
         self._queue: deque[np.ndarray] = deque()
         self.chunks_planned = 0
         self._gripper_state: np.ndarray | None = None  # the latched command per gripper (gripper_latch)
+        # temporal_ensemble: (first step, (H, D) mean chunk) of every chunk still covering a coming step
+        self._kept: deque[tuple[int, np.ndarray]] = deque()
+        self._step = 0  # control steps since reset
+        self._next_plan = 0
 
     @classmethod
     def for_arm(cls, policy, arm: str, config: RecipeConfig) -> "ChunkedActor":
@@ -213,9 +246,14 @@ class ChunkedActor:
     def reset(self) -> None:
         self._queue.clear()
         self._gripper_state = None
+        self._kept.clear()
+        self._step = self._next_plan = 0
 
     def plan(self, obs: dict) -> np.ndarray:
         """Sample N chunks for ``obs`` and reduce them to the (C, D) actions to execute."""
+        if self.config.temporal_ensemble is not None:
+            raise ValueError("with temporal_ensemble every step's action depends on several chunks: run the recipe "
+                             "step by step with ChunkedActor.act, not chunk by chunk with plan")
         samples = self.sampler(obs, self.config.num_samples)
         self.chunks_planned += 1
         chunk = reduce_chunk(samples, self.config, self.action_mean, self.action_std, self.counters,
@@ -241,10 +279,38 @@ class ChunkedActor:
 
     def act(self, obs: dict) -> np.ndarray:
         """The action for this control step; re-plans from ``obs`` when the current chunk is used up."""
+        if self.config.temporal_ensemble is not None:
+            return self._act_ensembled(obs)
         if not self._queue:
             self._queue.extend(self.plan(obs))
         return self._queue.popleft()
 
+    def _act_ensembled(self, obs: dict) -> np.ndarray:
+        """temporal_ensemble: plan every C steps, keep each chunk for its horizon, execute the weighted mean of the
+        kept chunks' predictions for this step (oldest first, weights exp(-m·i)), then clip and latch it."""
+        t = self._step
+        if t >= self._next_plan:
+            chunk = mean_chunk(self.sampler(obs, self.config.num_samples))
+            if self.config.execute_steps > chunk.shape[0]:
+                raise ValueError(f"execute_steps={self.config.execute_steps} exceeds the policy's horizon "
+                                 f"{chunk.shape[0]}")
+            self.chunks_planned += 1
+            self._kept.append((t, chunk))
+            self._next_plan = t + self.config.execute_steps
+        while self._kept and t - self._kept[0][0] >= len(self._kept[0][1]):
+            self._kept.popleft()  # expired: it predicted no action for this step or later
+        predictions = np.stack([chunk[t - start] for start, chunk in self._kept])  # oldest first
+        weights = np.exp(-self.config.temporal_ensemble * np.arange(len(predictions)))
+        action = (weights[:, None] * predictions).sum(0) / weights.sum()
+        action = clip_actions(action[None], self.config, self.action_mean, self.action_std, self.counters,
+                              self.action_min, self.action_max)
+        if self.config.gripper_latch is not None:
+            action = self._latch_grippers(action)
+        self._step += 1
+        return action[0].astype(np.float32)
+
     @property
     def needs_plan(self) -> bool:
+        if self.config.temporal_ensemble is not None:
+            return self._step >= self._next_plan
         return not self._queue

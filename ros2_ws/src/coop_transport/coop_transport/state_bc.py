@@ -52,10 +52,19 @@ class StateBCConfig:
     action_labels: str = "auto"
     """expert (the demonstrator's noise-free actions), executed, or auto (expert where recorded)."""
     seed: int = 0
+    history: int = 1
+    """States the MLP sees: the current one and history - 1 earlier ones, ``history_stride`` control steps apart
+    (the first state repeated before an episode's start). 1: the current state only (Markov). A test of whether the
+    demonstrator's decisions depend on more than one state shows (its stage memory, timers, the partner's motion):
+    robomimic's BC-RNN sees 10 steps."""
+    history_stride: int = 1
+    """Control steps between the stacked states."""
 
     def __post_init__(self):
-        if min(self.chunk, self.width, self.depth, self.steps, self.batch_size) < 1:
-            raise ValueError(f"chunk, width, depth, steps and batch_size must be >= 1: {self}")
+        if min(self.chunk, self.width, self.depth, self.steps, self.batch_size, self.history,
+               self.history_stride) < 1:
+            raise ValueError(f"chunk, width, depth, steps, batch_size, history and history_stride must be >= 1: "
+                             f"{self}")
 
 
 class StateMLP(nn.Module):
@@ -105,6 +114,13 @@ def load_states(data: str | Path, split: str | None, action_labels: str) -> tupl
     return states, actions, layout, labels
 
 
+def stack_history(states: np.ndarray, history: int, stride: int) -> np.ndarray:
+    """(T, S) states of one episode -> (T, history * S): each row the state at t, t - stride, ..., newest first,
+    the episode's first state standing in before its start."""
+    index = np.maximum(np.arange(len(states))[:, None] - stride * np.arange(history)[None], 0)
+    return states[index].reshape(len(states), -1)
+
+
 def _chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
     """(T, chunk, 14): the next ``chunk`` actions from every step, the last one repeated past the end."""
     index = np.minimum(np.arange(len(actions))[:, None] + np.arange(chunk)[None], len(actions) - 1)
@@ -120,7 +136,7 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
 
     torch.manual_seed(config.seed)
     states, actions, layout, labels = load_states(data, split, config.action_labels)
-    x = np.concatenate(states)
+    x = np.concatenate([stack_history(s, config.history, config.history_stride) for s in states])
     y = np.concatenate([_chunks(a, config.chunk) for a in actions])
     mean, std = x.mean(0), x.std(0) + 1e-6  # constant features (a bin's position) stay finite
     xs = torch.from_numpy((x - mean) / std)
@@ -184,11 +200,14 @@ class StateBCController:
         self.execute = execute
         self._queue: list[np.ndarray] = []
         self._object_keys: list[str] | None = None
+        self.history, self.history_stride = config.history, config.history_stride
+        self._states: list[np.ndarray] = []  # this episode's states, oldest first (history > 1)
 
     def reset(self, sim, seed: int) -> None:
         from coop_transport.data.generate import object_layout, object_state_keys
 
         self._queue = []
+        self._states = []
         self._object_keys = object_state_keys(sim)
         if self.layout is not None and object_layout(sim.observation, self._object_keys) != self.layout:
             raise ValueError("the simulation's object state is laid out differently from the training file's "
@@ -196,8 +215,15 @@ class StateBCController:
 
     @torch.no_grad()
     def act(self, sim) -> np.ndarray:
+        if self.history > 1:  # every step's state is kept: the stack reaches back over executed steps too
+            self._states.append(state_from_sim(sim, self._object_keys))
+            del self._states[: -(self.history - 1) * self.history_stride - 1]
         if not self._queue:
-            state = state_from_sim(sim, self._object_keys)
+            if self.history > 1:
+                past = np.stack(self._states)
+                state = stack_history(past, self.history, self.history_stride)[-1]
+            else:
+                state = state_from_sim(sim, self._object_keys)
             x = torch.from_numpy((state - self.mean) / self.std)[None]
             chunk = self.model(x)[0].numpy()
             self._queue = list(np.clip(chunk[:self.execute], -1.0, 1.0))

@@ -90,6 +90,9 @@ class ResidualSystem:
         if recipe.gripper_latch is not None:  # the residual acts on the reference's continuous gripper value
             raise ValueError("gripper_latch applies to π0 policies run by the recipe's ChunkedActor, not to the "
                              "residual system's reference chunks")
+        if recipe.temporal_ensemble is not None:  # the residual corrects one reference chunk at a time
+            raise ValueError("temporal_ensemble applies to π0 policies run by the recipe's ChunkedActor, not to the "
+                             "residual system's reference chunks")
         self.recipe = recipe
         self.agents = agents.to(self.device) if agents is not None else None
         self.state_mean = torch.as_tensor(vla.state_mean, device=self.device)
