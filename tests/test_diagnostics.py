@@ -177,15 +177,24 @@ def test_command_line_reaches_every_diagnostic(monkeypatch):
 
 
 def test_state_history_stacks_newest_first_and_repeats_the_first_state():
-    from coop_transport.state_bc import StateBCConfig, stack_history
+    from coop_transport.state_bc import PROPRIO_DIM, StateBCConfig, history_columns, stack_history
 
     states = np.arange(5, dtype=float)[:, None] * [1.0, 10.0]  # (5, 2)
     out = stack_history(states, history=3, stride=2)
     assert out.shape == (5, 6)
     assert out[4].tolist() == [4, 40, 2, 20, 0, 0] and out[1].tolist() == [1, 10, 0, 0, 0, 0]
     assert np.array_equal(stack_history(states, 1, 1), states)
+    only_first = stack_history(states, history=2, stride=1, columns=np.array([0]))  # the whole state, then column 0
+    assert only_first.shape == (5, 3) and only_first[3].tolist() == [3, 30, 2]
+    assert history_columns(PROPRIO_DIM + 4, "objects").tolist() == list(range(PROPRIO_DIM, PROPRIO_DIM + 4))
+    assert len(history_columns(PROPRIO_DIM + 4, "arms")) == PROPRIO_DIM
+    with pytest.raises(ValueError, match="history_of"):
+        StateBCConfig(history_of="partner")
     with pytest.raises(ValueError, match="history"):
         StateBCConfig(history=0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="handover_weight"):
+            StateBCConfig(handover_weight=bad)
 
 
 def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, tmp_path, monkeypatch):
@@ -219,10 +228,15 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
         assert first.shape == (14,) and np.all(np.isfinite(first)) and len(controller._queue) == 1
 
     # With a state history the controller stacks what training stacked: the first state repeated at the start.
+    handover = state_bc.handover_steps(demo_file, None)  # the phase labels, demonstration for demonstration
+    assert [len(h) for h in handover] == [len(x) for x in states] and all(h.dtype == bool for h in handover)
     stacked = state_bc.train(demo_file, tmp_path / "history", state_bc.StateBCConfig(steps=400, chunk=4, history=3,
-                                                                                    history_stride=2),
+                                                                                    history_stride=2,
+                                                                                    history_of="objects",
+                                                                                    handover_weight=5.0),
                              split=None, progress=False)
-    assert json.loads((stacked / state_bc.CONFIG_FILE).read_text())["state_dim"] == 3 * states[0].shape[1]
+    width = states[0].shape[1]
+    assert json.loads((stacked / state_bc.CONFIG_FILE).read_text())["state_dim"] == width + 2 * (width - 36)
     controller = state_bc.StateBCController(stacked, execute=1)
     with TransportSim(SimConfig(horizon=6)) as sim:
         sim.reset(seed)

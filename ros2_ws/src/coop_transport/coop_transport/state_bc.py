@@ -31,6 +31,8 @@ from coop_transport.constants import ARMS, JOINT_ACTION_DIM
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "coop_transport.state_bc/1"
+HISTORY_OF = ("all", "arms", "objects")
+PROPRIO_DIM = 36  # both arms' arm_proprio, first in every state vector (load_states, state_from_sim)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,19 @@ class StateBCConfig:
     robomimic's BC-RNN sees 10 steps."""
     history_stride: int = 1
     """Control steps between the stacked states."""
+    history_of: str = "all"
+    """Which features the earlier states contribute: all, arms (both arms' proprioception only) or objects
+    (robosuite's object state only); the current state is always whole. Tells which motion the decisions need."""
+    handover_weight: float = 1.0
+    """Sampling weight, relative to every other step, of the steps in which both arms hold the payload (the files'
+    phase label hand_over: 2.4% of the scripted demonstrations' steps, about 7 per episode, where robot0's release
+    must follow robot1's grasp). 1: uniform sampling. Needs phase labels in the file."""
 
     def __post_init__(self):
+        if self.history_of not in HISTORY_OF:
+            raise ValueError(f"history_of must be one of {HISTORY_OF}, got {self.history_of!r}")
+        if not (np.isfinite(self.handover_weight) and self.handover_weight > 0):
+            raise ValueError(f"handover_weight must be a positive number, got {self.handover_weight}")
         if min(self.chunk, self.width, self.depth, self.steps, self.batch_size, self.history,
                self.history_stride) < 1:
             raise ValueError(f"chunk, width, depth, steps, batch_size, history and history_stride must be >= 1: "
@@ -114,11 +127,37 @@ def load_states(data: str | Path, split: str | None, action_labels: str) -> tupl
     return states, actions, layout, labels
 
 
-def stack_history(states: np.ndarray, history: int, stride: int) -> np.ndarray:
-    """(T, S) states of one episode -> (T, history * S): each row the state at t, t - stride, ..., newest first,
-    the episode's first state standing in before its start."""
-    index = np.maximum(np.arange(len(states))[:, None] - stride * np.arange(history)[None], 0)
-    return states[index].reshape(len(states), -1)
+def handover_steps(data: str | Path, split: str | None) -> list[np.ndarray]:
+    """Per demonstration of ``split`` (as ``load_states`` selects them): (T,) bool, both arms in the hand_over phase
+    (``constants.PHASES``). A file without phase labels raises ValueError."""
+    from coop_transport.constants import PHASES
+    from coop_transport.data.dataset import load_demonstrations
+
+    with load_demonstrations(data) as demos:
+        trajs = demos.joint_trajectories(split if split in demos.masks else None, images="none")
+    out = []
+    for t in trajs:
+        if "robot0_phase" not in t.labels or "robot1_phase" not in t.labels:
+            raise ValueError(f"{data}: demonstration {t.demo} has no phase labels (handover_weight needs them; "
+                             "training/demos.py writes them with --labels)")
+        out.append((t.labels["robot0_phase"] == PHASES["robot0"].index("hand_over"))
+                   & (t.labels["robot1_phase"] == PHASES["robot1"].index("hand_over")))
+    return out
+
+
+def history_columns(state_dim: int, history_of: str) -> np.ndarray:
+    """Indices of the features that earlier states contribute (``StateBCConfig.history_of``)."""
+    return {"all": np.arange(state_dim), "arms": np.arange(PROPRIO_DIM),
+            "objects": np.arange(PROPRIO_DIM, state_dim)}[history_of]
+
+
+def stack_history(states: np.ndarray, history: int, stride: int, columns: np.ndarray | None = None) -> np.ndarray:
+    """(T, S) states of one episode -> (T, S + (history - 1) * len(columns)): each row the whole state at t, then
+    the ``columns`` of the states at t - stride, t - 2 stride, ... (all columns when None), the episode's first
+    state standing in before its start."""
+    index = np.maximum(np.arange(len(states))[:, None] - stride * np.arange(1, history)[None], 0)  # (T, h - 1)
+    past = states[index] if columns is None else states[index][..., columns]
+    return np.concatenate([states, past.reshape(len(states), -1)], axis=1)
 
 
 def _chunks(actions: np.ndarray, chunk: int) -> np.ndarray:
@@ -136,7 +175,8 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
 
     torch.manual_seed(config.seed)
     states, actions, layout, labels = load_states(data, split, config.action_labels)
-    x = np.concatenate([stack_history(s, config.history, config.history_stride) for s in states])
+    columns = history_columns(states[0].shape[1], config.history_of)
+    x = np.concatenate([stack_history(s, config.history, config.history_stride, columns) for s in states])
     y = np.concatenate([_chunks(a, config.chunk) for a in actions])
     mean, std = x.mean(0), x.std(0) + 1e-6  # constant features (a bin's position) stay finite
     xs = torch.from_numpy((x - mean) / std)
@@ -147,11 +187,18 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
         1.0 + np.cos(np.pi * min(1.0, step / config.steps))))
     generator = torch.Generator().manual_seed(config.seed)
+    weights = None
+    if config.handover_weight != 1.0:
+        handover = np.concatenate(handover_steps(data, split))
+        weights = torch.from_numpy(np.where(handover, config.handover_weight, 1.0))
     losses = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="state-bc", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        i = torch.randint(len(xs), (config.batch_size,), generator=generator)
+        if weights is None:
+            i = torch.randint(len(xs), (config.batch_size,), generator=generator)
+        else:
+            i = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         noisy = xs[i] + config.input_noise * torch.randn(config.batch_size, xs.shape[1], generator=generator)
         loss = nn.functional.mse_loss(model(noisy), ys[i])
         optimizer.zero_grad(set_to_none=True)
@@ -201,6 +248,7 @@ class StateBCController:
         self._queue: list[np.ndarray] = []
         self._object_keys: list[str] | None = None
         self.history, self.history_stride = config.history, config.history_stride
+        self.history_of = config.history_of
         self._states: list[np.ndarray] = []  # this episode's states, oldest first (history > 1)
 
     def reset(self, sim, seed: int) -> None:
@@ -221,7 +269,8 @@ class StateBCController:
         if not self._queue:
             if self.history > 1:
                 past = np.stack(self._states)
-                state = stack_history(past, self.history, self.history_stride)[-1]
+                columns = history_columns(past.shape[1], self.history_of)
+                state = stack_history(past, self.history, self.history_stride, columns)[-1]
             else:
                 state = state_from_sim(sim, self._object_keys)
             x = torch.from_numpy((state - self.mean) / self.std)[None]
