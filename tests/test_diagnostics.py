@@ -205,7 +205,7 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
     from coop_transport import state_bc
     from coop_transport.sim import SimConfig, TransportSim
 
-    states, actions, layout, labels = state_bc.load_states(demo_file, None, "auto")
+    states, actions, layout, labels, handover = state_bc.load_states(demo_file, None, "auto")
     assert labels == "expert" and layout and len(states) == 2 and states[0].shape == (24, 36 + 41)
     policy = state_bc.train(demo_file, tmp_path / "policy", state_bc.StateBCConfig(steps=400, chunk=4), split=None,
                             progress=False)
@@ -228,7 +228,7 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
         assert first.shape == (14,) and np.all(np.isfinite(first)) and len(controller._queue) == 1
 
     # With a state history the controller stacks what training stacked: the first state repeated at the start.
-    handover = state_bc.handover_steps(demo_file, None)  # the phase labels, demonstration for demonstration
+    # the phase labels, demonstration for demonstration
     assert [len(h) for h in handover] == [len(x) for x in states] and all(h.dtype == bool for h in handover)
     stacked = state_bc.train(demo_file, tmp_path / "history", state_bc.StateBCConfig(steps=400, chunk=4, history=3,
                                                                                     history_stride=2,

@@ -143,14 +143,16 @@ def clip_bounds(config: RecipeConfig, action_mean: np.ndarray | None, action_std
     return lo, hi
 
 
-def mean_chunk(samples: np.ndarray) -> np.ndarray:
+def mean_chunk(samples: np.ndarray, execute_steps: int) -> np.ndarray:
     """(N, H, D) sampled chunks -> their (H, D) float64 mean. Non-finite samples raise ValueError (they must never
-    reach a robot)."""
+    reach a robot), as does a horizon H shorter than the ``execute_steps`` to be executed of it."""
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 3:
         raise ValueError(f"expected samples of shape (N, H, D), got {samples.shape}")
     if not np.all(np.isfinite(samples)):
         raise ValueError("policy produced NaN or inf actions")
+    if execute_steps > samples.shape[1]:
+        raise ValueError(f"execute_steps={execute_steps} exceeds the policy's horizon {samples.shape[1]}")
     return samples.mean(axis=0)
 
 
@@ -183,10 +185,7 @@ def reduce_chunk(samples: np.ndarray, config: RecipeConfig, action_mean: np.ndar
                  action_min: np.ndarray | None = None, action_max: np.ndarray | None = None) -> np.ndarray:
     """(N, H, D) sampled chunks -> (C, D) actions to execute: average the N samples, keep the first C steps,
     clip (``clip_bounds``). Non-finite samples raise ValueError (they must never reach a robot)."""
-    mean = mean_chunk(samples)
-    horizon = mean.shape[0]
-    if config.execute_steps > horizon:
-        raise ValueError(f"execute_steps={config.execute_steps} exceeds the policy's horizon {horizon}")
+    mean = mean_chunk(samples, config.execute_steps)
     chunk = clip_actions(mean[: config.execute_steps], config, action_mean, action_std, counters, action_min,
                          action_max)
     return chunk.astype(np.float32)
@@ -229,7 +228,6 @@ class ChunkedActor:
         # temporal_ensemble: (first step, (H, D) mean chunk) of every chunk still covering a coming step
         self._kept: deque[tuple[int, np.ndarray]] = deque()
         self._step = 0  # control steps since reset
-        self._next_plan = 0
 
     @classmethod
     def for_arm(cls, policy, arm: str, config: RecipeConfig) -> "ChunkedActor":
@@ -247,7 +245,7 @@ class ChunkedActor:
         self._queue.clear()
         self._gripper_state = None
         self._kept.clear()
-        self._step = self._next_plan = 0
+        self._step = 0
 
     def plan(self, obs: dict) -> np.ndarray:
         """Sample N chunks for ``obs`` and reduce them to the (C, D) actions to execute."""
@@ -289,14 +287,9 @@ class ChunkedActor:
         """temporal_ensemble: plan every C steps, keep each chunk for its horizon, execute the weighted mean of the
         kept chunks' predictions for this step (oldest first, weights exp(-m·i)), then clip and latch it."""
         t = self._step
-        if t >= self._next_plan:
-            chunk = mean_chunk(self.sampler(obs, self.config.num_samples))
-            if self.config.execute_steps > chunk.shape[0]:
-                raise ValueError(f"execute_steps={self.config.execute_steps} exceeds the policy's horizon "
-                                 f"{chunk.shape[0]}")
+        if self.needs_plan:
+            self._kept.append((t, mean_chunk(self.sampler(obs, self.config.num_samples), self.config.execute_steps)))
             self.chunks_planned += 1
-            self._kept.append((t, chunk))
-            self._next_plan = t + self.config.execute_steps
         while self._kept and t - self._kept[0][0] >= len(self._kept[0][1]):
             self._kept.popleft()  # expired: it predicted no action for this step or later
         predictions = np.stack([chunk[t - start] for start, chunk in self._kept])  # oldest first
@@ -311,6 +304,6 @@ class ChunkedActor:
 
     @property
     def needs_plan(self) -> bool:
-        if self.config.temporal_ensemble is not None:
-            return self._step >= self._next_plan
+        if self.config.temporal_ensemble is not None:  # C steps after the newest kept chunk (C <= H: still kept)
+            return not self._kept or self._step - self._kept[-1][0] >= self.config.execute_steps
         return not self._queue

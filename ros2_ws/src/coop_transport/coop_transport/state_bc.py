@@ -109,11 +109,12 @@ def state_from_sim(sim, object_keys: list[str]) -> np.ndarray:
     return np.concatenate([*proprio, object_vector(obs, object_keys)]).astype(np.float32)
 
 
-def load_states(data: str | Path, split: str | None, action_labels: str) -> tuple[list[np.ndarray], list[np.ndarray],
-                                                                                   list | None, str]:
+def load_states(data: str | Path, split: str | None, action_labels: str
+                ) -> tuple[list[np.ndarray], list[np.ndarray], list | None, str, list[np.ndarray | None]]:
     """Per demonstration of ``split`` (all when None or when the file has no such mask): (T, 36 + object) states
     and (T, 14) actions in each arm's base frame; the file's object layout (None for robomimic files); the labels
-    used."""
+    used; and per demonstration the (T,) bool steps in which both arms hold the payload (``handover_steps``; None
+    where the file has no phase labels)."""
     from coop_transport.data.dataset import load_demonstrations
 
     with load_demonstrations(data, action_labels=action_labels) as demos:
@@ -124,25 +125,18 @@ def load_states(data: str | Path, split: str | None, action_labels: str) -> tupl
         labels = demos.action_labels
     if not states:
         raise ValueError(f"no demonstrations selected from {data}")
-    return states, actions, layout, labels
+    return states, actions, layout, labels, [handover_steps(t.labels) for t in trajs]
 
 
-def handover_steps(data: str | Path, split: str | None) -> list[np.ndarray]:
-    """Per demonstration of ``split`` (as ``load_states`` selects them): (T,) bool, both arms in the hand_over phase
-    (``constants.PHASES``). A file without phase labels raises ValueError."""
+def handover_steps(labels: dict[str, np.ndarray]) -> np.ndarray | None:
+    """(T,) bool from one demonstration's per-step labels: both arms in the hand_over phase (``constants.PHASES``);
+    None without phase labels."""
     from coop_transport.constants import PHASES
-    from coop_transport.data.dataset import load_demonstrations
 
-    with load_demonstrations(data) as demos:
-        trajs = demos.joint_trajectories(split if split in demos.masks else None, images="none")
-    out = []
-    for t in trajs:
-        if "robot0_phase" not in t.labels or "robot1_phase" not in t.labels:
-            raise ValueError(f"{data}: demonstration {t.demo} has no phase labels (handover_weight needs them; "
-                             "training/demos.py writes them with --labels)")
-        out.append((t.labels["robot0_phase"] == PHASES["robot0"].index("hand_over"))
-                   & (t.labels["robot1_phase"] == PHASES["robot1"].index("hand_over")))
-    return out
+    if "robot0_phase" not in labels or "robot1_phase" not in labels:
+        return None
+    return ((labels["robot0_phase"] == PHASES["robot0"].index("hand_over"))
+            & (labels["robot1_phase"] == PHASES["robot1"].index("hand_over")))
 
 
 def history_columns(state_dim: int, history_of: str) -> np.ndarray:
@@ -174,7 +168,7 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
-    states, actions, layout, labels = load_states(data, split, config.action_labels)
+    states, actions, layout, labels, handover = load_states(data, split, config.action_labels)
     columns = history_columns(states[0].shape[1], config.history_of)
     x = np.concatenate([stack_history(s, config.history, config.history_stride, columns) for s in states])
     y = np.concatenate([_chunks(a, config.chunk) for a in actions])
@@ -189,8 +183,10 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
     generator = torch.Generator().manual_seed(config.seed)
     weights = None
     if config.handover_weight != 1.0:
-        handover = np.concatenate(handover_steps(data, split))
-        weights = torch.from_numpy(np.where(handover, config.handover_weight, 1.0))
+        if any(h is None for h in handover):
+            raise ValueError(f"{data} has demonstrations without phase labels (handover_weight needs them; "
+                             "training/demos.py writes them with --labels)")
+        weights = torch.from_numpy(np.where(np.concatenate(handover), config.handover_weight, 1.0))
     losses = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="state-bc", disable=not progress, dynamic_ncols=True)
