@@ -144,15 +144,19 @@ def time_boundaries(config, system, vla, device) -> dict:
     size = vla.image_size
 
     def observation():
-        arm = lambda: {"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),  # noqa: E731
-                       "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                       "proprio": rng.normal(size=PROPRIO_DIM).astype(np.float32)}
+        def arm():
+            proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
+            return {"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                    "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                    "proprio": proprio, "proprio_history": proprio[None]}  # a still arm (π0 with a state history)
+
         if system.spec.vla_variant == "per-arm":
             return {a: arm() for a in ARMS}
         views = [arm() for _ in ARMS]
+        joint = np.concatenate([v["proprio"] for v in views])
         return {"joint": {"images": {"robot0_wrist": views[0]["wrist_image"], "robot1_wrist": views[1]["wrist_image"],
                                      "agentview": views[0]["agentview_image"]},
-                          "proprio": np.concatenate([v["proprio"] for v in views])}}
+                          "proprio": joint, "proprio_history": joint[None]}}
 
     observations = [observation() for _ in range(config.envs)]
     g = torch.Generator().manual_seed(0)

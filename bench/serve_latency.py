@@ -89,16 +89,30 @@ def serve_zero(port: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def observation(size: int, seed: int = 0) -> dict:
+def observation(size: int, seed: int = 0, history: int = 0) -> dict:
+    """A random request; ``history`` > 0: with that many latest states (a policy with a state history reads them)."""
     rng = np.random.default_rng(seed)
-    return {"observation/wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "observation/agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "observation/state": rng.standard_normal(18).astype(np.float32), "arm": "robot0"}
+    obs = {"observation/wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+           "observation/agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+           "observation/state": rng.standard_normal(18).astype(np.float32), "arm": "robot0"}
+    if history:  # a random walk back from the current state
+        steps = 0.01 * rng.standard_normal((history - 1, 18)).astype(np.float32)
+        obs["observation/state_history"] = np.concatenate(
+            [obs["observation/state"][None], obs["observation/state"] + np.cumsum(steps, 0)])
+    return obs
+
+
+def history_steps(client) -> int:
+    """Rows of observation/state_history the server's policy reads (0: none)."""
+    return int(client.get_server_metadata().get("state_history_steps", 0))
 
 
 def arm_obs(obs: dict) -> dict:
-    return {"wrist_image": obs["observation/wrist_image"], "agentview_image": obs["observation/agentview_image"],
-            "proprio": obs["observation/state"]}
+    out = {"wrist_image": obs["observation/wrist_image"], "agentview_image": obs["observation/agentview_image"],
+           "proprio": obs["observation/state"]}
+    if "observation/state_history" in obs:
+        out["proprio_history"] = obs["observation/state_history"]
+    return out
 
 
 def med_p99(values: list[float]) -> tuple[float, float]:
@@ -139,7 +153,7 @@ def latency_table(cfg: Config, address_port: int) -> list[str]:
     client = WebsocketClientPolicy("127.0.0.1", address_port)
     rows = ["| N | in-process median / p99 (ms) | round trip median / p99 (ms) | server model time median (ms) "
             "| overhead median / p99 (ms) | request / response bytes |", "|---|---|---|---|---|---|"]
-    obs = observation(policy.image_size)
+    obs = observation(policy.image_size, history=history_steps(client))
     for n in cfg.samples:
         request = {**obs, "num_samples": n}
         local: list[float] = []
@@ -204,13 +218,14 @@ def throughput(port: int, clients: int, requests: int, n: int) -> tuple[float, f
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
     conns = [WebsocketClientPolicy("127.0.0.1", port) for _ in range(clients)]
+    history = history_steps(conns[0])
     for c in conns:
-        c.infer({**observation(96), "num_samples": n})  # warm each connection
+        c.infer({**observation(96, history=history), "num_samples": n})  # warm each connection
     results: list[dict] = [{} for _ in conns]
     barrier = threading.Barrier(clients + 1)
 
     def loop(i):
-        request = {**observation(96, seed=i), "num_samples": n}
+        request = {**observation(96, seed=i, history=history), "num_samples": n}
         barrier.wait()
         for _ in range(requests):
             remote_call(conns[i], request, results[i])

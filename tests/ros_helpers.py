@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coop_transport.constants import ARM_ACTION_DIM, ARMS, PROPRIO_DIM
+from coop_transport.constants import ARM_ACTION_DIM, ARMS, PROPRIO_DIM, PROPRIO_HISTORY_STEPS
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -43,9 +43,14 @@ class ConstantChunkPolicy:
         self.plan_intervals: list[tuple[float, float]] = []  # (start, end) monotonic seconds of each plan() call
         self.partner_seen = 0
         self.resets = 0
+        self.history_rows = 0  # the most earlier states (proprio_history rows) a plan was given
 
     def _check(self, obs: dict) -> None:
         assert obs["proprio"].shape == (PROPRIO_DIM,) and obs["proprio"].dtype == np.float32, obs["proprio"].shape
+        history = obs["proprio_history"]  # the node's record of the latest ticks, newest (the current) first
+        assert history.ndim == 2 and history.shape[1] == PROPRIO_DIM and 1 <= len(history) <= PROPRIO_HISTORY_STEPS
+        assert np.array_equal(history[0], obs["proprio"])
+        self.history_rows = max(self.history_rows, len(history))
         assert obs["wrist_image"].shape == (self.image_size, self.image_size, 3), obs["wrist_image"].shape
         assert obs["wrist_image"].dtype == np.uint8
         if self.uses_agentview:
@@ -77,7 +82,8 @@ class ConstantChunkPolicy:
         self.resets += 1
 
     def stats(self) -> dict:
-        return {"plans": self.plans, "partner_seen": self.partner_seen, "resets": self.resets}
+        return {"plans": self.plans, "partner_seen": self.partner_seen, "resets": self.resets,
+                "history_rows": self.history_rows}
 
 
 def constant_chunk_policy(path: str | None, arm: str, recipe, backend: str = "torch") -> ConstantChunkPolicy:

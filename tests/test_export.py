@@ -63,8 +63,11 @@ def torch_backend(exported):
 
 
 def arm_observation(size, seed=0):
+    """A random arm observation with the latest 16 states (the shipped default sees states 5, 10, 15 steps back)."""
     rng = np.random.default_rng(seed)
-    return {"proprio": rng.normal(size=18).astype(np.float32),
+    proprio = rng.normal(size=18).astype(np.float32)
+    walk = np.cumsum(0.01 * rng.normal(size=(15, 18)), 0).astype(np.float32)
+    return {"proprio": proprio, "proprio_history": np.concatenate([proprio[None], proprio + walk]),
             "wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
             "agentview_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8)}
 
@@ -86,7 +89,10 @@ def test_manifest_describes_the_export(exported):
     assert [(i["name"], tuple(i["shape"]), i["dtype"]) for i in graph["inputs"]] == [
         ("image_wrist", (1, 96, 96, 3), "uint8"), ("image_agentview", (1, 96, 96, 3), "uint8"),
         ("prompt_tokens", (1, config.max_token_len), "int64"), ("prompt_mask", (1, config.max_token_len), "bool"),
-        ("state", (1, 18), "float32"), ("noise", (4, config.action_horizon, config.action_pad_dim), "float32")]
+        ("state", (1, 72), "float32"), ("noise", (4, config.action_horizon, config.action_pad_dim), "float32")]
+    # The default's state: the current 18 values and the displacements since 5, 10 and 15 control steps back.
+    assert manifest["policy"]["state_history"] == {"frames": 4, "stride": 5, "encoding": "delta"}
+    assert config.state_dim == 72 and len(manifest["norm_stats"]["state"]["std"]) == 72
     assert [(o["name"], tuple(o["shape"])) for o in graph["outputs"]] == [("actions", (4, config.action_horizon, 7))]
     assert graph["settings"]["num_flow_steps"] == 10 and graph["opset"] == 17
     assert graph["settings"]["fused"] is True  # export.fused.FusedChunkSampler; parity is against the original
@@ -327,8 +333,8 @@ def test_exported_policy_runs_without_pytorch(exported):
     code = ("import sys, numpy as np\n"
             "from coop_transport.export.runtime import load_backend_policy\n"
             f"policy = load_backend_policy({str(exported['out'])!r}, 'onnxruntime', threads=1)\n"
-            "obs = {'proprio': np.zeros(18, np.float32), 'wrist_image': np.zeros((96, 96, 3), np.uint8),\n"
-            "       'agentview_image': np.zeros((96, 96, 3), np.uint8)}\n"
+            "obs = {'proprio': np.zeros(18, np.float32), 'proprio_history': np.zeros((1, 18), np.float32),\n"
+            "       'wrist_image': np.zeros((96, 96, 3), np.uint8), 'agentview_image': np.zeros((96, 96, 3), np.uint8)}\n"
             "assert policy.sample_arms({'robot0': obs, 'robot1': obs}, 4)['robot1'].shape == (4, 32, 7)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

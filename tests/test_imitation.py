@@ -70,6 +70,64 @@ def test_checkpoint_runs_as_a_policy(demo_file, tmp_path):
         policy.sample_arm(dict(obs, wrist_image=np.zeros((32, 32), np.uint8)), "robot0")
 
 
+def test_state_history_by_hand():
+    from coop_transport.adapters import StateHistory, policy_state
+
+    proprio = np.arange(20, dtype=np.float32)[:, None] * np.array([1.0, -2.0], np.float32)  # s_t = (t, -2t)
+    history = StateHistory(frames=3, stride=5, encoding="delta")
+    states = history.from_trajectory(proprio)
+    assert states.shape == (20, 6)
+    np.testing.assert_array_equal(states[12], [12, -24, 5, -10, 10, -20])  # s_12, s_12 - s_7, s_12 - s_2
+    np.testing.assert_array_equal(states[3], [3, -6, 3, -6, 3, -6])  # before step 0 the first state stands in
+    np.testing.assert_array_equal(StateHistory(3, 5, "absolute").from_trajectory(proprio)[12], [12, -24, 7, -14, 2, -4])
+    for t in range(20):  # what the simulation and the policy node record, newest first, gives training's state
+        np.testing.assert_array_equal(history.from_recent(proprio[t::-1]), states[t])
+    obs = {"proprio": proprio[12]}
+    np.testing.assert_array_equal(policy_state(obs, StateHistory()), proprio[12])
+    with pytest.raises(ValueError, match="no proprio_history"):
+        policy_state(obs, history)
+    with pytest.raises(ValueError, match="current proprio first"):
+        policy_state({**obs, "proprio_history": proprio[11::-1]}, history)
+    for bad in ({"frames": 0}, {"stride": 0}, {"encoding": "velocity"}):
+        with pytest.raises(ValueError):
+            StateHistory(**bad)
+
+
+def test_training_with_a_state_history(demo_file, tmp_path):
+    """--state-history: the policy state is the current state plus displacements since earlier ones, z-scored with
+    statistics of its own; the checkpoint carries the history, inference needs the earlier states, a closed-loop
+    episode runs (the simulation records them), and a resume with another history is refused."""
+    from coop_transport.adapters import StateHistory
+    from coop_transport.constants import PROPRIO_DIM
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+    from coop_transport.imitation import DELTA_STD_FLOOR
+    from coop_transport.pi0_policy import Pi0Policy
+
+    plain, run = tmp_path / "plain", tmp_path / "history"
+    train(_config(demo_file, plain, 2))
+    train(_config(demo_file, run, 2, state_history=3, state_history_stride=2))
+    policy = Pi0Policy.load(run / "checkpoints" / "step_000002", device="cpu")
+    assert policy.state_history == StateHistory(3, 2, "delta")
+    assert policy.state_dim == policy.config.state_dim == 3 * PROPRIO_DIM and policy.config.state_pad_dim == 54
+    base = Pi0Policy.load(plain / "checkpoints" / "step_000002", device="cpu")
+    np.testing.assert_allclose(policy.state_std[:PROPRIO_DIM], base.state_std, rtol=1e-5)  # the current state's
+    assert policy.state_std[PROPRIO_DIM:].min() >= DELTA_STD_FLOOR
+
+    size = policy.image_size
+    obs = {"proprio": np.zeros(PROPRIO_DIM, np.float32), "wrist_image": np.zeros((size, size, 3), np.uint8),
+           "agentview_image": np.zeros((size, size, 3), np.uint8)}
+    with pytest.raises(ValueError, match="no proprio_history"):
+        policy.sample_arm(obs, "robot0")
+    chunks = policy.sample_arm({**obs, "proprio_history": np.zeros((5, PROPRIO_DIM), np.float32)}, "robot0", 2)
+    assert chunks.shape == (2, 12, 7) and np.all(np.isfinite(chunks))
+
+    spec = ControllerSpec("pi0", {"policy": str(run / "checkpoints" / "step_000002"), "device": "cpu"})
+    summary = evaluate(spec, EvalConfig(episodes=1, workers=1, horizon=12), tmp_path / "eval", progress=False)
+    assert summary["per_seed"][0]["length"] == 12
+    with pytest.raises(ValueError, match="state history"):
+        train(_config(demo_file, run, 4))
+
+
 def test_closed_loop_evaluation_of_a_checkpoint(demo_file, tmp_path):
     from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
 

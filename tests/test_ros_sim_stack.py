@@ -106,6 +106,8 @@ def test_episode_runs_to_its_end_at_20hz_with_messages_between_arms(stack):
         assert any(m.points[0].positions[2] == 1.0 for m in messages), f"{ns}'s policy saw its partner's message"
         diag = listener.diag(f"coop_transport/policy/{ns}")
         assert int(diag["partner_messages"]) >= 3 and int(diag["policy/partner_seen"]) >= 1
+        # The node records the arm's state every tick: plans late in the episode see the earlier states too.
+        assert int(diag["policy/history_rows"]) > 10
         # The graph has gone on to episode 2 by now, and at each reset a node holds (WARN) until its first chunk
         # of the new episode: so wait for a running state rather than read whichever one came last.
         wait_until(lambda: (d := listener.diag(f"coop_transport/policy/{ns}"))["state"] == "OK"

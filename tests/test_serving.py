@@ -37,16 +37,22 @@ def policy():
     return Pi0Policy.load()
 
 
-def _observation(arm_obs: dict, arm: str) -> dict:
+def _observation(arm_obs: dict, arm: str, history_steps: int) -> dict:
+    """openpi-style request keys of an ``arm_observation``, with the latest ``history_steps`` states."""
     return {"observation/wrist_image": arm_obs["wrist_image"],
-            "observation/agentview_image": arm_obs["agentview_image"], "observation/state": arm_obs["proprio"], "arm": arm}
+            "observation/agentview_image": arm_obs["agentview_image"], "observation/state": arm_obs["proprio"],
+            "observation/state_history": arm_obs["proprio_history"][:history_steps], "arm": arm}
 
 
 def _good_observation(size: int = 96) -> dict:
+    """A request the shipped default accepts: it sees earlier states, so the latest three (a short history, as at an
+    episode's start) come with it."""
     rng = np.random.default_rng(0)
+    state = rng.standard_normal(18).astype(np.float32)
     return {"observation/wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
             "observation/agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "observation/state": rng.standard_normal(18).astype(np.float32), "arm": "robot1"}
+            "observation/state": state, "observation/state_history": np.stack([state, state + 0.01, state + 0.02]),
+            "arm": "robot1"}
 
 
 @pytest.mark.slow
@@ -62,7 +68,8 @@ def test_openpi_client_closed_loop_episode_matches_in_process_inference(server, 
     assert meta["variant"] == "per-arm" and meta["image_size"] == policy.image_size == 96
     assert meta["horizon"] == policy.horizon and meta["arms"] == list(ARMS)
     assert set(meta["observation_keys"]) == {"observation/wrist_image", "observation/agentview_image",
-                                             "observation/state", "arm"}
+                                             "observation/state", "observation/state_history", "arm"}
+    assert meta["state_history_steps"] == policy.state_history.span + 1 == 16
     np.testing.assert_array_equal(np.float32(meta["action_mean"]), policy.action_mean)
 
     # openpi's plain request: one (H, D) chunk, with the server's timing
@@ -78,7 +85,8 @@ def test_openpi_client_closed_loop_episode_matches_in_process_inference(server, 
     def served_sampler(arm):
         def sample(arm_obs, n):
             draw = noise((n, policy.horizon, meta["action_pad_dim"]))
-            served = client.infer({**_observation(arm_obs, arm), "num_samples": n, "noise": draw})["actions"]
+            request = _observation(arm_obs, arm, meta["state_history_steps"])
+            served = client.infer({**request, "num_samples": n, "noise": draw})["actions"]
             local = policy.sample_arm(arm_obs, arm, n, noise=torch.from_numpy(draw))
             assert served.shape == local.shape == (n, policy.horizon, 7)
             diffs.append(float(np.abs(served - local).max()))
@@ -128,6 +136,12 @@ def test_malformed_requests_get_named_errors_while_a_good_client_is_served(serve
         ({**obs, "observation/state": obs["observation/state"].astype(np.int64)},
          "observation/state has dtype int64, expected float32 or float64"),
         ({**obs, "observation/state": state_nan}, "observation/state contains NaN or inf"),
+        ({k: v for k, v in obs.items() if k != "observation/state_history"},
+         r"missing keys \['observation/state_history'\]"),
+        ({**obs, "observation/state_history": obs["observation/state_history"][1:]},
+         "observation/state_history's first row must be the current observation/state"),
+        ({**obs, "observation/state_history": np.zeros((17, 18), np.float32)},
+         r"observation/state_history must be \(L, 18\) with 1 <= L <= 16"),
         ({**obs, "arm": "robot2"}, r"arm must be one of \['robot0', 'robot1'\], got 'robot2'"),
         ({**obs, "num_samples": 1000}, r"num_samples must be in \[1, 16\], got 1000"),
         ({**obs, "num_samples": 2, "noise": np.zeros((1, 32, 32), np.float32)},

@@ -90,6 +90,27 @@ def test_per_arm_proprio_is_in_the_base_frame(sim):
     assert moved[1] > 0.03 and abs(moved[0]) < 0.01
 
 
+def test_each_arms_state_is_recorded_every_control_step(sim):
+    """The states a policy with a state history sees: one per control step of this episode, newest first, at most
+    PROPRIO_HISTORY_STEPS, forgotten at a reset."""
+    from coop_transport.constants import PROPRIO_HISTORY_STEPS
+
+    sim.reset(3)
+    first = sim.arm_observation("robot1")
+    np.testing.assert_array_equal(first["proprio_history"], first["proprio"][None])
+    seen = [first["proprio"]]
+    action = np.zeros(14)
+    action[7:10] = 0.5  # robot1 moves: its states differ step to step
+    for _ in range(PROPRIO_HISTORY_STEPS + 3):
+        sim.step(action)
+        seen.insert(0, sim.arm_observation("robot1")["proprio"])
+    history = sim.arm_observation("robot1")["proprio_history"]
+    np.testing.assert_array_equal(history, np.stack(seen[:PROPRIO_HISTORY_STEPS]))
+    assert not np.allclose(history[0], history[5])
+    sim.reset(3)
+    np.testing.assert_array_equal(sim.proprio_history("robot1"), first["proprio"][None])
+
+
 def test_world_to_base_action_conversion():
     rng = np.random.default_rng(1)
     a = rng.uniform(-1, 1, (4, 7))

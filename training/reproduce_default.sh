@@ -24,6 +24,8 @@ LABELS=${LABELS:-auto}        # imitation targets: auto | expert (noise-free lab
 LR=${LR:-}                    # peak learning rate (empty: imitation.py's default; the shipped default used 3e-4)
 WARMUP=${WARMUP:-}            # warm-up steps (empty: imitation.py's default; the shipped default used 500)
 COMPILE=${COMPILE:-1}         # torch.compile the loss (fewer kernels: the small model is launch-bound)
+HISTORY=${HISTORY:-4}         # states the policy sees: the current one and HISTORY - 1 earlier ones (1: current only)
+HISTORY_STRIDE=${HISTORY_STRIDE:-5}  # control steps between them (the shipped default: 4 states 5 steps apart)
 VARIANTS=${VARIANTS:-per-arm joint}
 SELECT_SEEDS=${SELECT_SEEDS:-101}   # selection on reset seeds 101..(101 + SELECT_EPISODES - 1), disjoint from 1-100
 SELECT_EPISODES=${SELECT_EPISODES:-30}
@@ -63,6 +65,7 @@ if has train; then
             --model small --data "$DATA" --out "$OUT/$variant-small" \
             --steps "$STEPS" --batch-size "$BATCH" --num-checkpoints "$CHECKPOINTS" --no-progress \
             --action-labels "$LABELS" ${LR:+--lr "$LR"} ${WARMUP:+--warmup-steps "$WARMUP"} \
+            --state-history "$HISTORY" --state-history-stride "$HISTORY_STRIDE" \
             $([[ "$COMPILE" == 1 ]] && echo --compile) ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} \
             >"$OUT/$variant-small.log" 2>&1 &
         pids+=($!)

@@ -17,6 +17,9 @@ OSC_POS_SCALE = 0.05  # metres per unit action per control step
 OSC_ROT_SCALE = 0.5  # radians per unit action per control step
 
 CONTROL_FREQ = 20  # Hz
+# Control steps of each arm's proprioception kept for policies that see earlier states (adapters.StateHistory):
+# the simulation and the policy node record one state per control step (3.2 s at 20 Hz).
+PROPRIO_HISTORY_STEPS = 64
 HORIZON = 500  # control steps per episode
 
 # Cameras (MuJoCo camera names in the TwoArmTransport scene).

@@ -104,7 +104,11 @@ class JointPi0Controller:
         self.actor.reset()
 
     def act(self, sim) -> np.ndarray:
-        return self.actor.act(sim.observation)
+        from coop_transport.constants import ARMS
+
+        # The state history of both arms, [robot0 | robot1] as joint_proprio orders them (policies with one).
+        history = np.concatenate([sim.proprio_history(arm) for arm in ARMS], -1)
+        return self.actor.act({**sim.observation, "proprio_history": history})
 
     def stats(self) -> dict:
         return _clip_stats([self.actor])

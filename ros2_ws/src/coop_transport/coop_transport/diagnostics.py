@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coop_transport.adapters import StateHistory
 from coop_transport.constants import ARM_ACTION_DIM, ARMS, PHASES
 
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
@@ -95,12 +96,14 @@ def _demo_observations(policy, data: str | Path, split: str | None, demos: list[
         unknown = sorted(set(names) - set(file.demo_names()))
         if unknown:
             raise ValueError(f"{data} has no demonstrations {unknown}")
+        # The policy's state at every step (its earlier states too, for a policy with a state history).
+        history = getattr(policy, "state_history", None) or StateHistory()
         if policy.variant == "per-arm":
             trajs = [t for t in file.arm_trajectories(None, images="memory") if t.demo in set(names)]
             observations = [
-                ({"wrist": t.wrist_image[i], "agentview": t.agentview_image[i]}, t.proprio[i], policy.prompts[t.arm],
+                ({"wrist": t.wrist_image[i], "agentview": t.agentview_image[i]}, state, policy.prompts[t.arm],
                  t.actions[i:i + chunk], {t.arm: t.labels["phase"][i:i + chunk]} if "phase" in t.labels else {})
-                for t in trajs for i in range(0, len(t), stride)]
+                for t in trajs for i, state in _strided_states(t.proprio, history, stride)]
         else:
             from coop_transport.constants import AGENTVIEW_CAMERA, WRIST_CAMERA, image_key
 
@@ -108,13 +111,19 @@ def _demo_observations(policy, data: str | Path, split: str | None, demos: list[
             slots = {"robot0_wrist": image_key(WRIST_CAMERA["robot0"]),
                      "robot1_wrist": image_key(WRIST_CAMERA["robot1"]), "agentview": image_key(AGENTVIEW_CAMERA)}
             observations = [
-                ({slot: t.images[key][i] for slot, key in slots.items()}, t.proprio[i], policy.prompts["joint"],
+                ({slot: t.images[key][i] for slot, key in slots.items()}, state, policy.prompts["joint"],
                  t.actions[i:i + chunk],
                  {a: t.labels[f"{a}_phase"][i:i + chunk] for a in ARMS if f"{a}_phase" in t.labels})
-                for t in trajs for i in range(0, len(t), stride)]
+                for t in trajs for i, state in _strided_states(t.proprio, history, stride)]
     if not observations:
         raise ValueError(f"no observations selected from {data} (split {split!r}, demos {demos})")
     return observations, names
+
+
+def _strided_states(proprio: np.ndarray, history: StateHistory, stride: int):
+    """(step, raw policy state) at steps 0, stride, 2 stride, ... of one trajectory."""
+    states = history.from_trajectory(proprio)
+    return [(i, states[i]) for i in range(0, len(proprio), stride)]
 
 
 def _dim_names(width: int) -> list[str]:

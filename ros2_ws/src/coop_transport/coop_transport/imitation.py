@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -26,12 +27,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT, variant_spec
+from coop_transport.adapters import ARM_PROMPTS, JOINT_PROMPT, StateHistory, variant_spec
 from coop_transport.constants import ARMS
 from coop_transport.utils.atomic import replace_directory
 from coop_transport.utils.jsonable import to_jsonable
 
 STATE_STD_FLOOR = 1e-2  # proprio dims that barely vary in the demos must not blow up when z-scored
+# A state history's displacements are small by nature (a hand moves ~1 cm in 5 steps): a floor of their own.
+DELTA_STD_FLOOR = 1e-3
 ACTION_STD_FLOOR = 1e-3
 
 
@@ -70,6 +73,12 @@ class ImitationConfig:
     """AdamW weight decay (openpi's default)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
+    state_history: int = 1
+    """K: the policy also sees K - 1 earlier proprioceptive states (adapters.StateHistory); 1: the current only."""
+    state_history_stride: int = 5
+    """S: control steps between those states."""
+    state_history_encoding: Literal["delta", "absolute"] = "delta"
+    """delta: the earlier states as displacements since then (s_t - s_{t-kS}); absolute: as they were."""
     augment: bool = True
     """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
     extra_data: tuple[Path, ...] = ()
@@ -112,9 +121,14 @@ class ImitationConfig:
 
     def __post_init__(self):
         variant_spec(self.variant)
+        self.history  # validates the state-history fields
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1 "
                              f"(got {self.steps}, {self.batch_size}, {self.save_every})")
+
+    @property
+    def history(self) -> StateHistory:
+        return StateHistory(self.state_history, self.state_history_stride, self.state_history_encoding)
 
     @property
     def run_dir(self) -> Path:
@@ -170,17 +184,25 @@ def floored_stats(stats, floor: float) -> dict:
 
 def _demo_norm_stats(config: ImitationConfig, demos, names: list[str]) -> dict:
     """Floored z-score statistics of the training demonstrations (the file's train split, or exactly ``names``)."""
-    if config.demos is None and not config.demo_names:
-        stats = demos.norm_stats("arm" if config.variant == "per-arm" else "joint", split="train")
-    else:  # statistics of exactly the data trained on (single-trajectory overfit probe)
-        from coop_transport.data.dataset import compute_norm_stats
+    from coop_transport.data.dataset import NormStats, compute_norm_stats
 
+    history = config.history
+    if config.demos is None and not config.demo_names and history.frames == 1:
+        stats = demos.norm_stats("arm" if config.variant == "per-arm" else "joint", split="train")
+        state = floored_stats(stats["proprio"], STATE_STD_FLOOR)
+    else:  # statistics of exactly the data trained on (and of the policy state a history makes of it)
         sel = set(names)
         trajs = (demos.arm_trajectories(None, images="none") if config.variant == "per-arm"
                  else demos.joint_trajectories(None, images="none"))
-        stats = compute_norm_stats([t for t in trajs if t.demo in sel])
-    return {"state": floored_stats(stats["proprio"], STATE_STD_FLOOR),
-            "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
+        trajs = [t for t in trajs if t.demo in sel]
+        stats = compute_norm_stats(trajs)
+        raw = NormStats.compute(np.concatenate([history.from_trajectory(t.proprio) for t in trajs]))
+        state = floored_stats(raw, STATE_STD_FLOOR)
+        if history.encoding == "delta" and history.frames > 1:  # the displacement blocks get their own floor
+            width = stats["proprio"].dim
+            state["std"][width:] = np.maximum(raw.std[width:], DELTA_STD_FLOOR).tolist()
+            state["delta_std_floor"] = DELTA_STD_FLOOR
+    return {"state": state, "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}
 
 
 def _trajectories(variant: str, demos) -> list:
@@ -211,6 +233,10 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         else:
             norm = _demo_norm_stats(config, demos, names)
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
+        if len(mean_s) != config.history.state_dim(spec.state_dim):
+            raise ValueError(f"the state statistics have {len(mean_s)} values, a {config.variant} policy with "
+                             f"{config.history.frames} states needs {config.history.state_dim(spec.state_dim)}: "
+                             "resume or warm-start with the state history the run was started with")
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
         selected = set(names)
@@ -240,7 +266,7 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
                     raise ValueError(f"{source}: demonstration {t.demo} has no images for slot {slot!r}; "
                                      "render them first (python training/demos.py render ...)")
                 images[slot].append(np.asarray(frames[slot]))
-            states.append((t.proprio - mean_s) / std_s)
+            states.append((config.history.from_trajectory(t.proprio) - mean_s) / std_s)
             actions.append((t.actions - mean_a) / std_a)
             total += len(t)
             ends.append(np.full(len(t), total, dtype=np.int64))
@@ -392,6 +418,10 @@ def train(config: ImitationConfig) -> dict:
     spec = variant_spec(config.variant)
     overrides = {"action_horizon": config.action_horizon} if config.action_horizon else {}
     model_config = get_config(config.model, setting=spec.model_setting, **overrides)
+    if config.history.frames > 1:  # a wider state token input (π0's 32 stays the floor)
+        state_dim = config.history.state_dim(spec.state_dim)
+        model_config = dataclasses.replace(model_config, state_dim=state_dim,
+                                           state_pad_dim=max(model_config.state_pad_dim, state_dim))
     run = config.run_dir
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -440,6 +470,7 @@ def train(config: ImitationConfig) -> dict:
     extra = {"variant": config.variant, "prompts": dict(zip(ARMS, prompts)) if config.variant == "per-arm"
              else {"joint": prompts[0]}, "demos": len(names), "trajectories": table.num_trajectories,
              "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
+             "state_history": config.history.to_dict(),
              "weights_dir": str(config.weights) if config.weights else None, "world_size": ctx.world_size}
     train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile, dist_ctx=ctx)
     if device.type == "cuda":

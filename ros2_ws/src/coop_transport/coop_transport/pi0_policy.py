@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coop_transport.adapters import (ARM_PROMPTS, JOINT_PROMPT, arm_images, check_image, check_state, joint_images,
-                                     joint_proprio, variant_spec)
+from coop_transport.adapters import (ARM_PROMPTS, JOINT_PROMPT, StateHistory, arm_images, check_image, check_state,
+                                     joint_images, joint_proprio, policy_state, variant_spec)
 from coop_transport.recipe import demonstrated_range
 
 DEFAULT_POLICY_NAME = "per_arm_small"
@@ -49,6 +49,12 @@ class Pi0Policy:
         if config.action_dim != self.spec.action_dim:
             raise ValueError(f"checkpoint variant {self.variant!r} needs {self.spec.action_dim}-D actions, "
                              f"its model has {config.action_dim}")
+        # Earlier proprioceptive states the policy sees (adapters.StateHistory; none for checkpoints without one).
+        self.state_history = StateHistory.from_dict(extra.get("state_history"))
+        self.state_dim = self.state_history.state_dim(self.spec.state_dim)
+        if config.state_dim != self.state_dim:
+            raise ValueError(f"checkpoint state: {self.state_dim} values ({self.state_history.frames} x "
+                             f"{self.spec.state_dim}) by its variant and history, {config.state_dim} by its model")
         self.prompts = dict(extra.get("prompts") or ({**ARM_PROMPTS} if self.variant == "per-arm"
                                                      else {"joint": JOINT_PROMPT}))
         self.state_mean = np.asarray(norm_stats["state"]["mean"], dtype=np.float32)
@@ -91,12 +97,13 @@ class Pi0Policy:
         return self._prompt_cache[prompt]
 
     def make_batch(self, images: list[dict[str, np.ndarray]], states: list[np.ndarray], prompts: list[str]) -> dict:
-        """Model batch from B observations: images per slot (uint8), raw states, prompts."""
+        """Model batch from B observations: images per slot (uint8), raw policy states (``arm_state`` /
+        ``joint_state``), prompts."""
         batch_images = {}
         for slot in self.spec.slots:
             arrays = [check_image(slot, im[slot], None) for im in images]
             batch_images[slot] = torch.as_tensor(np.stack(arrays), device=self.device)  # (B, H, W, 3) uint8
-        state = np.stack([check_state(s, self.spec.state_dim) for s in states])
+        state = np.stack([check_state(s, self.state_dim) for s in states])
         state = (state - self.state_mean) / self.state_std
         tokens, masks = zip(*(self._prompt(p) for p in prompts))
         return {
@@ -123,19 +130,29 @@ class Pi0Policy:
         return (actions, cache) if return_prefix else actions
 
     # ------------------------------------------------------------------------------------------ per-variant
+    def arm_state(self, arm_obs: dict) -> np.ndarray:
+        """The raw state vector this policy sees in an ``arm_observation`` (with its earlier states if it has a
+        state history: then the observation must carry ``proprio_history``)."""
+        return policy_state(arm_obs, self.state_history)
+
+    def joint_state(self, obs: dict) -> np.ndarray:
+        """The raw state vector of a joint policy in a full observation (``proprio_history``: (L, 36), newest
+        first, for a policy with a state history)."""
+        return policy_state({**obs, "proprio": joint_proprio(obs)}, self.state_history)
+
     def sample_arm(self, arm_obs: dict, arm: str, num_samples: int = 1, noise: torch.Tensor | None = None,
                    return_prefix: bool = False):
         """(N, H, 7) chunks for one arm from its ``arm_observation``."""
         if self.variant != "per-arm":
             raise ValueError(f"sample_arm needs a per-arm policy, this one is {self.variant!r}")
-        batch = self.make_batch([arm_images(arm_obs)], [arm_obs["proprio"]], [self.prompts[arm]])
+        batch = self.make_batch([arm_images(arm_obs)], [self.arm_state(arm_obs)], [self.prompts[arm]])
         out = self.sample_batch(batch, num_samples, noise, return_prefix)
         return (out[0][0], out[1]) if return_prefix else out[0]
 
     def sample_arms(self, arm_obs: dict[str, dict], num_samples: int = 1) -> dict[str, np.ndarray]:
         """Both arms in one batched forward pass: {arm: (N, H, 7)}."""
         arms = list(arm_obs)
-        batch = self.make_batch([arm_images(arm_obs[a]) for a in arms], [arm_obs[a]["proprio"] for a in arms],
+        batch = self.make_batch([arm_images(arm_obs[a]) for a in arms], [self.arm_state(arm_obs[a]) for a in arms],
                                 [self.prompts[a] for a in arms])
         actions = self.sample_batch(batch, num_samples)
         return {a: actions[i] for i, a in enumerate(arms)}
@@ -144,5 +161,5 @@ class Pi0Policy:
         """(N, H, 14) chunks from a full simulation observation."""
         if self.variant != "joint":
             raise ValueError(f"sample_joint needs a joint policy, this one is {self.variant!r}")
-        batch = self.make_batch([joint_images(obs)], [joint_proprio(obs)], [self.prompts["joint"]])
+        batch = self.make_batch([joint_images(obs)], [self.joint_state(obs)], [self.prompts["joint"]])
         return self.sample_batch(batch, num_samples, noise)[0]

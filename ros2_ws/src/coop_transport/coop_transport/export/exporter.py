@@ -158,7 +158,7 @@ def export_policy(cfg: ExportConfig, log=print) -> dict[str, Any]:
                 "exporter": {"method": "torch.onnx.export, TorchScript tracer (dynamo=False), static shapes",
                              "opset": cfg.opset, "versions": _versions(), "host": platform.node()},
                 "source_checkpoint": {**identity, "config_name": config.name, "dtype": source_dtype},
-                "policy": policy_section(config, variant, lora_merged),
+                "policy": policy_section(config, variant, lora_merged, extra.get("state_history")),
                 "norm_stats": _to_json(ckpt.norm_stats),
                 "prompts": _prompts(config, extra, variant),
                 "recipe_defaults": dataclasses.asdict(recipe),
@@ -210,7 +210,9 @@ def export_graphs(source, directory: pathlib.Path, opset: int = DEFAULT_OPSET, e
     return graphs, files, TorchBackend(source.model, "torch"), items
 
 
-def policy_section(config, variant: str, lora_merged: bool = False) -> dict[str, Any]:
+def policy_section(config, variant: str, lora_merged: bool = False, state_history: dict | None = None
+                   ) -> dict[str, Any]:
+    from coop_transport.adapters import StateHistory
     from coop_transport.policy.config import config_to_dict
 
     return {
@@ -218,6 +220,7 @@ def policy_section(config, variant: str, lora_merged: bool = False) -> dict[str,
         "image_size": config.vision.image_size, "horizon": config.action_horizon,
         "action_dim": config.action_dim, "action_pad_dim": config.action_pad_dim,
         "state_dim": config.state_dim, "state_pad_dim": config.state_pad_dim,
+        "state_history": StateHistory.from_dict(state_history).to_dict(),  # raw state = adapters.policy_state
         "max_token_len": config.max_token_len, "vocab_size": config.vocab_size,
         "tokenizer": config.tokenizer, "num_flow_steps": config.num_flow_steps, "graph_dtype": "float32",
         "lora_merged": lora_merged, "config": config_to_dict(config),

@@ -206,7 +206,7 @@ def residual_items(source: ExportSource) -> list[ExportItem]:
 
     prefix = TensorSpec("prefix", (1, length, width), "float32", f"π0 prefix tokens ({cfg.prefix_source})")
     prefix_mask = TensorSpec("prefix_mask", (1, length), "bool", "True for real prefix tokens")
-    proprio = TensorSpec("proprio", (1, proprio_dim), "float32", "proprioception, z-scored (π0 norm_stats['state'])")
+    proprio = TensorSpec("proprio", (1, proprio_dim), "float32", "proprioception, z-scored (the leading entries of π0's norm_stats['state'])")
     z = TensorSpec("latent", (1, latent), "float32", "RL token z")
     reference = TensorSpec("reference", (1, chunk, action_dim), "float32",
                            "π0 reference chunk in [-1, 1] (mean-of-N, clipping and the first C steps applied)")

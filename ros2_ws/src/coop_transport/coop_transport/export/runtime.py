@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from coop_transport.adapters import arm_images, check_image, check_state, joint_images, joint_proprio, variant_spec
+from coop_transport.adapters import (StateHistory, arm_images, check_image, check_state, joint_images, joint_proprio,
+                                     policy_state, variant_spec)
 from coop_transport.export.backends import (CUDA_GRAPH_BACKENDS, ChunkBackend, canonical_backend, make_backend,
                                             needs_export)
 from coop_transport.export.manifest import MANIFEST_FILE, check_source, read_manifest
@@ -69,6 +70,8 @@ class PolicyMeta:
     """prompt key (arm name, or 'joint') -> text"""
     prompt_tokens: dict[str, tuple[np.ndarray, np.ndarray]]
     """prompt text -> (tokens int64, mask bool), each (max_token_len,)"""
+    state_history: StateHistory = StateHistory()
+    """earlier proprioceptive states in the policy state (adapters.StateHistory); manifests without one: none"""
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "PolicyMeta":
@@ -85,6 +88,7 @@ class PolicyMeta:
             prompts={k: v["text"] for k, v in manifest["prompts"].items()},
             prompt_tokens={v["text"]: (np.asarray(v["tokens"], dtype=np.int64), np.asarray(v["mask"], dtype=bool))
                            for v in manifest["prompts"].values()},
+            state_history=StateHistory.from_dict(p.get("state_history")),
         )
 
     @classmethod
@@ -100,7 +104,7 @@ class PolicyMeta:
             state_dim=config.state_dim, max_token_len=config.max_token_len, tokenizer=config.tokenizer,
             state_mean=policy.state_mean, state_std=policy.state_std, action_mean=policy.action_mean,
             action_std=policy.action_std, action_min=policy.action_min, action_max=policy.action_max,
-            prompts=dict(policy.prompts), prompt_tokens=tokens,
+            prompts=dict(policy.prompts), prompt_tokens=tokens, state_history=policy.state_history,
         )
 
 
@@ -119,6 +123,7 @@ class BackendPolicy:
         self.state_mean, self.state_std = meta.state_mean, meta.state_std
         self.action_mean, self.action_std = meta.action_mean, meta.action_std
         self.action_min, self.action_max = meta.action_min, meta.action_max
+        self.state_history = meta.state_history
         self.noise_source = noise_source
         """callable(shape) -> float32 standard normal noise; None draws from an unseeded generator"""
         self._rng = np.random.default_rng()
@@ -177,6 +182,13 @@ class BackendPolicy:
         return actions
 
     # ------------------------------------------------------------------------------------------ per-variant
+    def arm_state(self, arm_obs: dict) -> np.ndarray:
+        """Raw policy state of an ``arm_observation`` (as ``Pi0Policy.arm_state``)."""
+        return policy_state(arm_obs, self.state_history)
+
+    def joint_state(self, obs: dict) -> np.ndarray:
+        return policy_state({**obs, "proprio": joint_proprio(obs)}, self.state_history)
+
     def sample_arm(self, arm_obs: dict, arm: str, num_samples: int = 1, noise=None,
                    return_prefix: bool = False) -> np.ndarray:
         """(N, H, 7) chunks for one arm from its ``arm_observation``."""
@@ -184,12 +196,12 @@ class BackendPolicy:
             raise ExportError(f"backend {self.backend.name} returns actions only (no prefix cache for the RL encoder)")
         if self.variant != "per-arm":
             raise ValueError(f"sample_arm needs a per-arm policy, this one is {self.variant!r}")
-        inputs = self.make_inputs([arm_images(arm_obs)], [arm_obs["proprio"]], [self.prompts[arm]])
+        inputs = self.make_inputs([arm_images(arm_obs)], [self.arm_state(arm_obs)], [self.prompts[arm]])
         return self.sample_batch(inputs, num_samples, _numpy(noise))[0]
 
     def sample_arms(self, arm_obs: dict[str, dict], num_samples: int = 1) -> dict[str, np.ndarray]:
         arms = list(arm_obs)
-        inputs = self.make_inputs([arm_images(arm_obs[a]) for a in arms], [arm_obs[a]["proprio"] for a in arms],
+        inputs = self.make_inputs([arm_images(arm_obs[a]) for a in arms], [self.arm_state(arm_obs[a]) for a in arms],
                                   [self.prompts[a] for a in arms])
         actions = self.sample_batch(inputs, num_samples)
         return {a: actions[i] for i, a in enumerate(arms)}
@@ -197,7 +209,7 @@ class BackendPolicy:
     def sample_joint(self, obs: dict, num_samples: int = 1, noise=None) -> np.ndarray:
         if self.variant != "joint":
             raise ValueError(f"sample_joint needs a joint policy, this one is {self.variant!r}")
-        inputs = self.make_inputs([joint_images(obs)], [joint_proprio(obs)], [self.prompts["joint"]])
+        inputs = self.make_inputs([joint_images(obs)], [self.joint_state(obs)], [self.prompts["joint"]])
         return self.sample_batch(inputs, num_samples, _numpy(noise))[0]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coop_transport.constants import AGENTVIEW_CAMERA, ARMS, WRIST_CAMERA, image_key
+from coop_transport.constants import AGENTVIEW_CAMERA, ARMS, PROPRIO_DIM, WRIST_CAMERA, image_key
 from coop_transport.residual.buffers import ReplayBuffer, transition_fields
 from coop_transport.residual.networks import reconstruction_loss
 
@@ -28,8 +28,9 @@ WRIST_KEYS = {arm: image_key(WRIST_CAMERA[arm]) for arm in ARMS}
 AGENTVIEW_KEY = image_key(AGENTVIEW_CAMERA)
 
 
-def _rows_obs(traj, t_idx: np.ndarray, variant: str) -> list[dict]:
-    """Observations at steps ``t_idx`` of a joint trajectory in ``ResidualSystem.rows``' pre-split format."""
+def _rows_obs(traj, t_idx: np.ndarray, variant: str, history_steps: int = 1) -> list[dict]:
+    """Observations at steps ``t_idx`` of a joint trajectory in ``ResidualSystem.rows``' pre-split format, with the
+    latest ``history_steps`` states (``proprio_history``) for a π0 prior that sees earlier states."""
     missing = [k for k in (*WRIST_KEYS.values(), AGENTVIEW_KEY) if k not in traj.images]
     if missing:
         raise ValueError(f"demonstration {traj.demo} has no {missing} images; render them at the π0 policy's "
@@ -37,14 +38,17 @@ def _rows_obs(traj, t_idx: np.ndarray, variant: str) -> list[dict]:
     images = {k: np.asarray(traj.images[k][t_idx]) for k in (*WRIST_KEYS.values(), AGENTVIEW_KEY)}
     out = []
     for i, t in enumerate(t_idx):
+        recent = traj.proprio[t::-1][:history_steps]  # the states up to t, newest first (a π0 state history)
         if variant == "per-arm":
             out.append({arm: {"wrist_image": images[WRIST_KEYS[arm]][i], "agentview_image": images[AGENTVIEW_KEY][i],
-                              "proprio": traj.proprio[t, 18 * a:18 * (a + 1)]} for a, arm in enumerate(ARMS)})
+                              "proprio": traj.proprio[t, PROPRIO_DIM * a:PROPRIO_DIM * (a + 1)],
+                              "proprio_history": recent[:, PROPRIO_DIM * a:PROPRIO_DIM * (a + 1)]}
+                        for a, arm in enumerate(ARMS)})
         else:
             out.append({"joint": {"images": {"robot0_wrist": images[WRIST_KEYS["robot0"]][i],
                                              "robot1_wrist": images[WRIST_KEYS["robot1"]][i],
                                              "agentview": images[AGENTVIEW_KEY][i]},
-                                  "proprio": traj.proprio[t]}})
+                                  "proprio": traj.proprio[t], "proprio_history": recent}})
     return out
 
 
@@ -147,7 +151,7 @@ def build_demo_buffer(system, config, pool, generator: torch.Generator, progress
         bar = tqdm(total=len(needed), desc="demo buffer: π0", disable=not progress, leave=False)
         for start in range(0, len(needed), batch):
             keys = needed[start:start + batch]
-            obs = _gather(plans, keys, spec.vla_variant)
+            obs = _gather(plans, keys, spec.vla_variant, system.vla.state_history.span + 1)
             images, states, prompts = system.rows(obs)
             ref, prefix, mask = system.vla_infer(images, states, prompts, generator)
             proprio = system.normalize_proprio(states)
@@ -182,7 +186,8 @@ def build_demo_buffer(system, config, pool, generator: torch.Generator, progress
         proprio_of: dict[tuple[int, int], torch.Tensor] = {}
         for start in range(0, len(needed), batch):
             keys = needed[start:start + batch]
-            images, states, prompts = system.rows(_gather(plans, keys, spec.vla_variant))
+            images, states, prompts = system.rows(_gather(plans, keys, spec.vla_variant,
+                                                                 system.vla.state_history.span + 1))
             prefix, mask = system.vla_prefix(images, states, prompts)
             proprio = system.normalize_proprio(states)
             e = len(keys)
@@ -249,13 +254,13 @@ def _split_action(action: np.ndarray, variant: str) -> np.ndarray:
     return action[None]
 
 
-def _gather(plans, keys, variant) -> list[dict]:
+def _gather(plans, keys, variant, history_steps: int = 1) -> list[dict]:
     """Observations for (demo, t) keys, reading each demonstration's frames in one call."""
     out: dict[tuple[int, int], dict] = {}
     by_demo: dict[int, list[int]] = {}
     for d, t in keys:
         by_demo.setdefault(d, []).append(t)
     for d, times in by_demo.items():
-        for t, obs in zip(times, _rows_obs(plans[d][0], np.asarray(times), variant)):
+        for t, obs in zip(times, _rows_obs(plans[d][0], np.asarray(times), variant, history_steps)):
             out[(d, t)] = obs
     return [out[k] for k in keys]

@@ -50,6 +50,8 @@ class EnvWorker:
         from coop_transport.sim.labels import step_labels
 
         slim = {k: obs[k] for k in OBS_KEYS + IMAGE_KEYS if k in obs}
+        for arm in ARMS:  # the latest states, for a π0 prior with a state history (adapters.StateHistory)
+            slim[f"{arm}_proprio_history"] = self.sim.proprio_history(arm)
         return {"obs": slim, "labels": step_labels(self.sim)}
 
     def reset(self, seed: int) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coop_transport.adapters import arm_images, joint_images, joint_proprio
+from coop_transport.adapters import arm_images, joint_images, joint_proprio, policy_state
 from coop_transport.constants import ARMS
 from coop_transport.recipe import ClipCounters, RecipeConfig, reduce_chunk
 from coop_transport.residual.architectures import ArchSpec
@@ -95,8 +95,11 @@ class ResidualSystem:
                              "residual system's reference chunks")
         self.recipe = recipe
         self.agents = agents.to(self.device) if agents is not None else None
-        self.state_mean = torch.as_tensor(vla.state_mean, device=self.device)
-        self.state_std = torch.as_tensor(vla.state_std, device=self.device)
+        # The agents see the current proprioception only: the leading entries of π0's state vector (a state history
+        # follows them), z-scored with π0's statistics of it.
+        self.proprio_dim = spec.proprio_dim
+        self.state_mean = torch.as_tensor(vla.state_mean[:spec.proprio_dim], device=self.device)
+        self.state_std = torch.as_tensor(vla.state_std[:spec.proprio_dim], device=self.device)
         self.counters = ClipCounters()
         self.pose_mean = torch.zeros(6, device=self.device)  # sender-pose standardization for V5 (set from demos)
         self.pose_std = torch.ones(6, device=self.device)
@@ -123,20 +126,29 @@ class ResidualSystem:
         ``{"joint": {"images": {slot: image}, "proprio": (36,)}}`` (joint).
         """
         images, states, prompts = [], [], []
+        history = self.vla.state_history
         for obs in observations:
             if self.spec.vla_variant == "per-arm":
                 for arm in ARMS:
-                    view = obs[arm] if arm in obs else arm_observation(obs, arm)  # per-arm dicts accepted as-is
+                    if arm in obs:  # per-arm dicts accepted as-is
+                        view = obs[arm]
+                    else:
+                        view = arm_observation(obs, arm)
+                        if f"{arm}_proprio_history" in obs:  # rollout workers send each arm's latest states
+                            view["proprio_history"] = obs[f"{arm}_proprio_history"]
                     images.append(arm_images(view))
-                    states.append(view["proprio"])
+                    states.append(policy_state(view, history))
                     prompts.append(self.vla.prompts[arm])
             elif "joint" in obs:  # pre-split: {"joint": {"images": {slot: image}, "proprio": (36,)}} (demonstrations)
                 images.append(obs["joint"]["images"])
-                states.append(obs["joint"]["proprio"])
+                states.append(policy_state(obs["joint"], history))
                 prompts.append(self.vla.prompts["joint"])
             else:
                 images.append(joint_images(obs))
-                states.append(joint_proprio(obs))
+                view = {"proprio": joint_proprio(obs)}
+                if all(f"{arm}_proprio_history" in obs for arm in ARMS):
+                    view["proprio_history"] = np.concatenate([obs[f"{arm}_proprio_history"] for arm in ARMS], -1)
+                states.append(policy_state(view, history))
                 prompts.append(self.vla.prompts["joint"])
         return images, states, prompts
 
@@ -167,7 +179,8 @@ class ResidualSystem:
         return prefix.float(), mask
 
     def normalize_proprio(self, states: list[np.ndarray]) -> torch.Tensor:
-        raw = torch.as_tensor(np.stack(states), dtype=torch.float32, device=self.device)
+        """z-scored current proprioception (R, proprio_dim) from raw π0 states (or the proprioception itself)."""
+        raw = torch.as_tensor(np.stack(states)[:, :self.proprio_dim], dtype=torch.float32, device=self.device)
         return (raw - self.state_mean) / self.state_std
 
     # --------------------------------------------------------------------------------------------- boundary
@@ -231,7 +244,8 @@ class ResidualSystem:
         FiLM maps to the identity."""
         if self.spec.vla_variant != "per-arm":
             raise ValueError(f"{self.spec.name} is not a per-arm architecture")
-        ref, prefix, mask = self.vla_infer([arm_images(arm_obs)], [arm_obs["proprio"]], [self.vla.prompts[arm]],
+        ref, prefix, mask = self.vla_infer([arm_images(arm_obs)], [policy_state(arm_obs, self.vla.state_history)],
+                                           [self.vla.prompts[arm]],
                                            generator)
         if self.agents is None:
             return ref[0].cpu().numpy(), None

@@ -15,7 +15,9 @@ Every tick (timer on the node clock: simulated time when ``use_sim_time``) publi
   the chunk is dropped, planning retries and the node resumes when the server answers again), when the chunk is
   used up before the next one is ready (inference overrun), or before the first chunk.
 A worker thread plans the next chunk from the latest observation when the current one runs low (``replan_margin``
-actions left); the tick swaps it in when the current one is used up and never waits for inference.
+actions left); the tick swaps it in when the current one is used up and never waits for inference. Each tick with
+fresh inputs also records the arm's proprioception, so a policy that sees earlier states (the shipped default:
+0.25, 0.5 and 0.75 s back) gets them in ticks, as it was trained on control steps.
 
 The policy comes from ``policy_factory`` (default ``coop_transport.deploy:load_arm_policy``), called once as
 ``factory(policy_path or None, arm=..., recipe=RecipeConfig(...), backend=...)`` (plus ``policy_server=...,
@@ -47,7 +49,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Header
 from trajectory_msgs.msg import JointTrajectory
 
-from coop_transport.constants import ARM_ACTION_DIM, ARMS, CONTROL_FREQ, GRIPPER_INDEX, OSC_POS_SCALE, OSC_ROT_SCALE
+from coop_transport.constants import (ARM_ACTION_DIM, ARMS, CONTROL_FREQ, GRIPPER_INDEX, OSC_POS_SCALE, OSC_ROT_SCALE,
+                                      PROPRIO_HISTORY_STEPS)
 from coop_transport.recipe import RecipeConfig
 from coop_transport.ros import codec, topics
 from coop_transport.ros.safety import SafetyLimits, apply_limits, hold_command
@@ -195,6 +198,10 @@ class PolicyNode(Node):
         self._partner: tuple[float, np.ndarray] | None = None
         self._episode: str | None = None
         self._episode_stamp = -1.0  # stamp of the current episode's start: older frames/messages belong to the last
+        # The arm's proprioception at each control tick with fresh inputs, newest first: the policy's earlier states
+        # (adapters.StateHistory) are counted in ticks, as the simulation counts them in control steps. Cleared at
+        # an episode reset and a watchdog trip (the missing steps are then the current state: no motion).
+        self._proprio_recent: deque[np.ndarray] = deque(maxlen=PROPRIO_HISTORY_STEPS)
 
         # ---- chunk double buffer
         self._chunk: deque[np.ndarray] = deque()
@@ -317,6 +324,7 @@ class PolicyNode(Node):
         self._had_chunk = False
         self._last_gripper = float(self.get_parameter("initial_gripper").value)
         self._episode_stamp = stamp  # frames and messages of the previous episode must not start the next one
+        self._proprio_recent.clear()
         self._jobs.put(("reset", None))
         self.counts["episodes"] += 1
 
@@ -340,6 +348,7 @@ class PolicyNode(Node):
             return
 
         self._tick_walls.append(time.monotonic())
+        self._proprio_recent.appendleft(self._proprio())
         if not self._chunk:
             with self._lock:
                 ready, self._ready = self._ready, None
@@ -389,6 +398,7 @@ class PolicyNode(Node):
             self._ready = None
         self._chunk.clear()
         self._had_chunk = False
+        self._proprio_recent.clear()
 
     def _policy_fault(self) -> str | None:
         """Why the policy cannot be trusted to deliver: the server was lost, or (remote mode) a plan has waited
@@ -458,11 +468,19 @@ class PolicyNode(Node):
             return "missing"
         return "stale" if now - self._partner[0] > self.partner_timeout else "fresh"
 
-    def arm_observation(self, now: float) -> dict:
-        """The latest observation in ``coop_transport.sim.env.arm_observation``'s format."""
+    def _proprio(self) -> np.ndarray:
         _, joints, fingers = self._joints
         _, pos, quat = self._eef
-        obs = {"proprio": codec.proprio(pos, quat, fingers, joints), "wrist_image": self._wrist[1]}
+        return codec.proprio(pos, quat, fingers, joints)
+
+    def arm_observation(self, now: float) -> dict:
+        """The latest observation in ``coop_transport.sim.env.arm_observation``'s format, with the states of the
+        latest ticks (``proprio_history``, newest first) for policies that see earlier states."""
+        proprio = self._proprio()
+        recent = list(self._proprio_recent)
+        if not recent or not np.array_equal(recent[0], proprio):  # inputs newer than this tick's record
+            recent.insert(0, proprio)
+        obs = {"proprio": proprio, "proprio_history": np.stack(recent), "wrist_image": self._wrist[1]}
         if self.policy.uses_agentview and self._agentview is not None:
             obs["agentview_image"] = self._agentview[1]
         if self.policy.accepts_message and self._partner_state(now) == "fresh":

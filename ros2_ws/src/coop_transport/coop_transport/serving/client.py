@@ -21,10 +21,12 @@ import websockets
 from websockets.sync.client import connect
 
 from coop_transport.adapters import arm_images, joint_images, joint_proprio
-from coop_transport.serving.protocol import API_KEY_ENV, ARM_KEY, STATE_KEY, image_key, packb, unpackb
+from coop_transport.serving.protocol import (API_KEY_ENV, ARM_KEY, STATE_HISTORY_KEY, STATE_KEY, image_key, packb,
+                                             unpackb)
 
 # Metadata that must not change when the client reconnects (a restarted server with another policy is refused).
-_FIXED_METADATA = ("variant", "image_size", "horizon", "action_dim", "action_pad_dim", "action_mean", "action_std")
+_FIXED_METADATA = ("variant", "image_size", "horizon", "action_dim", "action_pad_dim", "action_mean", "action_std",
+                   "state_history_steps")
 
 
 class PolicyUnavailable(ConnectionError):
@@ -87,6 +89,8 @@ class RemotePolicy:
         self.action_min, self.action_max = (np.asarray(m[k], dtype=np.float32) if k in m else None
                                             for k in ("action_min", "action_max"))
         self.prompts = {arm: arm for arm in m.get("arms", [])} or {"joint": "joint"}
+        # > 0: the served policy sees earlier states; each request carries this many of the latest ones.
+        self.state_history_steps = int(m.get("state_history_steps", 0))
 
     @property
     def name(self) -> str:
@@ -174,7 +178,7 @@ class RemotePolicy:
         if self.variant != "per-arm":
             raise ValueError(f"sample_arm needs a per-arm policy, the server has {self.variant!r}")
         request = {image_key(slot): image for slot, image in arm_images(arm_obs).items()}
-        request[STATE_KEY] = np.asarray(arm_obs["proprio"], dtype=np.float32)
+        self._add_state(request, arm_obs["proprio"], arm_obs)
         request[ARM_KEY] = arm
         return self._sample(request, num_samples, noise)
 
@@ -186,5 +190,14 @@ class RemotePolicy:
         if self.variant != "joint":
             raise ValueError(f"sample_joint needs a joint policy, the server has {self.variant!r}")
         request = {image_key(slot): image for slot, image in joint_images(obs).items()}
-        request[STATE_KEY] = np.asarray(joint_proprio(obs), dtype=np.float32)
+        self._add_state(request, joint_proprio(obs), obs)
         return self._sample(request, num_samples, noise)
+
+    def _add_state(self, request: dict, state: np.ndarray, obs: dict) -> None:
+        request[STATE_KEY] = np.asarray(state, dtype=np.float32)
+        if self.state_history_steps:
+            if "proprio_history" not in obs:
+                raise ValueError(f"{self.uri} serves a policy that sees earlier states, but the observation has no "
+                                 "proprio_history (the latest control steps' states, newest first)")
+            history = np.asarray(obs["proprio_history"], dtype=np.float32)[: self.state_history_steps]
+            request[STATE_HISTORY_KEY] = np.ascontiguousarray(history)

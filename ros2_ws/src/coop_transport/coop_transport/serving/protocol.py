@@ -53,6 +53,9 @@ PROTOCOL = "openpi-websocket"
 API_KEY_ENV = "COOP_TRANSPORT_API_KEY"  # the API key for server and clients, kept out of command lines
 PROTOCOL_VERSION = 1
 STATE_KEY = "observation/state"
+# Policies that see earlier states (adapters.StateHistory): the arm's (or both arms') proprioception at the latest
+# control steps, newest first, (L, state_dim) with the current state as row 0; L up to the policy's span + 1.
+STATE_HISTORY_KEY = "observation/state_history"
 ARM_KEY = "arm"
 OPTIONAL_KEYS = ("num_samples", "noise", "noise_seed")
 PARTNER_MESSAGE_KEY = "observation/partner_message"  # residual V5 / V6 policies: the partner arm's latest message
@@ -154,6 +157,7 @@ class ObservationSchema:
     max_num_samples: int = 16
     partner_message_shape: tuple[int, ...] | None = None  # residual V5 (16,) / V6 (C, 7); None: no message input
     flow_noise: bool = True  # False (residual policies): the policy draws its own noise; only noise_seed applies
+    state_history_steps: int = 0  # > 0: the policy sees earlier states; STATE_HISTORY_KEY is required, at most this long
 
     @property
     def optional_keys(self) -> tuple[str, ...]:
@@ -170,13 +174,18 @@ class ObservationSchema:
 
     @property
     def required_keys(self) -> tuple[str, ...]:
-        return self.image_keys + (STATE_KEY,) + ((ARM_KEY,) if self.per_arm else ())
+        history = (STATE_HISTORY_KEY,) if self.state_history_steps else ()
+        return self.image_keys + (STATE_KEY,) + history + ((ARM_KEY,) if self.per_arm else ())
 
     def describe(self) -> dict:
         """The key scheme, for the metadata: {key: {shape, dtype}} and the optional keys."""
         s = self.image_size
         keys = {k: {"shape": [s, s, 3], "dtype": "uint8"} for k in self.image_keys}
         keys[STATE_KEY] = {"shape": [self.state_dim], "dtype": "float32 or float64"}
+        if self.state_history_steps:
+            keys[STATE_HISTORY_KEY] = {"shape": [f"1..{self.state_history_steps}", self.state_dim],
+                                       "dtype": "float32 or float64",
+                                       "meaning": "the latest control steps' states, newest (the current) first"}
         if self.per_arm:
             keys[ARM_KEY] = {"values": list(self.prompt_keys), "dtype": "str"}
         optional = {"num_samples": {"range": [1, self.max_num_samples], "dtype": "int"},
@@ -201,6 +210,14 @@ class Request:
     noise: np.ndarray | None  # (N, H, P) float32, or None: the server draws it
     noise_seed: int | None
     partner_message: np.ndarray | None = None  # residual V5 / V6: float32 in the schema's shape
+    state_history: np.ndarray | None = None  # (L, state_dim) float32, newest first (policies with a state history)
+
+    def observation(self) -> dict:
+        """The state part as an observation dict (``proprio`` and, when sent, ``proprio_history``)."""
+        obs = {"proprio": self.state}
+        if self.state_history is not None:
+            obs["proprio_history"] = self.state_history
+        return obs
 
 
 def _int(value, key: str, low: int, high: int) -> int:
@@ -243,6 +260,16 @@ def parse_request(obs, schema: ObservationSchema) -> Request:
     s = schema.image_size
     images = {slot: _array(obs, key, (s, s, 3), ("uint8",)) for slot, key in zip(schema.slots, schema.image_keys)}
     state = _array(obs, STATE_KEY, (schema.state_dim,), ("float32", "float64")).astype(np.float32)
+    history = None
+    if schema.state_history_steps:
+        value = obs[STATE_HISTORY_KEY]
+        rows = value.shape[0] if isinstance(value, np.ndarray) and value.ndim == 2 else 0
+        if not 1 <= rows <= schema.state_history_steps:
+            raise RequestError(f"{STATE_HISTORY_KEY} must be (L, {schema.state_dim}) with 1 <= L <= "
+                               f"{schema.state_history_steps}, got {getattr(value, 'shape', type(value).__name__)}")
+        history = _array(obs, STATE_HISTORY_KEY, (rows, schema.state_dim), ("float32", "float64")).astype(np.float32)
+        if not np.allclose(history[0], state, atol=1e-5):
+            raise RequestError(f"{STATE_HISTORY_KEY}'s first row must be the current {STATE_KEY}")
     if schema.per_arm:
         arm = obs[ARM_KEY]
         if not isinstance(arm, str) or arm not in schema.prompt_keys:
@@ -264,7 +291,7 @@ def parse_request(obs, schema: ObservationSchema) -> Request:
     if PARTNER_MESSAGE_KEY in obs:
         message = _array(obs, PARTNER_MESSAGE_KEY, tuple(schema.partner_message_shape),
                          ("float32", "float64")).astype(np.float32)
-    return Request(images, state, prompt_key, n, chunk_only, noise, seed, message)
+    return Request(images, state, prompt_key, n, chunk_only, noise, seed, message, history)
 
 
 def seeded_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:

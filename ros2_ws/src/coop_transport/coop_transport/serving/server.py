@@ -28,10 +28,16 @@ import numpy as np
 import websockets
 from websockets.asyncio.server import serve
 
+from coop_transport.adapters import policy_state
 from coop_transport.serving.protocol import (PROTOCOL, PROTOCOL_VERSION, ObservationSchema, Request, RequestError,
                                              packb, parse_request, seeded_noise, unpackb)
 
 log = logging.getLogger("coop_transport.serve")
+
+
+def _history_steps(history) -> int:
+    """Rows of ``observation/state_history`` a policy reads: its span + 1; 0 for a policy without a history."""
+    return history.span + 1 if history is not None and history.frames > 1 else 0
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -44,9 +50,10 @@ class PolicyRunner:
         spec = policy.spec
         pad = policy.config.action_pad_dim if hasattr(policy, "config") else policy.meta.action_pad_dim
         prompt_keys = tuple(policy.prompts) if policy.variant == "per-arm" else ("joint",)
+        history = getattr(policy, "state_history", None)
         self.schema = ObservationSchema(policy.variant, tuple(spec.slots), int(policy.image_size), spec.state_dim,
                                         int(policy.horizon), spec.action_dim, int(pad), prompt_keys,
-                                        max_num_samples)
+                                        max_num_samples, state_history_steps=_history_steps(history))
         self.description = description
         self._rng = np.random.default_rng(seed)  # noise of requests that bring neither noise nor noise_seed
 
@@ -63,7 +70,8 @@ class PolicyRunner:
                 "action_std": [float(x) for x in self.policy.action_std],
                 **{key: [float(x) for x in value] for key in ("action_min", "action_max")
                    if (value := getattr(self.policy, key, None)) is not None},
-                "max_num_samples": self.schema.max_num_samples, **self.schema.describe()}
+                "max_num_samples": self.schema.max_num_samples,
+                "state_history_steps": self.schema.state_history_steps, **self.schema.describe()}
 
     def _noise(self, r: Request) -> np.ndarray:
         shape = (r.num_samples, self.schema.horizon, self.schema.action_pad_dim)
@@ -93,7 +101,8 @@ class PolicyRunner:
 
     def _sample(self, group: list[Request], n: int) -> np.ndarray:
         images = [r.images for r in group]
-        states = [r.state for r in group]
+        # The policy's own state vector: the current state, with its earlier ones where the policy sees them.
+        states = [policy_state(r.observation(), self.policy.state_history) for r in group]
         prompts = [self.policy.prompts[r.prompt_key] for r in group]
         noise = np.concatenate([self._noise(r) for r in group])  # row b * N + k: sample k of observation b
         if hasattr(self.policy, "make_batch"):  # Pi0Policy (PyTorch)
@@ -128,7 +137,8 @@ class ResidualRunner:
         received = None if not dim else (chunk, ARM_ACTION_DIM) if system.spec.message == "chunk" else (dim,)
         self.schema = ObservationSchema("per-arm", ("wrist", "agentview"), int(system.vla.image_size), PROPRIO_DIM,
                                         chunk, ARM_ACTION_DIM, ARM_ACTION_DIM, tuple(ARMS), 1,
-                                        partner_message_shape=received, flow_noise=False)
+                                        partner_message_shape=received, flow_noise=False,
+                                        state_history_steps=_history_steps(system.vla.state_history))
         self.description = description
         self._rng = np.random.default_rng(seed)
         self._generator = torch.Generator()
@@ -143,7 +153,7 @@ class ResidualRunner:
                 "recipe": {"execute_steps": self.system.recipe.execute_steps,
                            "num_samples": self.system.recipe.num_samples,
                            "clip_sigma": self.system.recipe.clip_sigma},
-                **s.describe()}
+                "state_history_steps": s.state_history_steps, **s.describe()}
 
     def run(self, requests: list[Request]) -> list[dict | Exception]:
         results = []
@@ -152,7 +162,7 @@ class ResidualRunner:
                 seed = r.noise_seed if r.noise_seed is not None else int(self._rng.integers(2 ** 62))
                 self._generator.manual_seed(seed % (2 ** 63))
                 arm_obs = {"wrist_image": r.images["wrist"], "agentview_image": r.images["agentview"],
-                           "proprio": r.state}
+                           **r.observation()}
                 actions, sent = self.system.agent_plan(r.prompt_key, arm_obs, self._generator, r.partner_message)
                 out = {"actions": np.asarray(actions, dtype=np.float32)}
                 if sent is not None:

@@ -15,13 +15,14 @@ composite controller, 20 Hz, 500-step horizon). It adds what robosuite does not 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from coop_transport.constants import (
-    AGENTVIEW_CAMERA, ARM_ACTION_DIM, ARMS, CONTROL_FREQ, HORIZON, JOINT_ACTION_DIM, SMALL_IMAGE_SIZE, WRIST_CAMERA,
-    image_key,
+    AGENTVIEW_CAMERA, ARM_ACTION_DIM, ARMS, CONTROL_FREQ, HORIZON, JOINT_ACTION_DIM, PROPRIO_HISTORY_STEPS,
+    SMALL_IMAGE_SIZE, WRIST_CAMERA, image_key,
 )
 from coop_transport.sim.frames import arm_proprio
 from coop_transport.sim.rendering import CameraRenderer, configure_gl
@@ -117,6 +118,8 @@ class TransportSim:
         self.seed: int | None = None
         self._potential = 0.0
         self._obs: dict | None = None
+        # Each arm's proprioception at the latest control steps, newest first (policies with a state history).
+        self._proprio_recent = {arm: deque(maxlen=PROPRIO_HISTORY_STEPS) for arm in ARMS}
 
     # ----------------------------------------------------------------------------------------------- episode
     def reset(self, seed: int) -> dict:
@@ -128,6 +131,7 @@ class TransportSim:
         raw = self.rs_env.reset()
         self.t, self.seed = 0, int(seed)
         self._obs = self._observation(raw)
+        self._record_proprio(new_episode=True)
         if self.config.shaped_reward:
             from coop_transport.sim.labels import task_potential
 
@@ -159,6 +163,7 @@ class TransportSim:
             self._potential = potential
         done = (success and self.config.terminate_on_success) or self.t >= self.config.horizon
         self._obs = self._observation(raw)
+        self._record_proprio()
         return self._obs, float(reward), bool(done), {"success": success, "t": self.t, "seed": self.seed}
 
     def success(self) -> bool:
@@ -191,6 +196,7 @@ class TransportSim:
         self.rs_env.sim.set_state_from_flattened(state)
         self.rs_env.sim.forward()
         self._obs = self._observation(self.rs_env._get_observations(force_update=True))
+        self._record_proprio(new_episode=True)  # no history across a jump: the restored state stands in for it
         return self._obs
 
     def model_xml(self) -> str:
@@ -219,8 +225,26 @@ class TransportSim:
 
     # ------------------------------------------------------------------------------------------ per-arm view
     def arm_observation(self, arm: str, obs: dict | None = None) -> dict:
-        """What one deployed arm sees: its wrist image, optionally agentview, and its proprioception."""
-        return arm_observation(obs if obs is not None else self.observation, arm)
+        """What one deployed arm sees: its wrist image, optionally agentview, and its proprioception; for the
+        current observation also ``proprio_history`` (``proprio_history(arm)``)."""
+        if obs is not None:
+            return arm_observation(obs, arm)
+        view = arm_observation(self.observation, arm)
+        view["proprio_history"] = self.proprio_history(arm)
+        return view
+
+    def proprio_history(self, arm: str) -> np.ndarray:
+        """(L, PROPRIO_DIM) the arm's proprioception at the latest L <= PROPRIO_HISTORY_STEPS control steps of this
+        episode, newest (the current one) first."""
+        if self._obs is None:
+            raise RuntimeError("no observation before reset()")
+        return np.stack(self._proprio_recent[arm])
+
+    def _record_proprio(self, new_episode: bool = False) -> None:
+        for arm in ARMS:
+            if new_episode:
+                self._proprio_recent[arm].clear()
+            self._proprio_recent[arm].appendleft(arm_observation(self._obs, arm)["proprio"])
 
     def close(self) -> None:
         for renderer in [self._renderer, *self._extra_renderers.values()]:
