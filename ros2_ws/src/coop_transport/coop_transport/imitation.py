@@ -121,7 +121,7 @@ class ImitationConfig:
 
     def __post_init__(self):
         variant_spec(self.variant)
-        self.history  # validates the state-history fields
+        _ = self.history  # refuses bad state-history values before any data is loaded
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1 "
                              f"(got {self.steps}, {self.batch_size}, {self.save_every})")
