@@ -114,11 +114,15 @@ class StateHistory:
         index = np.minimum(np.arange(self.frames) * self.stride, len(recent) - 1)
         return self.encode(recent[index])
 
+    def step_index(self, steps: int) -> np.ndarray:
+        """(T, K) for every step t of a T-step episode, the steps its frames come from: t, t - S, t - 2S, ...,
+        the first step standing in before the episode's start."""
+        return np.maximum(np.arange(steps)[:, None] - np.arange(self.frames)[None] * self.stride, 0)
+
     def from_trajectory(self, proprio: np.ndarray) -> np.ndarray:
         """(T, K * D) policy states of every step of one trajectory's (T, D) proprioception."""
         proprio = np.asarray(proprio, dtype=np.float32)
-        t = np.arange(len(proprio))[:, None] - np.arange(self.frames)[None] * self.stride  # (T, K)
-        return self.encode(proprio[np.maximum(t, 0)])
+        return self.encode(proprio[self.step_index(len(proprio))])
 
 
 def policy_state(obs: dict, history: StateHistory, key: str = "proprio") -> np.ndarray:

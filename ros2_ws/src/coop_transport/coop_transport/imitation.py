@@ -195,11 +195,11 @@ def _demo_norm_stats(config: ImitationConfig, demos, names: list[str]) -> dict:
         trajs = (demos.arm_trajectories(None, images="none") if config.variant == "per-arm"
                  else demos.joint_trajectories(None, images="none"))
         trajs = [t for t in trajs if t.demo in sel]
-        stats = compute_norm_stats(trajs)
+        stats = compute_norm_stats(trajs, keys=("actions",))
         raw = NormStats.compute(np.concatenate([history.from_trajectory(t.proprio) for t in trajs]))
         state = floored_stats(raw, STATE_STD_FLOOR)
         if history.encoding == "delta" and history.frames > 1:  # the displacement blocks get their own floor
-            width = stats["proprio"].dim
+            width = variant_spec(config.variant).state_dim
             state["std"][width:] = np.maximum(raw.std[width:], DELTA_STD_FLOOR).tolist()
             state["delta_std_floor"] = DELTA_STD_FLOOR
     return {"state": state, "actions": floored_stats(stats["actions"], ACTION_STD_FLOOR)}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from coop_transport.adapters import StateHistory
 from coop_transport.constants import ARMS, JOINT_ACTION_DIM
 
 CONFIG_FILE = "config.json"
@@ -149,7 +150,7 @@ def stack_history(states: np.ndarray, history: int, stride: int, columns: np.nda
     """(T, S) states of one episode -> (T, S + (history - 1) * len(columns)): each row the whole state at t, then
     the ``columns`` of the states at t - stride, t - 2 stride, ... (all columns when None), the episode's first
     state standing in before its start."""
-    index = np.maximum(np.arange(len(states))[:, None] - stride * np.arange(1, history)[None], 0)  # (T, h - 1)
+    index = StateHistory(history, stride).step_index(len(states))[:, 1:]  # (T, history - 1), as π0's history
     past = states[index] if columns is None else states[index][..., columns]
     return np.concatenate([states, past.reshape(len(states), -1)], axis=1)
 
