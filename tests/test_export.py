@@ -395,6 +395,24 @@ def test_pi0_controller_runs_a_backend_with_paired_noise(exported):
         assert np.abs(chunks["onnxruntime"][arm] - chunks["torch"][arm]).max() < TOL
 
 
+def test_evaluate_command_runs_an_export_directory(exported, tmp_path):
+    """training/evaluate.py --policy EXPORT_DIR --backend onnxruntime (the closed-loop parity run): the export is
+    accepted as the policy, its row names the source checkpoint's step, and a folder that is neither is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import evaluate
+
+    result = evaluate.main(evaluate.Config(policy=exported["out"], backend="onnxruntime", episodes=1, first_seed=3,
+                                           workers=1, horizon=2, noise_seed=0, out=tmp_path, progress=False))
+    (row,) = result["rows"]
+    assert row["episodes"] == 1 and row["step"] == exported["manifest"]["source_checkpoint"]["step"] > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["per_seed"][0]["seed"] == 3
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        evaluate.main(evaluate.Config(policy=tmp_path, backend="onnxruntime", out=tmp_path / "x", progress=False))
+
+
 @pytest.mark.ros
 def test_policy_node_loads_an_exported_policy(exported):
     """The ROS policy node's `backend` and `policy_path` parameters reach deploy.load_arm_policy (default factory)."""

@@ -306,3 +306,35 @@ def test_data_parallel_training_with_torchrun(demo_file, tmp_path):
     assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["batch_size_per_process"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
     assert summary["final_loss"] is not None and np.isfinite(summary["final_loss"])
+
+
+@pytest.mark.slow
+def test_reproduce_script_selects_the_best_checkpoint_over_training_seeds(demo_file, tmp_path):
+    """training/reproduce_default.sh with the tiny model on CPU: two training seeds of one variant, every checkpoint
+    of both evaluated on the selection seeds, the best over both copied to select-per-arm/best, then evaluated."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, STAGES="train select eval", DATA=str(demo_file), SEEDS="0 1",
+               VARIANTS="per-arm", MODEL="tiny", ACTION_HORIZON="12", STEPS="4", BATCH="4", CHECKPOINTS="2",
+               WARMUP="2", COMPILE="0", HISTORY="2", HISTORY_STRIDE="2", SELECT_EPISODES="1", EVAL_EPISODES="1",
+               HORIZON="2", WORKERS="1", DEVICE="cpu", BACKEND="torch", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(["bash", str(root / "training" / "reproduce_default.sh"), str(tmp_path)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = []
+    for seed in (0, 1):
+        run = tmp_path / f"per-arm-tiny-seed{seed}"
+        assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000002", "step_000004"]
+        assert json.loads((run / "checkpoints" / "step_000004" / "config.json").read_text())["step"] == 4
+        rows += json.loads((tmp_path / "select-per-arm" / f"seed{seed}" / "results.json").read_text())["rows"]
+    assert len(rows) == 4  # every checkpoint of both seeds was a candidate
+    best = max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))["policy"]
+    assert f"best per-arm checkpoint by simulated success: {best}" in done.stdout
+    chosen = tmp_path / "select-per-arm" / "best" / "model.safetensors"
+    assert chosen.read_bytes() == (Path(best) / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "eval-per-arm" / "summary.json").read_text())["episodes"] == 1

@@ -39,7 +39,8 @@ class Config:
     """--controller expert: the demonstrator's hand-over protocol, observed (what demonstrations are made with) or
     planned (the first demonstrations', the shipped default's); see coop_transport.sim.expert.ExpertConfig."""
     policy: Path | None = None
-    """Checkpoint directory, or a folder of step_* checkpoints; default: the shipped per-arm policy."""
+    """Checkpoint directory, an export directory (export/export.py; with --backend onnxruntime or tensorrt), or a folder
+    of step_* checkpoints; default: the shipped per-arm policy."""
     out: Path = Path("runs/eval")
     """Where summary.json / summary.md (and videos, plots) go."""
     episodes: int = 100
@@ -108,13 +109,25 @@ def recipe_overrides(cfg: Config) -> dict:
 
 
 def checkpoints_in(path: Path) -> list[Path]:
-    """One checkpoint directory, or the step_* checkpoints inside a folder (sorted by step)."""
-    if (path / "config.json").exists():
+    """One checkpoint or export directory, or the step_* checkpoints inside a folder (sorted by step)."""
+    from coop_transport.export.runtime import is_export_dir
+
+    if (path / "config.json").exists() or is_export_dir(path):
         return [path]
     found = sorted(p for p in path.glob("step_*") if (p / "config.json").exists())
     if not found:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no config.json) nor a folder of step_* checkpoints")
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no config.json), an export directory (no manifest.json) "
+                                "nor a folder of step_* checkpoints")
     return found
+
+
+def policy_step(path: Path) -> int:
+    """The training step of a checkpoint, or of the checkpoint an export directory was made from."""
+    from coop_transport.export.runtime import MANIFEST_FILE, is_export_dir
+
+    if is_export_dir(path):
+        return json.loads((path / MANIFEST_FILE).read_text())["source_checkpoint"].get("step", 0)
+    return json.loads((path / "config.json").read_text()).get("step", 0)
 
 
 def main(cfg: Config) -> dict:
@@ -153,7 +166,7 @@ def main(cfg: Config) -> dict:
                 from coop_transport.pi0_policy import default_policy_dir
 
                 source = default_policy_dir()
-            step = json.loads((source / "config.json").read_text()).get("step", 0) if source else 0
+            step = policy_step(source) if source else 0
             rows.append({"name": name, "policy": str(policy) if policy else (
                          f"served {cfg.policy_server}" if cfg.policy_server else "default"), "recipe": recipe_name,
                          "step": step, "success_rate": summary["success_rate"], "wilson95": summary["wilson95"],

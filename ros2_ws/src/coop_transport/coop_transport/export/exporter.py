@@ -54,7 +54,8 @@ class ExportConfig:
     external_data: bool | None = None
     """weights in a separate <graph>.onnx.data file: None = only above 1.8 GB (π0-3B)"""
     residual: pathlib.Path | None = None
-    """a residual-RL run whose networks are exported too (once coop_transport.residual exists)"""
+    """a residual-RL run (training/residual.py --out) whose RL token encoder, communication head and residual actor
+    are exported too"""
     fused: bool = True
     """export the π0 chunk sampler with fused weights (export.fused: the same function in about 40% fewer ONNX
     Runtime nodes, faster on a CPU); False (--no-fused): the plain trace of Pi0Model.sample_actions. Parity is against
