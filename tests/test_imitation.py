@@ -333,7 +333,7 @@ def test_reproduce_script_selects_the_best_checkpoint_over_training_seeds(demo_f
         assert json.loads((run / "checkpoints" / "step_000004" / "config.json").read_text())["step"] == 4
         rows += json.loads((tmp_path / "select-per-arm" / f"seed{seed}" / "results.json").read_text())["rows"]
     assert len(rows) == 4  # every checkpoint of both seeds was a candidate
-    best = max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))["policy"]
+    best = max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))["policy"]  # hand-written
     assert f"best per-arm checkpoint by simulated success: {best}" in done.stdout
     chosen = tmp_path / "select-per-arm" / "best" / "model.safetensors"
     assert chosen.read_bytes() == (Path(best) / "model.safetensors").read_bytes()

@@ -130,6 +130,12 @@ def policy_step(path: Path) -> int:
     return json.loads((path / "config.json").read_text()).get("step", 0)
 
 
+def best_row(rows: list[dict]) -> dict:
+    """The best evaluated checkpoint by simulated success. Ties (common while a policy rarely succeeds) go to the one
+    that gets further through the task, then to the later step."""
+    return max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))
+
+
 def main(cfg: Config) -> dict:
     eval_config = EvalConfig(episodes=cfg.episodes, first_seed=cfg.first_seed, workers=cfg.workers, videos=cfg.video,
                              horizon=cfg.horizon)
@@ -187,8 +193,7 @@ def main(cfg: Config) -> dict:
     result = {"rows": rows}
     if len(policies) > 1 and len(recipes) == 1:
         plot_success_vs_step(rows, cfg.out / "success_vs_step.png")
-        # Ties in success (common while a policy rarely succeeds) go to the one that gets further through the task.
-        best = max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))
+        best = best_row(rows)
         result["best"] = best
         print(f"best by simulated success: {best['policy']} ({100 * best['success_rate']:.1f}%)")
         if cfg.select_best:

@@ -103,11 +103,13 @@ if has select; then
                 --first-seed "$SELECT_SEEDS" --workers "$WORKERS" --out "$sel/seed$seed" --horizon "$HORIZON" \
                 --device "$DEVICE" --backend "$BACKEND" --no-progress
         done
-        # The best over every seed's checkpoints, with evaluate.py's tie-break (success, milestones, step).
+        # The best over every seed's checkpoints (evaluate.best_row, the rule of a single run's selection).
         best=$($PY - "$sel" "${seeds[@]}" <<'PYEOF'
 import json, sys
+sys.path.insert(0, "training")
+from evaluate import best_row
 rows = [r for s in sys.argv[2:] for r in json.load(open(f"{sys.argv[1]}/seed{s}/results.json"))["rows"]]
-print(max(rows, key=lambda r: (r["success_rate"], r["mean_milestones"], r["step"]))["policy"])
+print(best_row(rows)["policy"])
 PYEOF
 )
         echo "best $variant checkpoint by simulated success: $best"
