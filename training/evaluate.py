@@ -123,10 +123,11 @@ def checkpoints_in(path: Path) -> list[Path]:
 
 def policy_step(path: Path) -> int:
     """The training step of a checkpoint, or of the checkpoint an export directory was made from."""
-    from coop_transport.export.runtime import MANIFEST_FILE, is_export_dir
+    from coop_transport.export import read_manifest
+    from coop_transport.export.runtime import is_export_dir
 
     if is_export_dir(path):
-        return json.loads((path / MANIFEST_FILE).read_text())["source_checkpoint"].get("step", 0)
+        return read_manifest(path)["source_checkpoint"].get("step", 0)
     return json.loads((path / "config.json").read_text()).get("step", 0)
 
 
