@@ -81,3 +81,41 @@ def test_demo_chunk_plan():
     assert plan_demo_chunks(20, 10, 10, success=True) == [(0, 10, False), (10, 10, True)]
     assert plan_demo_chunks(20, 10, 5, success=True) == [(0, 10, False), (5, 10, False), (10, 10, True),
                                                          (15, 5, True)]
+
+
+def test_collector_stacks_restored_and_fresh_transitions_on_one_device():
+    """After a resume, a transition restored from the training state (every field moved to the learner's device)
+    finishes in the same chunk as fresh ones (network outputs on that device, reward and labels on the CPU). A CUDA
+    run failed there ("Expected all tensors to be on the same device"); the meta device stands in for CUDA."""
+    from types import SimpleNamespace
+
+    from coop_transport.residual.rollout import Collector
+
+    class ReplayOnlyPool:  # load_state replays the running episodes; nothing else of a pool is needed here
+        num_envs = 2
+
+        def replay(self, episodes):
+            return {e: {"obs": None, "labels": None} for e in episodes}
+
+    device = torch.device("meta")
+    system = SimpleNamespace(device=device)
+
+    def transition(on):  # the fields of Collector.step's pending transition, network outputs on `on`
+        return {"latent": torch.zeros(4, device=on), "proprio": torch.zeros(3, device=on),
+                "ref": torch.zeros(2, 7, device=on), "action": torch.zeros(2, 7, device=on),
+                "reward": torch.tensor(0.5), "discount": torch.tensor(0.9), "done": torch.tensor(0.0),
+                "phase": torch.tensor([1, 2])}
+
+    saved = Collector(system, ReplayOnlyPool(), seed=0, gamma=0.99)
+    saved.slots[0].seed, saved.slots[0].pending = 7, transition("cpu")
+    meta, tensors = saved.state()
+    resumed = Collector(system, ReplayOnlyPool(), seed=0, gamma=0.99)
+    resumed.load_state(meta, tensors, device)
+    restored = resumed.slots[0].pending
+    assert restored["reward"].device == device  # the state put every field on the learner's device
+
+    nexts = [{k: torch.zeros_like(v) for k, v in transition(device).items() if k in ("latent", "proprio", "ref")}
+             for _ in range(2)]
+    out = resumed._finish([restored, transition(device)], nexts)
+    assert {t.device for t in out.values()} == {device}
+    assert out["reward"].shape == (2,) and out["next_ref"].shape == (2, 2, 7) and out["phase"].shape == (2, 2)

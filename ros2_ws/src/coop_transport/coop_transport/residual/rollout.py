@@ -309,9 +309,12 @@ class Collector:
         return {"latent": b.latent[rows], "proprio": b.proprio[rows], "ref": b.ref[rows]}
 
     def _finish(self, pending: list[dict], nexts: list[dict]) -> dict[str, torch.Tensor]:
-        out = {k: torch.stack([p[k] for p in pending]) for k in pending[0]}
+        # A transition's fields live on two devices (network outputs on the learner's, reward and labels on the
+        # CPU), and one restored from a training state has all of them on the learner's: stack on one device.
+        device = self.system.device
+        out = {k: torch.stack([p[k].to(device) for p in pending]) for k in pending[0]}
         for key in ("latent", "proprio", "ref"):
-            out[f"next_{key}"] = torch.stack([n[key] for n in nexts])
+            out[f"next_{key}"] = torch.stack([n[key].to(device) for n in nexts])
         return out
 
     def step(self) -> tuple[dict[str, torch.Tensor] | None, list[dict], int]:
