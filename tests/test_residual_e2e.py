@@ -191,6 +191,50 @@ def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     assert payload["rows"][0]["recipe"]["num_samples"] == 1 and payload["rows"][2]["recipe"]["clip_sigma"] == 2.0
 
 
+# ------------------------------------------------------------------------------------------- demonstration buffer
+def test_demo_buffer_takes_the_executed_actions_or_the_expert_labels(assets, pool):
+    """``demo_actions`` picks the demonstration transitions' actions: executed (with the expert's exploration noise)
+    or its noise-free labels; a file without labels is refused for ``expert``."""
+    from coop_transport.data.dataset import DatasetError, load_demonstrations
+    from coop_transport.residual.demos import build_demo_buffer, plan_demo_chunks
+    from coop_transport.residual.system import ResidualSystem, make_agents
+    from coop_transport.residual.train import load_vla
+
+    actions = {}
+    for labels in ("executed", "expert"):
+        config = make_config(assets, "V4", Path("unused"), demo_actions=labels)
+        vla = load_vla(config, "cpu")
+        system = ResidualSystem(config.spec, config, vla, make_agents(config.spec, config, vla), torch.device("cpu"))
+        buffer, info = build_demo_buffer(system, config, pool, torch.Generator().manual_seed(0))
+        actions[labels] = buffer.data["action"][:len(buffer)]  # (N, 2 arms, C, 7)
+        with load_demonstrations(config.data, action_labels=labels) as demos:
+            train = set(demos.demo_names("train"))
+            trajs = [t for t in demos.joint_trajectories(None, images=None) if t.demo in train]
+        expected = []
+        for traj in trajs:  # the buffer's rows, in its order: demonstrations, then chunk starts
+            for t, k, _ in plan_demo_chunks(len(traj), CHUNK, CHUNK, bool(traj.success)):
+                chunk = np.asarray(traj.actions[t:t + k])
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], CHUNK - k, 0)])
+                expected.append(np.stack([chunk[:, :7], chunk[:, 7:]]))
+        assert info["transitions"] == len(expected) > 0
+        np.testing.assert_allclose(actions[labels].numpy(), np.stack(expected), atol=1e-6)
+    assert (actions["executed"] - actions["expert"]).abs().max() > 1e-3  # the exploration noise tells them apart
+
+    import h5py
+    unlabelled = assets / "demos_without_labels.hdf5"
+    if not unlabelled.exists():
+        import shutil
+        shutil.copy(assets / "demos.hdf5", unlabelled)
+        with h5py.File(unlabelled, "a") as f:
+            for name in f["data"]:
+                if "expert_actions" in f["data"][name]:
+                    del f["data"][name]["expert_actions"]
+    config = make_config(assets, "V4", Path("unused"), demo_actions="expert", data=unlabelled)
+    system = ResidualSystem(config.spec, config, vla, make_agents(config.spec, config, vla), torch.device("cpu"))
+    with pytest.raises(DatasetError, match="expert"):
+        build_demo_buffer(system, config, pool, torch.Generator().manual_seed(0))
+
+
 # ------------------------------------------------------------------------------------------------------- resume
 def test_resume_after_a_kill_continues_identically(assets, pool, tmp_path):
     from safetensors.torch import load_file

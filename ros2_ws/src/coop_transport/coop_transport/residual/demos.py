@@ -5,9 +5,10 @@ default, ≈10k chunk transitions for 200 demonstrations), and for every chunk s
 
 - runs the frozen π0 on the recorded observation (images and proprioception at t, the same recipe as online) to get
   the reference chunk ``ref`` and the prefix tokens;
-- takes the demonstrated (C, 14) actions as ``action`` and the chunk's reward: the sparse rewards discounted over the
-  chunk plus, with shaping, the telescoped potential term γ^k Φ(s_{t+k}) - Φ(s_t) (the per-step shaping terms sum
-  to exactly this; Φ comes from the saved MuJoCo states, evaluated in the environment workers);
+- takes the demonstrated (C, 14) actions as ``action`` (the executed ones, or the expert's noise-free labels with
+  ``demo_actions="expert"``) and the chunk's reward: the sparse rewards discounted over the chunk plus, with
+  shaping, the telescoped potential term γ^k Φ(s_{t+k}) - Φ(s_t) (the per-step shaping terms sum to exactly this;
+  Φ comes from the saved MuJoCo states, evaluated in the environment workers);
 - ``done`` = 1 for the chunk that ends a successful demonstration; chunks whose next state has no recorded images
   (the end of an unsuccessful demonstration) are dropped.
 
@@ -126,7 +127,7 @@ def build_demo_buffer(system, config, pool, generator: torch.Generator, progress
 
     spec, C, gamma = system.spec, config.chunk, config.gamma
     n_agents = len(system.agent_names)
-    with load_demonstrations(config.data) as demos:
+    with load_demonstrations(config.data, action_labels=config.demo_actions) as demos:
         names = demos.demo_names("train") if "train" in demos.masks else demos.demo_names()
         trajs = [t for t in demos.joint_trajectories(None, images="lazy") if t.demo in set(names)]
         if spec.message == "learned" and not all(t.labels for t in trajs):
