@@ -200,12 +200,16 @@ def test_demo_buffer_takes_the_executed_actions_or_the_expert_labels(assets, poo
     from coop_transport.residual.system import ResidualSystem, make_agents
     from coop_transport.residual.train import load_vla
 
+    vla = load_vla(make_config(assets, "V4", Path("unused")), "cpu")  # frozen: one for every buffer
+
+    def demo_buffer(config):  # fresh agents each time: building the buffer pre-trains and freezes their encoders
+        system = ResidualSystem(config.spec, config, vla, make_agents(config.spec, config, vla), torch.device("cpu"))
+        return build_demo_buffer(system, config, pool, torch.Generator().manual_seed(0))
+
     actions = {}
     for labels in ("executed", "expert"):
         config = make_config(assets, "V4", Path("unused"), demo_actions=labels)
-        vla = load_vla(config, "cpu")
-        system = ResidualSystem(config.spec, config, vla, make_agents(config.spec, config, vla), torch.device("cpu"))
-        buffer, info = build_demo_buffer(system, config, pool, torch.Generator().manual_seed(0))
+        buffer, info = demo_buffer(config)
         actions[labels] = buffer.data["action"][:len(buffer)]  # (N, 2 arms, C, 7)
         with load_demonstrations(config.data, action_labels=labels) as demos:
             train = set(demos.demo_names("train"))
@@ -229,10 +233,8 @@ def test_demo_buffer_takes_the_executed_actions_or_the_expert_labels(assets, poo
             for name in f["data"]:
                 if "expert_actions" in f["data"][name]:
                     del f["data"][name]["expert_actions"]
-    config = make_config(assets, "V4", Path("unused"), demo_actions="expert", data=unlabelled)
-    system = ResidualSystem(config.spec, config, vla, make_agents(config.spec, config, vla), torch.device("cpu"))
     with pytest.raises(DatasetError, match="expert"):
-        build_demo_buffer(system, config, pool, torch.Generator().manual_seed(0))
+        demo_buffer(make_config(assets, "V4", Path("unused"), demo_actions="expert", data=unlabelled))
 
 
 # ------------------------------------------------------------------------------------------------------- resume
