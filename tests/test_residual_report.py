@@ -108,3 +108,61 @@ def test_runs_of_one_architecture_with_different_settings_are_not_averaged(tmp_p
     write("c", 0, 0.11)  # seed 0 of the same setting twice
     with pytest.raises(ValueError, match="V4 seed 0 appears twice"):
         find_results([tmp_path / "a", tmp_path / "c"])
+
+
+def test_targets_are_checked_with_hand_computed_intervals(tmp_path):
+    from scipy import stats
+
+    from coop_transport.residual.report import _t95
+
+    for dof in (1, 3, 7.5, 40):
+        assert _t95(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=1e-6)
+    assert _t95(None) == pytest.approx(stats.norm.ppf(0.975), rel=1e-6)
+
+    rates = {"V4": [0.36, 0.38, 0.42, 0.37], "V5": [0.40, 0.41, 0.43, 0.41], "V6": [0.41, 0.40, 0.42, 0.41]}
+    for arch, rs in rates.items():
+        for seed, r in enumerate(rs):
+            d = tmp_path / arch / f"seed_{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps(result(arch, seed, r)))
+    (tmp_path / "B1" / "seed_0").mkdir(parents=True)
+    (tmp_path / "B1" / "seed_0" / "result.json").write_text(json.dumps(result("B1", 0, 0.30, trains=False)))
+    payload = write_report([tmp_path], tmp_path / "report")
+    checks = {c["target"]: c for c in payload["targets"]}
+    assert list(checks) == ["V4 ≥ B1 + 8 points", "V5 ≥ V4", "V5 ≈ V6 within their intervals", "V5 ≥ 75%"]
+
+    # V4 - B1: 4 seeds' SE (3 dof) against B1's binomial SE (Agresti-Caffo), Welch-Satterthwaite dof
+    se_v4 = stats.tstd(rates["V4"]) / 2
+    p_b1 = (30 + 1) / 102
+    se_b1 = math.sqrt(p_b1 * (1 - p_b1) / 100)
+    se = math.sqrt(se_v4 ** 2 + se_b1 ** 2)
+    dof = se ** 4 / (se_v4 ** 4 / 3)
+    half = stats.t.ppf(0.975, dof) * se
+    c = checks["V4 ≥ B1 + 8 points"]
+    assert c["dof"] == pytest.approx(dof) and c["interval"] == pytest.approx([0.0825 - half, 0.0825 + half])
+    assert c["meets"] and not c["interval_meets"]  # +8.25 points, but B1's one evaluation leaves ±9.8
+
+    # V5 - V4 paired by seed: differences 0.04, 0.03, 0.01, 0.04 -> SE 0.0141 / 2, 3 dof
+    c = checks["V5 ≥ V4"]
+    half = stats.t.ppf(0.975, 3) * stats.tstd([0.04, 0.03, 0.01, 0.04]) / 2
+    assert c["interval"] == pytest.approx([0.03 - half, 0.03 + half]) and c["meets"] and c["interval_meets"]
+    assert "paired over 4 seeds" in c["measured"]
+    assert checks["V5 ≈ V6 within their intervals"]["meets"]
+    c = checks["V5 ≥ 75%"]
+    half = stats.t.ppf(0.975, 3) * stats.tstd(rates["V5"]) / 2
+    assert c["interval"] == pytest.approx([0.4125 - half, 0.4125 + half]) and not c["meets"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| V4 ≥ B1 + 8 points | V4 − B1 = +8.2 pp |" in md and "seeds here: V4 4, V5 4, V6 4" in md
+
+
+def test_targets_of_methods_not_run_are_left_out(tmp_path):
+    for arch, seed, rate, trains in (("B1", 0, 0.44, False), ("V4", 0, 0.36, True)):
+        d = tmp_path / arch / f"seed_{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(result(arch, seed, rate, trains)))
+    checks = write_report([tmp_path], tmp_path / "report")["targets"]
+    assert [c["target"] for c in checks] == ["V4 ≥ B1 + 8 points"]
+    # two single evaluations: binomial SEs, the normal quantile, and the verdict on the point estimate
+    assert checks[0]["dof"] is None and not checks[0]["meets"]
+    se = math.hypot(math.sqrt(45 / 102 * 57 / 102 / 100), math.sqrt(37 / 102 * 65 / 102 / 100))
+    assert checks[0]["interval"] == pytest.approx([-0.08 - 1.959964 * se, -0.08 + 1.959964 * se])

@@ -1,4 +1,5 @@
-"""The paper's Table 1 (architectures) and Table 2 (recipe ablation on V4), plots and the paired V4-V5 test.
+"""The paper's Table 1 (architectures) and Table 2 (recipe ablation on V4), plots, the paired V4-V5 test and the
+issue's targets (V4 >= B1 + 8 points, V5 >= V4, V5 = V6, V5 >= 75%) checked with 95% intervals.
 
 Usage:
     python training/report.py runs/residual/B1 runs/residual/B2 runs/residual/V3 runs/residual/V4 \

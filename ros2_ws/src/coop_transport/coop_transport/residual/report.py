@@ -1,5 +1,5 @@
-"""The paper's tables from run directories: Table 1 (architectures), Table 2 (recipe ablation on V4), plots, and
-paired tests across seeds (V5 - V4, V6 - V4, V6 - V5).
+"""The paper's tables from run directories: Table 1 (architectures), Table 2 (recipe ablation on V4), plots,
+paired tests across seeds (V5 - V4, V6 - V4, V6 - V5) and the issue's targets checked against Table 1.
 
 Inputs are the ``result.json`` files ``training/residual.py`` writes (one per seed: the best checkpoint's success
 at n episodes on reset seeds 1..n) and the ``ablation.json`` files of ``--mode ablation``. ``write_report`` writes
@@ -140,6 +140,114 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
             "same_direction": bool(np.all(d > 0) or np.all(d < 0))}
 
 
+TARGETS = {"V4 over B1": 0.08, "V5 absolute": 0.75}
+"""The issue's targets: V4 >= B1 + 8 points, V5 >= V4, V5 = V6 within their intervals, V5 >= 75% (n = 100, 4 seeds)"""
+TARGET_SEEDS = 4
+Z95 = 1.959964
+
+
+def _t95(dof: float | None) -> float:
+    """The two-sided 95% quantile of Student's t with ``dof`` degrees of freedom (None: the normal's)."""
+    if dof is None:
+        return Z95
+    low, high = 0.0, 1e4
+    for _ in range(200):  # bisection on the tail probability
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_sf(mid, dof) > 0.025 else (low, mid)
+    return (low + high) / 2
+
+
+def _estimate(row: dict) -> tuple[float, float, int | None]:
+    """(mean, standard error, degrees of freedom) of a Table 1 row: across seeds when there are several (seeds - 1
+    degrees of freedom), else the binomial error of the one evaluation, which is all the uncertainty a single run
+    shows (None: normal)."""
+    if "se" in row:
+        return row["mean"], row["se"], row["seeds"] - 1
+    n = row.get("episodes", 100)
+    shrunk = (row["mean"] * n + 1) / (n + 2)  # Agresti-Caffo: 0 or n successes still carry uncertainty
+    return row["mean"], math.sqrt(shrunk * (1 - shrunk) / n), None
+
+
+def _combined(*parts: tuple[float, float, int | None]) -> tuple[float, float | None]:
+    """SE and Welch-Satterthwaite degrees of freedom of a sum or difference of independent estimates (mean, SE,
+    dof); a binomial part counts as infinitely many degrees of freedom (None when all parts are binomial)."""
+    variance = sum(se * se for _, se, _ in parts)
+    if all(dof is None for _, _, dof in parts):
+        return math.sqrt(variance), None
+    spread = sum(se ** 4 / dof for _, se, dof in parts if dof is not None)
+    return math.sqrt(variance), (variance * variance / spread if spread > 0 else None)
+
+
+def _check(target: str, measured: str, value: float, se: float, dof: float | None, need: float,
+           difference: bool) -> dict:
+    half = _t95(dof) * se
+    low, high = value - half, value + half
+    if not difference:  # a success rate
+        low, high = max(low, 0.0), min(high, 1.0)
+    return {"target": target, "measured": measured, "interval": [low, high], "dof": dof,
+            "difference": difference, "meets": value >= need, "interval_meets": low >= need}
+
+
+def target_checks(rows: dict, paired: dict) -> list[dict]:
+    """The issue's four targets against Table 1, each with its measured figure, a 95% interval (mean ± t·SE: SEs
+    across seeds with Student's t, a single run's binomial SE with the normal quantile, a difference's with
+    Welch-Satterthwaite degrees of freedom) and two verdicts: whether the point estimate meets the target,
+    and whether the whole interval does. A target whose methods were not run is left
+    out. ``paired`` holds ``paired_test`` results; V5 - V4 uses its seed pairing when there is one."""
+    checks = []
+    est = {arch: _estimate(row) for arch, row in rows.items()}
+    if "B1" in est and "V4" in est:
+        d = est["V4"][0] - est["B1"][0]
+        se, dof = _combined(est["V4"], est["B1"])
+        need = TARGETS["V4 over B1"]
+        checks.append(_check(f"V4 ≥ B1 + {100 * need:.0f} points", f"V4 − B1 = {100 * d:+.1f} pp", d, se, dof, need,
+                             True))
+    if "V4" in est and "V5" in est:
+        test = paired.get("V5-V4")
+        if test and len(test["seeds"]) > 1:
+            diffs = np.asarray(test["differences"])
+            d, se = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+            dof, how = len(diffs) - 1, f"paired over {len(diffs)} seeds, one-sided p = {test['p_one_sided']:.3f}"
+        else:
+            d = est["V5"][0] - est["V4"][0]
+            (se, dof), how = _combined(est["V5"], est["V4"]), "unpaired"
+        checks.append(_check("V5 ≥ V4", f"V5 − V4 = {100 * d:+.1f} pp ({how})", d, se, dof, 0.0, True))
+    if "V5" in est and "V6" in est:
+        (m5, s5, f5), (m6, s6, f6) = est["V5"], est["V6"]
+        h5, h6 = _t95(f5) * s5, _t95(f6) * s6
+        overlap = max(m5 - h5, m6 - h6) <= min(m5 + h5, m6 + h6)
+        checks.append({"target": "V5 ≈ V6 within their intervals", "measured": f"V5 {100 * m5:.1f}%, "
+                       f"V6 {100 * m6:.1f}%", "interval": None, "meets": overlap, "interval_meets": None})
+    if "V5" in est:
+        need = TARGETS["V5 absolute"]
+        checks.append(_check(f"V5 ≥ {100 * need:.0f}%", f"V5 = {100 * est['V5'][0]:.1f}%", *est["V5"], need,
+                             False))
+    return checks
+
+
+def targets_markdown(rows: dict, checks: list[dict]) -> str:
+    if not checks:
+        return ""
+
+    def verdict(v):
+        return "—" if v is None else "yes" if v else "**no**"
+
+    lines = ["| Target | Measured | 95% interval | Point estimate meets it | Whole interval meets it |",
+             "|---|---|---|---|---|"]
+    for c in checks:
+        sign = "+" if c.get("difference") else ""
+        interval = "—" if c["interval"] is None else \
+            f"[{100 * c['interval'][0]:{sign}.1f}, {100 * c['interval'][1]:{sign}.1f}]"
+        lines.append(f"| {c['target']} | {c['measured']} | {interval} | {verdict(c['meets'])} | "
+                     f"{verdict(c['interval_meets'])} |")
+    coverage = ", ".join(f"{arch} {rows[arch]['seeds']}" for arch in ("V4", "V5", "V6") if arch in rows)
+    lines += ["", f"Intervals: mean ± t·SE (SE across seeds with Student's t at seeds − 1 degrees of freedom, or a "
+                  f"single evaluation's binomial SE with the normal quantile; for a difference, Welch-Satterthwaite "
+                  f"degrees of freedom). The targets are stated for {TARGET_SEEDS} seeds at "
+                  f"n = 100; seeds here: {coverage or 'none of V4–V6'}."]
+    return "\n".join(lines) + "\n"
+
+
 # -------------------------------------------------------------------------------------------------------- tables
 def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     lines = ["| Method | Success | Std err / 95% CI | Seeds | Per-seed | Paper |", "|---|---|---|---|---|---|"]
@@ -275,6 +383,9 @@ def write_report(paths: list[Path], out: Path) -> dict:
         md += ["## Stage funnel (share of evaluation episodes reaching each milestone, mean over seeds)", "", funnel]
     if t2:
         md += ["## Table 2: inference-recipe ablation on V4", "", t2]
+    checks = target_checks(rows, paired)
+    if checks:
+        md += ["## The issue's targets", "", targets_markdown(rows, checks)]
     if paired:
         md += ["## Paired tests across seeds", "",
                "The paper: V5 and V6 each beat V4 in the same direction across seeds (p < 0.1 paired), and V5 and V6 "
@@ -292,7 +403,7 @@ def write_report(paths: list[Path], out: Path) -> dict:
         md += ["## Communication probes", "", probes_markdown(probes)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     payload = {"table1": rows, "funnel": funnel_rows, "table2": ladder, "paired": paired,
-               "paired_v4_v5": paired.get("V5-V4"), "probes": probes}
+               "paired_v4_v5": paired.get("V5-V4"), "targets": checks, "probes": probes}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     plot_table1(rows, results, out / "table1.png")
     plot_curves(results, out / "curves.png")
