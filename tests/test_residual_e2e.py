@@ -317,6 +317,7 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
                            timeout=300)
     assert first.returncode == 0, first.stderr
     assert "3 of 3 jobs not done: rerun the same command" in first.stdout
+    assert "no seed finished yet: no report" in first.stdout and "Traceback" not in first.stdout
     assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
     done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
@@ -327,6 +328,7 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     assert set(probes["interventions"]) >= {"none", "zeros"}
     report = (out / "report" / "report.md").read_text()
     assert "| **V4 " in report and "| **V5 " in report and "Communication probes" in report
+    assert "| V5 ≥ V4 | V5 − V4 = " in report and "| V5 ≥ 75% | V5 = " in report  # the targets B1-free runs allow
 
 
 # ------------------------------------------------------------------------------------------------------ parity

@@ -106,6 +106,10 @@ if (( missing )); then
 else
     echo "all jobs done"
 fi
-$PY training/report.py "$OUT" --out "$OUT/report" > "$OUT/logs/report.log" 2>&1 \
-    && echo "report: $OUT/report/report.md" || tail -3 "$OUT/logs/report.log"
+if [[ -z $(find "$OUT" -name result.json -print -quit) ]]; then
+    echo "no seed finished yet: no report"
+else
+    $PY training/report.py "$OUT" --out "$OUT/report" > "$OUT/logs/report.log" 2>&1 \
+        && echo "report: $OUT/report/report.md" || tail -3 "$OUT/logs/report.log"
+fi
 echo "call $(( $(date +%s) - START )) s"
