@@ -191,9 +191,9 @@ def _check(target: str, measured: str, value: float, se: float, dof: float | Non
 def target_checks(rows: dict, paired: dict) -> list[dict]:
     """The issue's four targets against Table 1, each with its measured figure, a 95% interval (mean ± t·SE: SEs
     across seeds with Student's t, a single run's binomial SE with the normal quantile, a difference's with
-    Welch-Satterthwaite degrees of freedom) and two verdicts: whether the point estimate meets the target,
-    and whether the whole interval does. A target whose methods were not run is left
-    out. ``paired`` holds ``paired_test`` results; V5 - V4 uses its seed pairing when there is one."""
+    Welch-Satterthwaite degrees of freedom) and two verdicts: whether the point estimate meets the target, and
+    whether the whole interval does. A target whose methods were not run is left out. ``paired`` holds
+    ``paired_test`` results; V5 - V4 uses its seed pairing when there is one."""
     checks = []
     est = {arch: _estimate(row) for arch, row in rows.items()}
     if "B1" in est and "V4" in est:
