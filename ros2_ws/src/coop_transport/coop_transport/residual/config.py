@@ -122,7 +122,8 @@ class ResidualConfig:
     """Actions of the demonstration transitions: executed (what ran, the expert's exploration noise included) or
     expert (its noise-free labels, which the shipped π0 prior was trained on; files without them are refused). The
     actor regresses onto these on the demonstration half of each batch, where executed rotations differ from the
-    labels by about 0.04, nearly all of their distance to π0's reference (fifteenth session)."""
+    labels by about 0.04, nearly all of their distance to π0's reference (fifteenth session). Measured since: V4
+    solves 36% over this prior either way (sixteenth session), so the default stays."""
     updates_per_chunk: float = 1.0
     """Gradient updates per collected chunk transition (update-to-data ratio)."""
     learning_starts: int = 256

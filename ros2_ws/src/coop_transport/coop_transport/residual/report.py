@@ -120,7 +120,8 @@ def _t_sf(t: float, dof: int) -> float:
 
 
 def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    """b - a paired by seed: mean difference, paired t (two- and one-sided for b > a), exact sign-flip p."""
+    """b - a paired by seed: mean difference and its standard error, paired t (two- and one-sided for b > a), exact
+    sign-flip p."""
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None
@@ -135,8 +136,8 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> dict | None:
         p_two = 2 * min(p_one, 1 - p_one)
     flips = [np.mean(np.array(signs) * np.abs(d)) for signs in itertools.product([-1, 1], repeat=n)]
     p_perm = float(np.mean([abs(f) >= abs(mean) - 1e-12 for f in flips]))
-    return {"seeds": seeds, "differences": d.tolist(), "mean_difference": mean, "t": t, "p_two_sided": p_two,
-            "p_one_sided": p_one, "p_sign_flip_two_sided": p_perm,
+    return {"seeds": seeds, "differences": d.tolist(), "mean_difference": mean, "se": sd / math.sqrt(n), "t": t,
+            "p_two_sided": p_two, "p_one_sided": p_one, "p_sign_flip_two_sided": p_perm,
             "same_direction": bool(np.all(d > 0) or np.all(d < 0))}
 
 
@@ -203,11 +204,10 @@ def target_checks(rows: dict, paired: dict) -> list[dict]:
         checks.append(_check(f"V4 ≥ B1 + {100 * need:.0f} points", f"V4 − B1 = {100 * d:+.1f} pp", d, se, dof, need,
                              True))
     if "V4" in est and "V5" in est:
-        test = paired.get("V5-V4")
-        if test and len(test["seeds"]) > 1:
-            diffs = np.asarray(test["differences"])
-            d, se = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
-            dof, how = len(diffs) - 1, f"paired over {len(diffs)} seeds, one-sided p = {test['p_one_sided']:.3f}"
+        test = paired.get("V5-V4")  # present when the two share at least two seeds
+        if test:
+            d, se, dof = test["mean_difference"], test["se"], len(test["seeds"]) - 1
+            how = f"paired over {len(test['seeds'])} seeds, one-sided p = {test['p_one_sided']:.3f}"
         else:
             d = est["V5"][0] - est["V4"][0]
             (se, dof), how = _combined(est["V5"], est["V4"]), "unpaired"
