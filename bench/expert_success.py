@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="robot0 presents the payload this far (m, along world x) off the planned hand-over point")
     ap.add_argument("--handover-spread", type=float, metavar="M",
                     help="override ExpertConfig.handover_spread: std (m) of where robot0 presents the payload")
+    ap.add_argument("--handover-hold-steps", type=int, metavar="N",
+                    help="override ExpertConfig.handover_hold_steps: steps robot1 holds before robot0 lets go")
+    ap.add_argument("--handover-close-dwell", type=int, metavar="N",
+                    help="override ExpertConfig.handover_close_dwell: steps robot1 waits at its grip point open")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", help="also write per-seed results and the summary here")
     args = ap.parse_args(argv)
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         ap.error(f"--workers must be >= 1, got {args.workers}")
     overrides = {k: v for k, v in (("noise", args.noise), ("waypoint_jitter", args.waypoint_jitter),
-                                   ("handover", args.handover), ("handover_spread", args.handover_spread))
+                                   ("handover", args.handover), ("handover_spread", args.handover_spread),
+                                   ("handover_hold_steps", args.handover_hold_steps),
+                                   ("handover_close_dwell", args.handover_close_dwell))
                  if v is not None}
     if args.present_offset is not None:
         overrides["present_offset"] = (args.present_offset, 0.0, 0.0)
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in results if not r["success"]]
     print(f"scripted expert (expert seed {args.expert_seed}, noise {config.noise}, waypoint jitter "
           f"{config.waypoint_jitter} m, hand-over {config.handover}, spread {config.handover_spread} m, "
+          f"hold {config.handover_hold_steps} steps, close dwell {config.handover_close_dwell} steps, "
           f"presenting {list(config.present_offset)} m off) "
           f"on reset seeds {args.seeds}: {len(results)} episodes, {args.workers} workers")
     print(f"success: {format_rate(successes, len(results))}")

@@ -411,6 +411,8 @@ def test_the_first_demonstrations_hand_over_rule_can_be_regenerated(tmp_path):
         generate(GenerateConfig(out=out, episodes=1, workers=1, **FAST))  # the shard was made with the other rule
     with pytest.raises(ValueError, match="expert_handover"):
         GenerateConfig(expert_handover="planned", runner="my_module:run")
+    with pytest.raises(ValueError, match="expert_handover_hold_steps"):
+        GenerateConfig(expert_handover_hold_steps=15, runner="my_module:run")
 
 
 def test_config_validation_names_bad_values():

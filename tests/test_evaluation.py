@@ -15,8 +15,9 @@ def test_evaluate_writes_summaries_and_videos(tmp_path):
     assert [r["seed"] for r in summary["per_seed"]] == [5, 6]
     assert summary["successes"] == 0 and summary["wilson95"][0] == 0.0  # 4 steps cannot solve the task
     assert json.loads((tmp_path / "summary.json").read_text())["episodes"] == 2
-    assert "| 5 | no | 4 | — |" in (tmp_path / "summary.md").read_text()  # no milestone in 4 steps
+    assert "| 5 | no | 4 | — | not_lifted |" in (tmp_path / "summary.md").read_text()  # no milestone in 4 steps
     assert summary["per_seed"][0]["milestones"] == [] and summary["mean_milestones"] == 0
+    assert summary["per_seed"][0]["handover"] == {"outcome": "not_lifted"}
     video = imageio.get_reader(tmp_path / "videos" / "seed_0005.mp4")
     frame = video.get_data(0)
     assert frame.shape == (64, 64 + 32, 3)  # front view beside the two 32 px wrist views stacked
@@ -49,8 +50,11 @@ def test_stage_funnel_records_every_milestone_of_a_solved_episode(tmp_path):
     assert summary["successes"] == 1
     assert summary["per_seed"][0]["milestones"] == list(MILESTONES)  # in task order
     assert summary["milestone_rates"] == {m: 1.0 for m in MILESTONES} and summary["mean_milestones"] == len(MILESTONES)
+    assert summary["per_seed"][0]["handover"]["outcome"] == "handed_over"  # robot1 held it when robot0 let go
+    assert summary["handover_outcomes"]["handed_over"] == 1 and sum(summary["handover_outcomes"].values()) == 1
     text = (tmp_path / "summary.md").read_text()
-    assert "| 1 | yes |" in text and text.rstrip().endswith("| payload_in_target_bin |")
+    assert "| 1 | yes |" in text and text.rstrip().endswith("| payload_in_target_bin | handed_over |")
+    assert "| handed_over | 1 |" in text
 
 
 def test_a_killed_evaluation_resumes_with_the_seeds_left(tmp_path, monkeypatch):

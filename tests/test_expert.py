@@ -144,3 +144,74 @@ def test_handover_spread_moves_only_the_presentation_point(sim):
         ExpertConfig(handover_spread=0.05)  # beyond a third of the capture radius: robot1 might never move in
     with pytest.raises(ValueError, match="observed"):
         ExpertConfig(handover_spread=0.02, handover="planned")
+
+
+def _handover_timeline(sim, seed, config):
+    """Run the expert on ``seed``; return the step at which each arm entered each hand-over stage, robot1's
+    hold count when robot0 began to let go, robot1's hand-to-grip distance when it began to close, and success."""
+    sim.reset(seed)
+    expert = ScriptedExpert(config)
+    expert.reset(sim)
+    entered, hold_at_release, gap_at_close, done, info, t = {}, None, None, False, {}, 0
+    while not done:
+        sim.step(expert.act(sim))
+        t += 1
+        phases = {arm: expert.phase(arm) for arm in ARMS}
+        for arm, stage in phases.items():
+            if (arm, stage) not in entered:
+                entered[arm, stage] = t
+                if (arm, stage) == ("robot0", "release"):
+                    hold_at_release = expert._robot1_hold_steps
+                if (arm, stage) == ("robot1", "handover_close"):
+                    gap_at_close = float(np.linalg.norm(sim.observation["robot1_eef_pos"]
+                                                        - expert._arms["robot1"].memory["pos"]))
+        done = sim.success() or t >= sim.config.horizon
+    return entered, hold_at_release, gap_at_close, sim.success()
+
+
+def test_patient_hand_over_holds_longer_and_closes_only_at_the_grip_point(sim):
+    """handover_hold_steps and handover_close_dwell (off by default: 3 and 0) stretch the hand-over: robot1 waits
+    at its grip point with open fingers before closing, and robot0 lets go only once robot1 has held that long."""
+    plain, plain_hold, plain_gap, plain_ok = _handover_timeline(sim, 1, ExpertConfig())
+    patient, patient_hold, patient_gap, patient_ok = _handover_timeline(
+        sim, 1, ExpertConfig(handover_hold_steps=15, handover_close_dwell=5))
+    assert plain_ok and patient_ok
+    assert plain_hold == 3 and patient_hold == 15
+
+    def descent(entered):
+        return entered["robot1", "handover_close"] - entered["robot1", "handover_descend"]
+
+    assert descent(patient) >= descent(plain) + 5  # the dwell at the bottom
+    assert patient_gap < ExpertConfig().fine_tolerance < plain_gap  # closing starts at, not above, the grip point
+    with pytest.raises(ValueError, match="handover_close_dwell"):
+        ExpertConfig(handover_close_dwell=-1)
+
+
+def test_handover_monitor_tells_an_early_release_from_a_hand_over(sim):
+    """sim.labels.HandoverMonitor reads from the simulator how robot0's hold of the lifted payload ended: the expert
+    hands over; the same expert whose robot0 opens its gripper as soon as it presents lets go before robot1 holds
+    (the failure seen in the shipped default's closed-loop logs)."""
+    from coop_transport.constants import GRIPPER_INDEX
+    from coop_transport.sim.labels import HandoverMonitor, TaskPredicates
+
+    def run(release_on_presenting: bool) -> dict:
+        sim.reset(1)
+        expert, monitor = ScriptedExpert(), HandoverMonitor()
+        expert.reset(sim)
+        assert monitor.result() == {"outcome": "not_lifted"}
+        for _ in range(sim.config.horizon):
+            action = expert.act(sim)
+            if release_on_presenting and expert.phase("robot0") == "present":
+                action[GRIPPER_INDEX] = -1.0
+            _, _, done, _ = sim.step(action)
+            monitor.update(sim, TaskPredicates(sim), float(action[GRIPPER_INDEX]))
+            if done or monitor.result()["outcome"] not in ("not_lifted", "held_to_end"):
+                break
+        return monitor.result()
+
+    handed = run(False)
+    assert handed["outcome"] == "handed_over" and handed["robot1_holds"] and handed["robot1_closed"]
+    assert handed["robot1_hand_to_handle"] < 0.02
+    early = run(True)
+    assert early["outcome"] in ("opened_partner_away", "opened_partner_open"), early
+    assert not early["robot1_holds"] and not early["robot1_closed"]

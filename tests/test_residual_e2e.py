@@ -402,4 +402,6 @@ def test_residual_evaluation_records_the_stage_funnel(tmp_path):
     assert summary["successes"] == 1
     assert summary["per_seed"][0]["milestones"] == list(MILESTONES)  # in task order
     assert summary["milestone_rates"] == {m: 1.0 for m in MILESTONES}
+    assert summary["per_seed"][0]["handover"]["outcome"] == "handed_over"  # and how the hand-over ended
+    assert summary["handover_outcomes"]["handed_over"] == 1
     assert "| 1 | yes |" in (tmp_path / "eval" / "summary.md").read_text()

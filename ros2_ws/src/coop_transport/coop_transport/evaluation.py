@@ -101,10 +101,11 @@ class EvalConfig:
 
 def run_episode(sim, controller: Controller, seed: int, video_path: Path | None = None,
                 video_camera: str = "frontview", video_size: int = 256) -> dict:
-    """One closed-loop episode; returns {seed, success, length, wall_s, milestones}: ``milestones`` lists the
-    task milestones (``sim.labels.MILESTONES``) the episode reached at any step, in task order."""
-    from coop_transport.constants import ARMS, WRIST_CAMERA, image_key
-    from coop_transport.sim.labels import in_task_order, reached_milestones
+    """One closed-loop episode; returns {seed, success, length, wall_s, milestones, handover}: ``milestones`` lists
+    the task milestones (``sim.labels.MILESTONES``) the episode reached at any step, in task order; ``handover``
+    says how robot0's hold of the lifted payload ended (``sim.labels.HandoverMonitor``)."""
+    from coop_transport.constants import ARMS, GRIPPER_INDEX, WRIST_CAMERA, image_key
+    from coop_transport.sim.labels import HandoverMonitor, TaskPredicates, in_task_order, reached_milestones
     from coop_transport.utils.video import VideoWriter
 
     start = time.perf_counter()
@@ -128,18 +129,21 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
         writer.add(frame())
     success, done, t = False, False, 0
     reached: set[str] = set()
+    handover = HandoverMonitor()
     while not done:
         action = controller.act(sim)
         obs, _, done, info = sim.step(action)
         success = success or info["success"]
-        reached |= reached_milestones(sim)
+        predicates = TaskPredicates(sim)
+        reached |= reached_milestones(sim, predicates)
+        handover.update(sim, predicates, float(action[GRIPPER_INDEX]))
         t += 1
         if writer:
             writer.add(frame())
     if writer:
         writer.close()
     return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start,
-            "milestones": in_task_order(reached)}
+            "milestones": in_task_order(reached), "handover": handover.result()}
 
 
 # ------------------------------------------------------------------------------------------- worker processes
@@ -300,6 +304,7 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
         "mean_length_success": float(np.mean([r["length"] for r in results if r["success"]])) if wins else None,
         "clip_activation_rate": clipped / clip_actions if clip_actions else None,
         "milestone_rates": milestone_rates(results),
+        "handover_outcomes": handover_outcomes(results),
         "mean_milestones": float(np.mean([len(r.get("milestones", ())) for r in results])),
         "wall_s": wall_s,
         "per_seed": results,
@@ -312,6 +317,15 @@ def milestone_rates(results: list[dict]) -> dict[str, float]:
 
     n = max(len(results), 1)
     return {m: sum(m in r.get("milestones", ()) for r in results) / n for m in MILESTONES}
+
+
+def handover_outcomes(results: list[dict]) -> dict[str, int]:
+    """Episodes per way robot0's hold of the lifted payload ended (``sim.labels.HANDOVER_OUTCOMES``, in its order);
+    empty when no episode recorded one (results from before the monitor existed)."""
+    from coop_transport.sim.labels import HANDOVER_OUTCOMES
+
+    recorded = [r["handover"]["outcome"] for r in results if r.get("handover")]
+    return {o: recorded.count(o) for o in HANDOVER_OUTCOMES} if recorded else {}
 
 
 def markdown_summary(summary: dict) -> str:
@@ -334,12 +348,21 @@ def markdown_summary(summary: dict) -> str:
         lines += ["Episodes that reached each task milestone (the stage funnel):", "",
                   "| " + " | ".join(rates) + " |", "|" + "---|" * len(rates),
                   "| " + " | ".join(f"{100 * v:.0f}%" for v in rates.values()) + " |", ""]
+    outcomes = summary.get("handover_outcomes") or {}
+    if outcomes:
+        from coop_transport.sim.labels import HANDOVER_OUTCOMES
+
+        lines += ["How robot0's hold of the lifted payload ended:", "", "| outcome | episodes | meaning |",
+                  "|---|---|---|"]
+        lines += [f"| {o} | {n} | {HANDOVER_OUTCOMES[o]} |" for o, n in outcomes.items() if n]
+        lines += [""]
     lines += [
-        "| seed | success | length | last milestone |",
-        "|---|---|---|---|",
+        "| seed | success | length | last milestone | hand-over |",
+        "|---|---|---|---|---|",
     ]
     lines += [f"| {r['seed']} | {'yes' if r['success'] else 'no'} | {r['length']} | "
-              f"{(r.get('milestones') or ['—'])[-1]} |" for r in summary["per_seed"]]
+              f"{(r.get('milestones') or ['—'])[-1]} | {(r.get('handover') or {}).get('outcome', '—')} |"
+              for r in summary["per_seed"]]
     return "\n".join(lines) + "\n"
 
 

@@ -99,6 +99,12 @@ class GenerateConfig:
     expert_handover_spread: float = 0.0
     """Std (m) of where the expert's robot0 presents the payload around the hand-over point
     (``ExpertConfig.handover_spread``; 0: millimetres apart, as in earlier demonstrations). Default runner only."""
+    expert_handover_hold_steps: int = 3
+    """Control steps the expert's robot1 holds the payload before its robot0 lets go
+    (``ExpertConfig.handover_hold_steps``). Default runner only."""
+    expert_handover_close_dwell: int = 0
+    """Control steps the expert's robot1 waits at its hand-over grip point, fingers open, before closing
+    (``ExpertConfig.handover_close_dwell``). Default runner only."""
     learner: Path | None = None
     """DAgger: a π0 policy directory that drives every episode (under its variant's default recipe) instead of the
     expert, while the scripted expert labels each state the policy visits with what it would do there
@@ -141,6 +147,10 @@ class GenerateConfig:
         if self.expert_handover_spread and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover_spread={self.expert_handover_spread} with runner={self.runner!r} (it "
                        f"configures the scripted expert of the default runner {DEFAULT_RUNNER!r})")
+        if ((self.expert_handover_hold_steps, self.expert_handover_close_dwell) != (3, 0)
+                and self.runner != DEFAULT_RUNNER):
+            bad.append(f"expert_handover_hold_steps / expert_handover_close_dwell with runner={self.runner!r} (they "
+                       f"configure the scripted expert of the default runner {DEFAULT_RUNNER!r})")
         if self.expert_handover != "observed" and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover={self.expert_handover!r} with runner={self.runner!r} (it configures the "
                        f"scripted expert of the default runner {DEFAULT_RUNNER!r})")
@@ -194,6 +204,10 @@ def _expert_overrides(config: GenerateConfig) -> dict:
     overrides = {"handover": config.expert_handover}
     if config.expert_handover_spread:
         overrides["handover_spread"] = config.expert_handover_spread
+    if config.expert_handover_hold_steps != 3:
+        overrides["handover_hold_steps"] = config.expert_handover_hold_steps
+    if config.expert_handover_close_dwell:
+        overrides["handover_close_dwell"] = config.expert_handover_close_dwell
     if config.learner is not None:
         # The stage timeout rescues the expert from its own jams by backing off to the home pose; while it only
         # labels, a slow learner would trip it and the labels would say "go home" in the middle of a grasp.

@@ -43,8 +43,11 @@ class EnvWorker:
     def __init__(self, sim_config, gamma: float):
         from coop_transport.sim import TransportSim
 
+        from coop_transport.sim.labels import HandoverMonitor
+
         self.sim = TransportSim(sim_config)
         self.gamma = gamma
+        self.handover = HandoverMonitor()
 
     def _pack(self, obs: dict) -> dict:
         from coop_transport.sim.labels import step_labels
@@ -55,14 +58,17 @@ class EnvWorker:
         return {"obs": slim, "labels": step_labels(self.sim)}
 
     def reset(self, seed: int) -> dict:
+        self.handover.reset()
         return self._pack(self.sim.reset(int(seed)))
 
     def step(self, actions: np.ndarray, milestones: bool = False) -> dict:
         """Run a (C, 14) chunk; stops early when the episode ends. Returns the packed observation after it and
         reward (sum_j γ^j r_j), steps, success, terminated (success), truncated (time limit), and with
         ``milestones`` the task milestones that held at any step of the chunk, in task order (evaluation's stage
-        funnel; off in training collection, where the check would cost ~1 ms a step for nothing)."""
-        from coop_transport.sim.labels import in_task_order, reached_milestones
+        funnel; off in training collection, where the check would cost ~1 ms a step for nothing), and at the
+        episode's end how robot0's hold of the payload ended (``handover``, ``sim.labels.HandoverMonitor``)."""
+        from coop_transport.constants import GRIPPER_INDEX
+        from coop_transport.sim.labels import TaskPredicates, in_task_order, reached_milestones
 
         total, success, done, k, obs = 0.0, False, False, 0, None
         reached: set[str] = set()
@@ -71,7 +77,9 @@ class EnvWorker:
             total += self.gamma ** (k - 1) * reward
             success = success or info["success"]
             if milestones:
-                reached |= reached_milestones(self.sim)
+                predicates = TaskPredicates(self.sim)
+                reached |= reached_milestones(self.sim, predicates)
+                self.handover.update(self.sim, predicates, float(action[GRIPPER_INDEX]))
             if done:
                 break
         out = self._pack(obs)
@@ -79,6 +87,8 @@ class EnvWorker:
                    truncated=bool(done and not success), t=self.sim.t)
         if milestones:  # absent, not empty, when not checked
             out["milestones"] = in_task_order(reached)
+            if done:
+                out["handover"] = self.handover.result()
         return out
 
     def replay(self, seed: int, chunks: list[np.ndarray]) -> dict:
@@ -409,8 +419,9 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
 
     ``message_override(boundary, context)`` replaces received messages (probes); ``recorder(boundary, context)``
     sees every boundary; context holds ``envs``, ``seeds`` and ``boundary_index`` (chunk number in the episode)
-    of the rows. Returns one {seed, success, length, milestones} per seed, in seed order (``milestones``: those
-    of ``sim.labels.MILESTONES`` the episode reached at any step, in task order, as ``evaluation.run_episode``).
+    of the rows. Returns one {seed, success, length, milestones, handover} per seed, in seed order (``milestones``:
+    those of ``sim.labels.MILESTONES`` the episode reached at any step, in task order; ``handover``: how robot0's
+    hold of the payload ended; both as ``evaluation.run_episode``'s).
     """
     from coop_transport.sim.labels import in_task_order
 
@@ -442,7 +453,7 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
             ep["obs"], ep["labels"] = r["obs"], r["labels"]
             if r["terminated"] or r["truncated"]:
                 results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"],
-                                "milestones": in_task_order(ep["milestones"])})
+                                "milestones": in_task_order(ep["milestones"]), "handover": r.get("handover")})
                 if progress is not None:
                     progress(results)
                 del active[e]

@@ -156,7 +156,13 @@ class ExpertConfig:
     handover_capture_radius: float = 0.12
     """observed protocol: distance (m) of the held payload from the hand-over point within which robot1 takes it."""
     handover_hold_steps: int = 3
-    """observed protocol: control steps robot1 must hold the payload before robot0 lets go."""
+    """observed protocol: control steps robot1 must hold the payload before robot0 lets go. An imitating robot0
+    times its release from what its cameras show of robot1's hand: with a few steps of margin, a release a little
+    early drops the payload (closed-loop logs of the shipped default, README)."""
+    handover_close_dwell: int = 0
+    """Control steps robot1's hand stays at its hand-over grip point with the fingers open before it closes them
+    (0: it starts closing ``close_lead`` above the grip point, as at every other grasp). A pause at the bottom
+    ties an imitating robot1's closing to a hand that has arrived, which its state history shows."""
     present_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """World-frame offset (m) of where robot0 presents the payload from the planned hand-over point, which robot1
     still plans around: a robustness check of the hand-over rule (an imitating robot0 presents 4-8 cm off); zero
@@ -241,6 +247,8 @@ class ExpertConfig:
         if self.handover_spread > 0 and self.handover != "observed":
             raise ValueError("handover_spread needs the observed hand-over rule (the planned one waits at the "
                              "planned point)")
+        if self.handover_close_dwell < 0:
+            raise ValueError(f"handover_close_dwell must be >= 0, got {self.handover_close_dwell}")
         if self.handover_hold_steps < 1 or self.handover_capture_radius <= 0:
             raise ValueError(f"need handover_hold_steps >= 1 and handover_capture_radius > 0, got "
                              f"{self.handover_hold_steps}, {self.handover_capture_radius}")
@@ -573,10 +581,12 @@ class ScriptedExpert:
         return np.array([target[0], target[1], max(target[2], safe_z + tol)])
 
     def _grasp(self, arm: str, s: _Scene, name: str, grip: np.ndarray, grip_rot: np.ndarray, holding: bool,
-               then: str, approach_height: float | None = None, may_descend: bool = True) -> _Command:
+               then: str, approach_height: float | None = None, may_descend: bool = True,
+               dwell_steps: int = 0) -> _Command:
         """The three stages of a top grasp, ``{name}_reach`` → ``{name}_descend`` → ``{name}_close``: hover above
         ``grip``, go straight down onto it (once ``may_descend``), close until the fingers settle; then enter stage
-        ``then`` (with the grasp pose latched), or reach again after a miss."""
+        ``then`` (with the grasp pose latched), or reach again after a miss. With ``dwell_steps`` the hand goes
+        all the way down and stays there, fingers open, for that many steps before it closes."""
         cfg, state = self.config, self._arms[arm]
         pos = s.eef_pos[arm]
         approach_height = cfg.approach_height if approach_height is None else approach_height
@@ -601,8 +611,12 @@ class ScriptedExpert:
         if state.stage == f"{name}_descend":
             # Start closing just before arriving: the fingers take several steps to meet the object.
             above_grip = pos[2] - grip[2]
-            if (np.linalg.norm(grip[:2] - pos[:2]) < cfg.fine_tolerance and above_grip < cfg.close_lead
-                    and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.rot_tolerance):
+            at_grip = (np.linalg.norm(grip[:2] - pos[:2]) < cfg.fine_tolerance
+                       and above_grip < (cfg.close_lead if dwell_steps == 0 else cfg.fine_tolerance)
+                       and np.linalg.norm(rotation_error(grip_rot, s.eef_rot[arm])) < cfg.rot_tolerance)
+            # Steps in a row at the grip point (a dwell restarts if the hand drifts off it).
+            state.memory["at_grip"] = state.memory.get("at_grip", 0) + 1 if at_grip else 0
+            if at_grip and state.memory["at_grip"] > dwell_steps:
                 self._enter(arm, f"{name}_close", pos=grip, rot=grip_rot)
             return _Command(grip, grip_rot, OPEN)
         # {name}_close: hold the grasp pose while the fingers close
@@ -754,7 +768,7 @@ class ScriptedExpert:
             grip = s.payload_pos + cfg.handover_grip_offset * s.payload_axis + self._grasp_offset["handover"]
             return self._grasp(arm, s, "handover", grip, self._handover_grip_rotation(s, s.payload_axis),
                                s.holds_payload[arm], then="handover_hold", approach_height=cfg.approach_height / 2,
-                               may_descend=presented)
+                               may_descend=presented, dwell_steps=cfg.handover_close_dwell)
 
         if stage == "handover_hold":
             # robot0 lets go now; wait until its fingers have left the handle before pulling the payload away.

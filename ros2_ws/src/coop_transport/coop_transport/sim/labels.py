@@ -173,9 +173,10 @@ def in_task_order(milestones) -> list[str]:
     return [m for m in MILESTONES if m in milestones]
 
 
-def reached_milestones(sim) -> set[str]:
-    """The milestones of ``MILESTONES`` that hold in the current state (evaluation keeps the union over steps)."""
-    p = TaskPredicates(sim)
+def reached_milestones(sim, predicates: TaskPredicates | None = None) -> set[str]:
+    """The milestones of ``MILESTONES`` that hold in the current state (evaluation keeps the union over steps);
+    ``predicates``: the state's ``TaskPredicates`` when the caller has them already."""
+    p = TaskPredicates(sim) if predicates is None else predicates
     facts = {
         "lid_off": p.lid_off,
         "payload_grasped": p.payload_held[0],
@@ -187,3 +188,99 @@ def reached_milestones(sim) -> set[str]:
         "payload_in_target_bin": p.payload_in_target_bin,
     }
     return {name for name, holds in facts.items() if holds}
+
+
+# ------------------------------------------------------------------------------------------------ the hand-over
+HANDOVER_OUTCOMES = {
+    "not_lifted": "robot0 never held the payload lifted",
+    "handed_over": "robot1 held the payload when robot0's grasp ended",
+    "slipped": "robot0's grasp ended while it commanded its gripper closed (a drop)",
+    "opened_partner_away": "robot0 opened its gripper while robot1's hand was away from the handle",
+    "opened_partner_open": "robot0 opened its gripper while robot1's open hand was at the handle",
+    "opened_partner_missed": "robot0 opened its gripper after robot1 had closed its hand at the handle without a grasp",
+    "held_to_end": "robot0 still held the lifted payload when the episode ended",
+}
+"""How robot0's first hold of the lifted payload ended (``HandoverMonitor``), in the order a failure analysis reads
+them. The closed-loop logs that motivated it: the shipped default's robot0 lets go before robot1 holds (README)."""
+
+HANDLE_NEAR = 0.05
+"""m: robot1's grip site this close to the hammer handle's axis counts as at the handle (the handle is ~3 cm thick,
+the open fingers span 8 cm)."""
+OPENED_WITHIN = 5
+"""Control steps: a gripper opened this recently explains a lost grasp (the fingers take several steps to part)."""
+GRASP_LOSS_STEPS = 3
+"""Consecutive steps without a grasp after which robot0's hold counts as ended (a jerk can break one pad's contact
+for a step without dropping anything; the scripted expert uses the same rule)."""
+
+
+def hand_to_handle(sim, arm: str) -> float:
+    """Distance (m) from ``arm``'s grip site to the nearest point of the hammer handle's axis."""
+    obs = sim.observation
+    half_length = sim.rs_env.transport.payload.handle_length / 2.0
+    axis = quat_xyzw_to_mat(obs["payload_quat"])[:, 2]  # the handle runs along the hammer's z
+    offset = np.asarray(obs[f"{arm}_eef_pos"]) - np.asarray(obs["payload_pos"])
+    along = float(np.clip(offset @ axis, -half_length, half_length))
+    return float(np.linalg.norm(offset - along * axis))
+
+
+class HandoverMonitor:
+    """Follows one closed-loop episode step by step and says how robot0's first hold of the lifted payload ended
+    (one of ``HANDOVER_OUTCOMES``), with the partner's state at the last step robot0 held it.
+
+    The stage funnel says *whether* an episode reached the hand-over; this says *why* it did not: whether robot0
+    let go too early (robot1 away, or at the handle with its hand open, or closed beside it) or dropped the payload.
+    Everything is read from the simulator and the executed actions, so it applies to any controller."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._step = 0
+        self._lifted = False
+        self._lost = 0
+        self._last_open = None  # step of robot0's latest "open" gripper command
+        self._held: dict | None = None  # the partner's state at robot0's last step holding the lifted payload
+        self._result: dict | None = None
+
+    def update(self, sim, predicates: TaskPredicates, robot0_gripper_command: float) -> None:
+        """Call after every executed step with the state's predicates and robot0's executed gripper command."""
+        self._step += 1
+        if robot0_gripper_command < 0.0:
+            self._last_open = self._step
+        if self._result is not None:
+            return
+        p = predicates
+        if p.payload_held[0] and p.payload_lifted:
+            self._lifted = True
+        if not self._lifted:
+            return
+        if p.payload_held[0]:
+            self._lost = 0
+            self._held = {"step": self._step, "robot1_holds": p.payload_held[1],
+                          "robot1_closed": p.gripper_closed[1], "robot1_hand_to_handle": hand_to_handle(sim, "robot1")}
+            return
+        self._lost += 1
+        if self._lost < GRASP_LOSS_STEPS:
+            return
+        held = self._held
+        opened = self._last_open is not None and self._last_open > held["step"] - OPENED_WITHIN
+        if held["robot1_holds"]:
+            outcome = "handed_over"
+        elif not opened:
+            outcome = "slipped"
+        elif held["robot1_hand_to_handle"] > HANDLE_NEAR:
+            outcome = "opened_partner_away"
+        elif held["robot1_closed"]:
+            outcome = "opened_partner_missed"
+        else:
+            outcome = "opened_partner_open"
+        self._result = {"outcome": outcome, **held}
+
+    def result(self) -> dict:
+        """{outcome, and where robot0's hold ended: step (its last step holding), robot1_holds, robot1_closed,
+        robot1_hand_to_handle (m)}; only the outcome for ``not_lifted`` / ``held_to_end``."""
+        if self._result is not None:
+            return dict(self._result)
+        if not self._lifted:
+            return {"outcome": "not_lifted"}
+        return {"outcome": "held_to_end", **(self._held or {})}
