@@ -195,6 +195,21 @@ def test_state_history_stacks_newest_first_and_repeats_the_first_state():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="handover_weight"):
             StateBCConfig(handover_weight=bad)
+    with pytest.raises(ValueError, match="view"):
+        StateBCConfig(view="telepathic")
+
+
+def test_per_arm_view_hides_the_partner_arm():
+    from coop_transport.state_bc import PROPRIO_DIM, view_models
+
+    joint = view_models(PROPRIO_DIM + 5, "joint")
+    assert list(joint) == ["joint"] and joint["joint"][0].tolist() == list(range(PROPRIO_DIM + 5))
+    per_arm = view_models(PROPRIO_DIM + 5, "per-arm")
+    objects = list(range(PROPRIO_DIM, PROPRIO_DIM + 5))
+    assert per_arm["robot0"][0].tolist() == list(range(18)) + objects  # its own 18 proprio features, the objects
+    assert per_arm["robot1"][0].tolist() == list(range(18, 36)) + objects
+    assert (per_arm["robot0"][1], per_arm["robot1"][1]) == (slice(0, 7), slice(7, 14))  # its own action dims
+    assert per_arm["robot0"][2] == 18
 
 
 def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, tmp_path, monkeypatch):
@@ -236,7 +251,8 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
                                                                                     handover_weight=5.0),
                              split=None, progress=False)
     width = states[0].shape[1]
-    assert json.loads((stacked / state_bc.CONFIG_FILE).read_text())["state_dim"] == width + 2 * (width - 36)
+    assert json.loads((stacked / state_bc.CONFIG_FILE).read_text())["models"]["joint"]["state_dim"] == (
+        width + 2 * (width - 36))
     controller = state_bc.StateBCController(stacked, execute=1)
     with TransportSim(SimConfig(horizon=6)) as sim:
         sim.reset(seed)
@@ -258,6 +274,28 @@ def test_state_bc_reference_trains_round_trips_and_runs_closed_loop(demo_file, t
     (tmp_path / "foreign" / state_bc.CONFIG_FILE).write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="format"):
         state_bc.StateBCController(tmp_path / "foreign")
+    old = json.loads((policy / state_bc.CONFIG_FILE).read_text())
+    del old["models"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / state_bc.CONFIG_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="before per-arm views"):
+        state_bc.StateBCController(tmp_path / "old")
+
+    # Per-arm view: one MLP per arm, each seeing its own proprioception and the objects, never the partner's.
+    per_arm = state_bc.train(demo_file, tmp_path / "per-arm", state_bc.StateBCConfig(steps=400, chunk=4,
+                                                                                    view="per-arm", history=2),
+                             split=None, progress=False)
+    models = json.loads((per_arm / state_bc.CONFIG_FILE).read_text())["models"]
+    objects = width - 36
+    assert {name: m["state_dim"] for name, m in models.items()} == {"robot0": 2 * (18 + objects),
+                                                                    "robot1": 2 * (18 + objects)}
+    controller = state_bc.StateBCController(per_arm, execute=1)
+    with TransportSim(SimConfig(horizon=6)) as sim:
+        sim.reset(seed)
+        controller.reset(sim, seed)
+        first = controller.act(sim)
+        assert first.shape == (14,)
+        np.testing.assert_allclose(first, np.clip(actions[0][0], -1, 1), atol=0.15)  # both halves learned
 
     # The command line: train, then evaluate through the registered controller, funnel included.
     cli = _diagnostics_cli(monkeypatch)

@@ -166,3 +166,31 @@ def test_targets_of_methods_not_run_are_left_out(tmp_path):
     assert checks[0]["dof"] is None and not checks[0]["meets"]
     se = math.hypot(math.sqrt(45 / 102 * 57 / 102 / 100), math.sqrt(37 / 102 * 65 / 102 / 100))
     assert checks[0]["interval"] == pytest.approx([-0.08 - 1.959964 * se, -0.08 + 1.959964 * se])
+
+
+def test_handover_table_gives_shares_of_episodes_averaged_over_seeds(tmp_path):
+    from coop_transport.sim.labels import HANDOVER_OUTCOMES
+
+    counts = {  # per seed: episodes per outcome (a seed of 100 and one of 50 episodes: shares, not counts, average)
+        ("V4", 0): {"handed_over": 40, "opened_partner_open": 30, "slipped": 10, "not_lifted": 20},
+        ("V4", 1): {"handed_over": 30, "opened_partner_open": 10, "slipped": 5, "not_lifted": 5},
+        ("V5", 0): {"handed_over": 50, "held_to_end": 50},
+        ("V5", 1): None,  # evaluated before the monitor existed: V5 is left out
+    }
+    for (arch, seed), outcome_counts in counts.items():
+        d = tmp_path / arch / f"seed_{seed}"
+        d.mkdir(parents=True)
+        r = result(arch, seed, 0.15)
+        if outcome_counts is not None:
+            r["handover_outcomes"] = {o: outcome_counts.get(o, 0) for o in HANDOVER_OUTCOMES}
+        (d / "result.json").write_text(json.dumps(r))
+    payload = write_report([tmp_path], tmp_path / "report")
+    assert set(payload["handover"]) == {"V4"}
+    v4 = payload["handover"]["V4"]
+    assert v4["handed_over"] == pytest.approx((0.40 + 0.60) / 2)
+    assert v4["opened_partner_open"] == pytest.approx((0.30 + 0.20) / 2)
+    assert v4["slipped"] == pytest.approx(0.10) and v4["not_lifted"] == pytest.approx(0.15)
+    assert sum(v4.values()) == pytest.approx(1.0)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## How robot0's hold of the lifted payload ended" in md
+    assert "| V4 | 15% | 50% | 10% | 0% | 25% | 0% | 0% |" in md  # in HANDOVER_OUTCOMES' order

@@ -8,6 +8,7 @@ Usage:
     python training/diagnostics.py overfit --data d.hdf5 --demo demo_0 --out runs/overfit      # joint, 5k steps
     python training/diagnostics.py overfit --data d.hdf5 --variant per-arm --reference-policy runs/x/step_030000
     python training/diagnostics.py state-bc --data data/transport_scripted.hdf5 --out runs/state-bc      # 50 episodes
+    python training/diagnostics.py state-bc --data d.hdf5 --train.view per-arm   # one MLP per arm, no partner state
 
 See coop_transport.diagnostics for what each measures.
 """

@@ -3,7 +3,9 @@
 A diagnostic reference, not a deployable policy: an MLP maps the simulator's exact state (both arms' proprioception
 and robosuite's object state: the hammer's, trash cube's and lid handle's poses, the bins') to the next chunk of
 the demonstrator's joint actions, trained with mean-squared error on the noise-free labels where the file has
-them. Closed loop it runs in the simulation without cameras.
+them. Closed loop it runs in the simulation without cameras. ``StateBCConfig.view="per-arm"`` splits it as the
+per-arm π0 is split: one MLP per arm on that arm's proprioception and the objects, predicting its own seven action
+dimensions, so an arm sees its partner only through the objects they both move.
 
 It separates two causes of a failing π0 policy. If this reference, which needs no perception and sees the partner
 arm, fails at a task stage too, the demonstrations (their amount, or a demonstrator whose decisions depend on
@@ -33,7 +35,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "coop_transport.state_bc/1"
 HISTORY_OF = ("all", "arms", "objects")
+VIEWS = ("joint", "per-arm")
 PROPRIO_DIM = 36  # both arms' arm_proprio, first in every state vector (load_states, state_from_sim)
+ARM_PROPRIO_DIM = PROPRIO_DIM // len(ARMS)
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,15 @@ class StateBCConfig:
     """Sampling weight, relative to every other step, of the steps in which both arms hold the payload (the files'
     phase label hand_over: 2.4% of the scripted demonstrations' steps, about 7 per episode, where robot0's release
     must follow robot1's grasp). 1: uniform sampling. Needs phase labels in the file."""
+    view: str = "joint"
+    """joint: one MLP sees both arms and the objects and predicts the 14-D chunk. per-arm: one MLP per arm sees its
+    own proprioception and the objects (the partner only through the objects it moves) and predicts its own 7-D
+    chunk: the per-arm π0's decomposition without cameras. Whether an arm can time the hand-over without seeing
+    its partner."""
 
     def __post_init__(self):
+        if self.view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {self.view!r}")
         if self.history_of not in HISTORY_OF:
             raise ValueError(f"history_of must be one of {HISTORY_OF}, got {self.history_of!r}")
         if not (np.isfinite(self.handover_weight) and self.handover_weight > 0):
@@ -82,20 +93,20 @@ class StateBCConfig:
 
 
 class StateMLP(nn.Module):
-    """Normalized state -> (chunk, 14) actions."""
+    """Normalized state -> (chunk, action_dim) actions."""
 
-    def __init__(self, state_dim: int, chunk: int, width: int, depth: int):
+    def __init__(self, state_dim: int, chunk: int, width: int, depth: int, action_dim: int = JOINT_ACTION_DIM):
         super().__init__()
         layers, d = [], state_dim
         for _ in range(depth):
             layers += [nn.Linear(d, width), nn.LayerNorm(width), nn.GELU()]
             d = width
-        layers.append(nn.Linear(d, chunk * JOINT_ACTION_DIM))
+        layers.append(nn.Linear(d, chunk * action_dim))
         self.net = nn.Sequential(*layers)
-        self.chunk = chunk
+        self.chunk, self.action_dim = chunk, action_dim
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.net(state).view(-1, self.chunk, JOINT_ACTION_DIM)
+        return self.net(state).view(-1, self.chunk, self.action_dim)
 
 
 # ------------------------------------------------------------------------------------------------------- state
@@ -140,10 +151,29 @@ def handover_steps(labels: dict[str, np.ndarray]) -> np.ndarray | None:
             & (labels["robot1_phase"] == PHASES["robot1"].index("hand_over")))
 
 
-def history_columns(state_dim: int, history_of: str) -> np.ndarray:
-    """Indices of the features that earlier states contribute (``StateBCConfig.history_of``)."""
-    return {"all": np.arange(state_dim), "arms": np.arange(PROPRIO_DIM),
-            "objects": np.arange(PROPRIO_DIM, state_dim)}[history_of]
+def history_columns(state_dim: int, history_of: str, proprio_dim: int = PROPRIO_DIM) -> np.ndarray:
+    """Indices of the features that earlier states contribute (``StateBCConfig.history_of``), in a state vector
+    whose first ``proprio_dim`` features are the arms' proprioception."""
+    return {"all": np.arange(state_dim), "arms": np.arange(proprio_dim),
+            "objects": np.arange(proprio_dim, state_dim)}[history_of]
+
+
+def view_models(state_dim: int, view: str) -> dict[str, tuple[np.ndarray, slice, int]]:
+    """The MLPs of a view: name -> (the state features it sees, the joint action dimensions it predicts, how many
+    of its features are proprioception). The objects' features follow the arms' in every state vector."""
+    objects = np.arange(PROPRIO_DIM, state_dim)
+    if view == "joint":
+        return {"joint": (np.arange(state_dim), slice(0, JOINT_ACTION_DIM), PROPRIO_DIM)}
+    arm_dim = JOINT_ACTION_DIM // len(ARMS)
+    return {arm: (np.r_[np.arange(i * ARM_PROPRIO_DIM, (i + 1) * ARM_PROPRIO_DIM), objects],
+                  slice(i * arm_dim, (i + 1) * arm_dim), ARM_PROPRIO_DIM) for i, arm in enumerate(ARMS)}
+
+
+def model_input(states: np.ndarray, columns: np.ndarray, proprio_dim: int, config: "StateBCConfig") -> np.ndarray:
+    """(T, S) full states of one episode -> (T, features) inputs of one MLP: its columns, with the history."""
+    own = states[:, columns]
+    past = history_columns(own.shape[1], config.history_of, proprio_dim)
+    return stack_history(own, config.history, config.history_stride, past)
 
 
 def stack_history(states: np.ndarray, history: int, stride: int, columns: np.ndarray | None = None) -> np.ndarray:
@@ -166,31 +196,51 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
           progress: bool = True) -> Path:
     """Train on ``split`` of ``data``; write the checkpoint to ``out``; returns ``out``."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
-    torch.manual_seed(config.seed)
     states, actions, layout, labels, handover = load_states(data, split, config.action_labels)
-    columns = history_columns(states[0].shape[1], config.history_of)
-    x = np.concatenate([stack_history(s, config.history, config.history_stride, columns) for s in states])
-    y = np.concatenate([_chunks(a, config.chunk) for a in actions])
-    mean, std = x.mean(0), x.std(0) + 1e-6  # constant features (a bin's position) stay finite
-    xs = torch.from_numpy((x - mean) / std)
-    ys = torch.from_numpy(y)
-    model = StateMLP(x.shape[1], config.chunk, config.width, config.depth)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.steps // 20)  # linear warm-up over 5%, then cosine decay to zero
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1.0 + np.cos(np.pi * min(1.0, step / config.steps))))
-    generator = torch.Generator().manual_seed(config.seed)
     weights = None
     if config.handover_weight != 1.0:
         if any(h is None for h in handover):
             raise ValueError(f"{data} has demonstrations without phase labels (handover_weight needs them; "
                              "training/demos.py writes them with --labels)")
         weights = torch.from_numpy(np.where(np.concatenate(handover), config.handover_weight, 1.0))
-    losses = []
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="state-bc", disable=not progress, dynamic_ncols=True)
+    tensors, models, final_losses = {}, {}, []
+    for name, (columns, action_dims, proprio_dim) in view_models(states[0].shape[1], config.view).items():
+        x = np.concatenate([model_input(s, columns, proprio_dim, config) for s in states])
+        y = np.concatenate([_chunks(a[:, action_dims], config.chunk) for a in actions])
+        mean, std = x.mean(0), x.std(0) + 1e-6  # constant features (a bin's position) stay finite
+        model, loss = _fit(torch.from_numpy((x - mean) / std), torch.from_numpy(y), config, weights, progress,
+                           f"state-bc {name}" if config.view != "joint" else "state-bc")
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in model.state_dict().items()})
+        models[name] = {"state_dim": int(x.shape[1]), "state_mean": mean.tolist(), "state_std": std.tolist()}
+        final_losses.append(loss)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / WEIGHTS_FILE)
+    meta = {"format": FORMAT, "config": asdict(config), "full_state_dim": int(states[0].shape[1]), "models": models,
+            "object_layout": layout,
+            "data": str(data), "split": split, "action_labels": labels, "samples": int(sum(len(s) for s in states)),
+            "demos": len(states), "final_loss": float(np.mean(final_losses)),
+            "train_seconds": time.perf_counter() - start}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _fit(xs: torch.Tensor, ys: torch.Tensor, config: StateBCConfig, weights: torch.Tensor | None, progress: bool,
+         desc: str) -> tuple[StateMLP, float]:
+    """One MLP fitted to normalized inputs ``xs`` and action chunks ``ys``; returns it and its final loss."""
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    model = StateMLP(xs.shape[1], config.chunk, config.width, config.depth, ys.shape[-1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 20)  # linear warm-up over 5%, then cosine decay to zero
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1.0 + np.cos(np.pi * min(1.0, step / config.steps))))
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
         if weights is None:
             i = torch.randint(len(xs), (config.batch_size,), generator=generator)
@@ -207,20 +257,13 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
     if not np.isfinite(losses[-1]):
         raise FloatingPointError(f"training diverged (loss {losses[-1]}); nothing written")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-    meta = {"format": FORMAT, "config": asdict(config), "state_dim": int(x.shape[1]),
-            "state_mean": mean.tolist(), "state_std": std.tolist(), "object_layout": layout, "data": str(data),
-            "split": split, "action_labels": labels, "samples": int(len(x)), "demos": len(states),
-            "final_loss": float(np.mean(losses[-100:])), "train_seconds": time.perf_counter() - start}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    return out
+    return model, float(np.mean(losses[-100:]))
 
 
 # ------------------------------------------------------------------------------------------------- closed loop
 class StateBCController:
-    """The trained MLP as an evaluation controller: predicts a chunk, executes its first ``execute`` actions."""
+    """The trained MLP(s) as an evaluation controller: predicts a chunk, executes its first ``execute`` actions
+    (per-arm: each arm's MLP predicts its own seven action dimensions of the chunk)."""
 
     def __init__(self, policy: str | Path, execute: int = 1):
         from safetensors.torch import load_file
@@ -235,11 +278,22 @@ class StateBCController:
         config = StateBCConfig(**meta["config"])
         if not 1 <= execute <= config.chunk:
             raise ValueError(f"execute must lie in [1, {config.chunk}], got {execute}")
-        self.model = StateMLP(meta["state_dim"], config.chunk, config.width, config.depth)
-        self.model.load_state_dict(load_file(policy / WEIGHTS_FILE))  # strict: a mismatched file is refused
-        self.model.eval()
-        self.mean = np.asarray(meta["state_mean"], np.float32)
-        self.std = np.asarray(meta["state_std"], np.float32)
+        if "models" not in meta or "full_state_dim" not in meta:
+            raise ValueError(f"{policy} is a state-bc checkpoint from before per-arm views (one MLP, no 'models' in "
+                             f"{CONFIG_FILE}): train it again")
+        tensors = load_file(policy / WEIGHTS_FILE)
+        self.config = config
+        self.models = {}  # name -> (MLP, columns of the full state, joint action dims, proprio dim, mean, std)
+        for name, (columns, action_dims, proprio_dim) in view_models(meta["full_state_dim"], config.view).items():
+            m = meta["models"][name]
+            model = StateMLP(m["state_dim"], config.chunk, config.width, config.depth,
+                             action_dims.stop - action_dims.start)
+            prefix = f"{name}."
+            # strict: a file with other sizes or missing tensors is refused
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            model.eval()
+            self.models[name] = (model, columns, action_dims, proprio_dim, np.asarray(m["state_mean"], np.float32),
+                                 np.asarray(m["state_std"], np.float32))
         self.layout = meta["object_layout"]
         self.execute = execute
         self._queue: list[np.ndarray] = []
@@ -264,14 +318,11 @@ class StateBCController:
             self._states.append(state_from_sim(sim, self._object_keys))
             del self._states[: -(self.history - 1) * self.history_stride - 1]
         if not self._queue:
-            if self.history > 1:
-                past = np.stack(self._states)
-                columns = history_columns(past.shape[1], self.history_of)
-                state = stack_history(past, self.history, self.history_stride, columns)[-1]
-            else:
-                state = state_from_sim(sim, self._object_keys)
-            x = torch.from_numpy((state - self.mean) / self.std)[None]
-            chunk = self.model(x)[0].numpy()
+            past = np.stack(self._states) if self.history > 1 else state_from_sim(sim, self._object_keys)[None]
+            chunk = np.zeros((self.config.chunk, JOINT_ACTION_DIM), np.float32)
+            for model, columns, action_dims, proprio_dim, mean, std in self.models.values():
+                state = model_input(past, columns, proprio_dim, self.config)[-1]
+                chunk[:, action_dims] = model(torch.from_numpy((state - mean) / std)[None])[0].numpy()
             self._queue = list(np.clip(chunk[:self.execute], -1.0, 1.0))
         return self._queue.pop(0)
 

@@ -240,8 +240,8 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -
         return saved["result"] if same else None  # another checkpoint or episode count: evaluate again
 
     def finish(name: str, summary: dict) -> dict:
-        result = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates")
-                  if k in summary}
+        result = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates",
+                                          "handover_outcomes") if k in summary}
         (out_dir / name / "probe.json").write_text(json.dumps(
             {"checkpoint": checkpoint, "episodes": config.eval_episodes, "result": result}, indent=1))
         return result

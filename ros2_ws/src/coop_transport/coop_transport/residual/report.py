@@ -285,6 +285,26 @@ def funnel_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", rows
 
 
+def handover_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
+    """How robot0's hold of the lifted payload ended (``sim.labels.HANDOVER_OUTCOMES``), as a share of evaluation
+    episodes per method, averaged over its seeds (best checkpoints): whether a method loses the hand-over to an
+    early release or to a drop. Methods with a seed evaluated before the evaluation recorded it are left out."""
+    from coop_transport.sim.labels import HANDOVER_OUTCOMES
+
+    def shares(r: dict) -> dict[str, float]:
+        n = sum(r["handover_outcomes"].values())
+        return {o: r["handover_outcomes"].get(o, 0) / n for o in HANDOVER_OUTCOMES}
+
+    rows = {arch: {o: float(np.mean([shares(r)[o] for r in rs])) for o in HANDOVER_OUTCOMES}
+            for arch, rs in results.items() if all(r.get("handover_outcomes") for r in rs)}
+    if not rows:
+        return "", {}
+    lines = ["| Method | " + " | ".join(HANDOVER_OUTCOMES) + " |", "|---" * (len(HANDOVER_OUTCOMES) + 1) + "|"]
+    lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][o]:.0f}%" for o in HANDOVER_OUTCOMES) + " |"
+              for arch in ARCHS if arch in rows]
+    return "\n".join(lines) + "\n", rows
+
+
 def table2_markdown(ablations: list[dict]) -> tuple[str, dict]:
     """Rows of the ladder averaged over V4 seeds; Δ cumulative against the first row, Δ marginal against the
     previous applicable row."""
@@ -381,6 +401,12 @@ def write_report(paths: list[Path], out: Path) -> dict:
     funnel, funnel_rows = funnel_markdown(results)
     if funnel:
         md += ["## Stage funnel (share of evaluation episodes reaching each milestone, mean over seeds)", "", funnel]
+    handover, handover_rows = handover_markdown(results)
+    if handover:
+        md += ["## How robot0's hold of the lifted payload ended (share of evaluation episodes, mean over seeds)", "",
+               "handed_over: robot1 held it; slipped: a drop with robot0's gripper closed; opened_partner_away / "
+               "_open / _missed: robot0 opened while robot1's hand was away from the handle / at it, open / "
+               "closed beside it; held_to_end: still holding at the episode's end.", "", handover]
     if t2:
         md += ["## Table 2: inference-recipe ablation on V4", "", t2]
     checks = target_checks(rows, paired)
@@ -402,7 +428,7 @@ def write_report(paths: list[Path], out: Path) -> dict:
     if probes:
         md += ["## Communication probes", "", probes_markdown(probes)]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    payload = {"table1": rows, "funnel": funnel_rows, "table2": ladder, "paired": paired,
+    payload = {"table1": rows, "funnel": funnel_rows, "handover": handover_rows, "table2": ladder, "paired": paired,
                "paired_v4_v5": paired.get("V5-V4"), "targets": checks, "probes": probes}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     plot_table1(rows, results, out / "table1.png")

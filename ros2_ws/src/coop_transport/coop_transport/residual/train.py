@@ -115,7 +115,8 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
     result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None,
               "success_rate": summary["success_rate"], "successes": summary["successes"],
               "episodes": summary["episodes"], "wilson95": summary["wilson95"],
-              "milestone_rates": summary["milestone_rates"], "evals": [],
+              "milestone_rates": summary["milestone_rates"], "handover_outcomes": summary["handover_outcomes"],
+              "evals": [],
               "wall_s": time.perf_counter() - start, "config": config_to_json(config)}
     _write_result(run, result)
     return result
@@ -269,7 +270,8 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
         result = {
             "arch": spec.name, "seed": seed, "trains": True, "best_checkpoint": best["checkpoint"],
             "success_rate": best["success_rate"], "successes": best["successes"], "episodes": best["episodes"],
-            "wilson95": best["wilson95"], "milestone_rates": best.get("milestone_rates"), "evals": ps["evals"],
+            "wilson95": best["wilson95"], "milestone_rates": best.get("milestone_rates"),
+            "handover_outcomes": best.get("handover_outcomes"), "evals": ps["evals"],
             "chunks": ps["chunks"], "updates": ps["updates"],
             "training_episodes": len(ps["episodes"]),
             "training_success_rate": float(np.mean([e["success"] for e in ps["episodes"]])) if ps["episodes"] else 0.0,
@@ -335,7 +337,7 @@ def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict) -> Non
                               {"checkpoint": str(ckpt)}, progress=config.progress)
     entry = {"chunks": ps["chunks"], "checkpoint": f"checkpoints/{name}", "success_rate": summary["success_rate"],
              "successes": summary["successes"], "episodes": summary["episodes"], "wilson95": summary["wilson95"],
-             "milestone_rates": summary["milestone_rates"]}
+             "milestone_rates": summary["milestone_rates"], "handover_outcomes": summary["handover_outcomes"]}
     ps["evals"].append(entry)
     best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
     (run / BEST_JSON).write_text(json.dumps(best, indent=2))
