@@ -277,8 +277,8 @@ class HandoverMonitor:
         self._result = {"outcome": outcome, **held}
 
     def result(self) -> dict:
-        """{outcome, and where robot0's hold ended: step (its last step holding), robot1_holds, robot1_closed,
-        robot1_hand_to_handle (m)}; only the outcome for ``not_lifted`` / ``held_to_end``."""
+        """{outcome, and the partner's state at robot0's last step holding the lifted payload: step, robot1_holds,
+        robot1_closed, robot1_hand_to_handle (m)}; only the outcome for ``not_lifted``."""
         if self._result is not None:
             return dict(self._result)
         if not self._lifted:
