@@ -86,7 +86,7 @@ def test_a_killed_evaluation_resumes_with_the_seeds_left(tmp_path, monkeypatch):
     assert ran == [5, 6, 7] and len((tmp_path / evaluation.EPISODE_LOG).read_text().splitlines()) == 3
 
 
-def test_rollout_command_fixes_the_noise_on_request_and_refuses_it_for_the_expert(tmp_path):
+def test_rollout_command_fixes_the_noise_on_request_and_refuses_it_for_the_expert(tmp_path, capsys):
     """training/rollout.py (the README's main job) with --noise-seed: a short episode of the shipped default and
     its video; the option is refused where there is no flow noise."""
     import sys
@@ -97,5 +97,7 @@ def test_rollout_command_fixes_the_noise_on_request_and_refuses_it_for_the_exper
 
     result = rollout.main(rollout.Config(horizon=3, noise_seed=0, video=tmp_path / "pi0.mp4"))
     assert result["length"] == 3 and (tmp_path / "pi0.mp4").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "FAILURE after 3 steps" in printed and "hand-over: not_lifted" in printed  # what ended the episode
     with pytest.raises(ValueError, match="noise-seed"):
         rollout.main(rollout.Config(controller="expert", noise_seed=0, video=tmp_path / "expert.mp4"))

@@ -17,6 +17,7 @@ import tyro
 
 from coop_transport.evaluation import ControllerSpec, build_controller, run_episode
 from coop_transport.sim import SimConfig, TransportSim
+from coop_transport.sim.labels import HANDOVER_OUTCOMES
 
 
 @dataclass
@@ -54,8 +55,10 @@ def main(config: Config) -> dict:
         result = run_episode(sim, controller, config.seed, config.video, config.camera, config.video_size)
     wall = time.perf_counter() - start
     verdict = "SUCCESS" if result["success"] else "FAILURE"
+    reached = result["milestones"][-1] if result["milestones"] else "none"
     print(f"{config.controller} on reset seed {config.seed}: {verdict} after {result['length']} steps "
-          f"({wall:.0f} s); video: {config.video}")
+          f"({wall:.0f} s); last milestone: {reached}; hand-over: {result['handover']['outcome']} "
+          f"({HANDOVER_OUTCOMES[result['handover']['outcome']]}); video: {config.video}")
     return result
 
 
