@@ -269,20 +269,27 @@ def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", rows
 
 
+def _seed_mean_shares(results: dict[str, list[dict]], key: str, columns, shares) -> tuple[str, dict]:
+    """Per method, the mean over its seeds of ``shares(result)`` (column -> share of evaluation episodes), as a
+    markdown table in ``columns``' order and as a dict; methods with a seed whose result lacks ``key`` are left
+    out rather than averaged over fewer seeds."""
+    rows = {arch: {c: float(np.mean([shares(r)[c] for r in rs])) for c in columns}
+            for arch, rs in results.items() if all(r.get(key) for r in rs)}
+    if not rows:
+        return "", {}
+    lines = ["| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][c]:.0f}%" for c in columns) + " |"
+              for arch in ARCHS if arch in rows]
+    return "\n".join(lines) + "\n", rows
+
+
 def funnel_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     """Share of evaluation episodes reaching each task milestone, per method, averaged over its seeds (best
     checkpoints): where in the task each architecture gains or loses. Methods with a seed evaluated before the
     residual evaluation recorded milestones are left out."""
     from coop_transport.sim.labels import MILESTONES
 
-    rows = {arch: {m: float(np.mean([r["milestone_rates"][m] for r in rs])) for m in MILESTONES}
-            for arch, rs in results.items() if all(r.get("milestone_rates") for r in rs)}
-    if not rows:
-        return "", {}
-    lines = ["| Method | " + " | ".join(MILESTONES) + " |", "|---" * (len(MILESTONES) + 1) + "|"]
-    lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][m]:.0f}%" for m in MILESTONES) + " |"
-              for arch in ARCHS if arch in rows]
-    return "\n".join(lines) + "\n", rows
+    return _seed_mean_shares(results, "milestone_rates", MILESTONES, lambda r: r["milestone_rates"])
 
 
 def handover_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
@@ -295,14 +302,7 @@ def handover_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
         n = sum(r["handover_outcomes"].values())
         return {o: r["handover_outcomes"].get(o, 0) / n for o in HANDOVER_OUTCOMES}
 
-    rows = {arch: {o: float(np.mean([shares(r)[o] for r in rs])) for o in HANDOVER_OUTCOMES}
-            for arch, rs in results.items() if all(r.get("handover_outcomes") for r in rs)}
-    if not rows:
-        return "", {}
-    lines = ["| Method | " + " | ".join(HANDOVER_OUTCOMES) + " |", "|---" * (len(HANDOVER_OUTCOMES) + 1) + "|"]
-    lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][o]:.0f}%" for o in HANDOVER_OUTCOMES) + " |"
-              for arch in ARCHS if arch in rows]
-    return "\n".join(lines) + "\n", rows
+    return _seed_mean_shares(results, "handover_outcomes", list(HANDOVER_OUTCOMES), shares)
 
 
 def table2_markdown(ablations: list[dict]) -> tuple[str, dict]:
