@@ -152,7 +152,7 @@ def _handover_timeline(sim, seed, config):
     sim.reset(seed)
     expert = ScriptedExpert(config)
     expert.reset(sim)
-    entered, hold_at_release, gap_at_close, done, info, t = {}, None, None, False, {}, 0
+    entered, hold_at_release, gap_at_close, done, t = {}, None, None, False, 0
     while not done:
         sim.step(expert.act(sim))
         t += 1

@@ -42,7 +42,6 @@ class EnvWorker:
 
     def __init__(self, sim_config, gamma: float):
         from coop_transport.sim import TransportSim
-
         from coop_transport.sim.labels import HandoverMonitor
 
         self.sim = TransportSim(sim_config)
