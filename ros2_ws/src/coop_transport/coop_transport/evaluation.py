@@ -104,8 +104,8 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     """One closed-loop episode; returns {seed, success, length, wall_s, milestones, handover}: ``milestones`` lists
     the task milestones (``sim.labels.MILESTONES``) the episode reached at any step, in task order; ``handover``
     says how robot0's hold of the lifted payload ended (``sim.labels.HandoverMonitor``)."""
-    from coop_transport.constants import ARMS, GRIPPER_INDEX, WRIST_CAMERA, image_key
-    from coop_transport.sim.labels import HandoverMonitor, TaskPredicates, in_task_order, reached_milestones
+    from coop_transport.constants import ARMS, WRIST_CAMERA, image_key
+    from coop_transport.sim.labels import EpisodeRecord
     from coop_transport.utils.video import VideoWriter
 
     start = time.perf_counter()
@@ -128,22 +128,19 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     if writer:
         writer.add(frame())
     success, done, t = False, False, 0
-    reached: set[str] = set()
-    handover = HandoverMonitor()
+    record = EpisodeRecord()
     while not done:
         action = controller.act(sim)
         obs, _, done, info = sim.step(action)
         success = success or info["success"]
-        predicates = TaskPredicates(sim)
-        reached |= reached_milestones(sim, predicates)
-        handover.update(sim, predicates, float(action[GRIPPER_INDEX]))
+        record.update(sim, action)
         t += 1
         if writer:
             writer.add(frame())
     if writer:
         writer.close()
     return {"seed": int(seed), "success": bool(success), "length": t, "wall_s": time.perf_counter() - start,
-            "milestones": in_task_order(reached), "handover": handover.result()}
+            "milestones": record.milestones(), "handover": record.handover()}
 
 
 # ------------------------------------------------------------------------------------------- worker processes

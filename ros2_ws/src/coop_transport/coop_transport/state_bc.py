@@ -219,8 +219,7 @@ def train(data: str | Path, out: str | Path, config: StateBCConfig = StateBCConf
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / WEIGHTS_FILE)
     meta = {"format": FORMAT, "config": asdict(config), "full_state_dim": int(states[0].shape[1]), "models": models,
-            "object_layout": layout,
-            "data": str(data), "split": split, "action_labels": labels, "samples": int(sum(len(s) for s in states)),
+            "object_layout": layout, "data": str(data), "split": split, "action_labels": labels, "samples": int(sum(len(s) for s in states)),
             "demos": len(states), "final_loss": float(np.mean(final_losses)),
             "train_seconds": time.perf_counter() - start}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -298,8 +297,6 @@ class StateBCController:
         self.execute = execute
         self._queue: list[np.ndarray] = []
         self._object_keys: list[str] | None = None
-        self.history, self.history_stride = config.history, config.history_stride
-        self.history_of = config.history_of
         self._states: list[np.ndarray] = []  # this episode's states, oldest first (history > 1)
 
     def reset(self, sim, seed: int) -> None:
@@ -314,11 +311,12 @@ class StateBCController:
 
     @torch.no_grad()
     def act(self, sim) -> np.ndarray:
-        if self.history > 1:  # every step's state is kept: the stack reaches back over executed steps too
+        history = self.config.history
+        if history > 1:  # every step's state is kept: the stack reaches back over executed steps too
             self._states.append(state_from_sim(sim, self._object_keys))
-            del self._states[: -(self.history - 1) * self.history_stride - 1]
+            del self._states[: -(history - 1) * self.config.history_stride - 1]
         if not self._queue:
-            past = np.stack(self._states) if self.history > 1 else state_from_sim(sim, self._object_keys)[None]
+            past = np.stack(self._states) if history > 1 else state_from_sim(sim, self._object_keys)[None]
             chunk = np.zeros((self.config.chunk, JOINT_ACTION_DIM), np.float32)
             for model, columns, action_dims, proprio_dim, mean, std in self.models.values():
                 state = model_input(past, columns, proprio_dim, self.config)[-1]

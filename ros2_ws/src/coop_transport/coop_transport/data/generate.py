@@ -147,8 +147,9 @@ class GenerateConfig:
         if self.expert_handover_spread and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover_spread={self.expert_handover_spread} with runner={self.runner!r} (it "
                        f"configures the scripted expert of the default runner {DEFAULT_RUNNER!r})")
-        if ((self.expert_handover_hold_steps, self.expert_handover_close_dwell) != (3, 0)
-                and self.runner != DEFAULT_RUNNER):
+        handover_timing = (self.expert_handover_hold_steps, self.expert_handover_close_dwell)
+        default_timing = (GenerateConfig.expert_handover_hold_steps, GenerateConfig.expert_handover_close_dwell)
+        if handover_timing != default_timing and self.runner != DEFAULT_RUNNER:
             bad.append(f"expert_handover_hold_steps / expert_handover_close_dwell with runner={self.runner!r} (they "
                        f"configure the scripted expert of the default runner {DEFAULT_RUNNER!r})")
         if self.expert_handover != "observed" and self.runner != DEFAULT_RUNNER:
@@ -201,13 +202,10 @@ def _expert_config(spec: str, overrides: dict | None = None) -> dict | None:
 def _expert_overrides(config: GenerateConfig) -> dict:
     if config.runner != DEFAULT_RUNNER:
         return {}
-    overrides = {"handover": config.expert_handover}
+    overrides = {"handover": config.expert_handover, "handover_hold_steps": config.expert_handover_hold_steps,
+                 "handover_close_dwell": config.expert_handover_close_dwell}
     if config.expert_handover_spread:
         overrides["handover_spread"] = config.expert_handover_spread
-    if config.expert_handover_hold_steps != 3:
-        overrides["handover_hold_steps"] = config.expert_handover_hold_steps
-    if config.expert_handover_close_dwell:
-        overrides["handover_close_dwell"] = config.expert_handover_close_dwell
     if config.learner is not None:
         # The stage timeout rescues the expert from its own jams by backing off to the home pose; while it only
         # labels, a slow learner would trip it and the labels would say "go home" in the middle of a grasp.

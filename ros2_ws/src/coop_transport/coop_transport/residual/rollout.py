@@ -42,11 +42,11 @@ class EnvWorker:
 
     def __init__(self, sim_config, gamma: float):
         from coop_transport.sim import TransportSim
-        from coop_transport.sim.labels import HandoverMonitor
+        from coop_transport.sim.labels import EpisodeRecord
 
         self.sim = TransportSim(sim_config)
         self.gamma = gamma
-        self.handover = HandoverMonitor()
+        self.record = EpisodeRecord()  # the episode's milestones and hand-over, kept when step(milestones=True)
 
     def _pack(self, obs: dict) -> dict:
         from coop_transport.sim.labels import step_labels
@@ -57,37 +57,31 @@ class EnvWorker:
         return {"obs": slim, "labels": step_labels(self.sim)}
 
     def reset(self, seed: int) -> dict:
-        self.handover.reset()
+        self.record.reset()
         return self._pack(self.sim.reset(int(seed)))
 
     def step(self, actions: np.ndarray, milestones: bool = False) -> dict:
         """Run a (C, 14) chunk; stops early when the episode ends. Returns the packed observation after it and
         reward (sum_j γ^j r_j), steps, success, terminated (success), truncated (time limit), and with
-        ``milestones`` the task milestones that held at any step of the chunk, in task order (evaluation's stage
-        funnel; off in training collection, where the check would cost ~1 ms a step for nothing), and at the
-        episode's end how robot0's hold of the payload ended (``handover``, ``sim.labels.HandoverMonitor``)."""
-        from coop_transport.constants import GRIPPER_INDEX
-        from coop_transport.sim.labels import TaskPredicates, in_task_order, reached_milestones
-
+        ``milestones`` the task milestones the episode has reached at any step so far, in task order (evaluation's
+        stage funnel; off in training collection, where the check would cost ~1 ms a step for nothing), and at the
+        episode's end how robot0's hold of the payload ended (``handover``; ``sim.labels.EpisodeRecord``)."""
         total, success, done, k, obs = 0.0, False, False, 0, None
-        reached: set[str] = set()
         for k, action in enumerate(np.asarray(actions, dtype=np.float64), start=1):
             obs, reward, done, info = self.sim.step(action)
             total += self.gamma ** (k - 1) * reward
             success = success or info["success"]
             if milestones:
-                predicates = TaskPredicates(self.sim)
-                reached |= reached_milestones(self.sim, predicates)
-                self.handover.update(self.sim, predicates, float(action[GRIPPER_INDEX]))
+                self.record.update(self.sim, action)
             if done:
                 break
         out = self._pack(obs)
         out.update(reward=total, steps=k, success=success, terminated=bool(done and success),
                    truncated=bool(done and not success), t=self.sim.t)
         if milestones:  # absent, not empty, when not checked
-            out["milestones"] = in_task_order(reached)
+            out["milestones"] = self.record.milestones()
             if done:
-                out["handover"] = self.handover.result()
+                out["handover"] = self.record.handover()
         return out
 
     def replay(self, seed: int, chunks: list[np.ndarray]) -> dict:
@@ -422,14 +416,12 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
     those of ``sim.labels.MILESTONES`` the episode reached at any step, in task order; ``handover``: how robot0's
     hold of the payload ended; both as ``evaluation.run_episode``'s).
     """
-    from coop_transport.sim.labels import in_task_order
-
     queue = list(seeds)
     active: dict[int, dict] = {}
     first = {e: queue.pop(0) for e in range(min(pool.num_envs, len(queue)))}
     for e, out in pool.reset(first).items():
         active[e] = {"seed": first[e], "obs": out["obs"], "labels": out["labels"], "k": 0, "length": 0,
-                     "success": False, "milestones": set()}
+                     "success": False}
     results = []
     while active:
         envs = sorted(active)
@@ -448,11 +440,10 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
             ep["k"] += 1
             ep["length"] += r["steps"]
             ep["success"] = ep["success"] or bool(r["success"])
-            ep["milestones"].update(r["milestones"])
             ep["obs"], ep["labels"] = r["obs"], r["labels"]
             if r["terminated"] or r["truncated"]:
                 results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"],
-                                "milestones": in_task_order(ep["milestones"]), "handover": r.get("handover")})
+                                "milestones": r["milestones"], "handover": r["handover"]})
                 if progress is not None:
                     progress(results)
                 del active[e]
@@ -460,5 +451,5 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
                     resets[e] = queue.pop(0)
         for e, o in pool.reset(resets).items() if resets else ():
             active[e] = {"seed": resets[e], "obs": o["obs"], "labels": o["labels"], "k": 0, "length": 0,
-                         "success": False, "milestones": set()}
+                         "success": False}
     return sorted(results, key=lambda r: r["seed"])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coop_transport.constants import ARMS
+from coop_transport.constants import ARMS, GRIPPER_INDEX
 from coop_transport.sim.frames import mat_to_axis_angle, quat_xyzw_to_mat, world_to_base_pos, world_to_base_rot
 
 TABLE_TOP_Z = 0.8  # metres, both tables (TwoArmTransport's table_offsets z)
@@ -284,3 +284,30 @@ class HandoverMonitor:
         if not self._lifted:
             return {"outcome": "not_lifted"}
         return {"outcome": "held_to_end", **(self._held or {})}
+
+
+class EpisodeRecord:
+    """What an evaluation keeps of one closed-loop episode, step by step: the milestones reached at any step (the
+    stage funnel) and how robot0's hold of the lifted payload ended (``HandoverMonitor``). One place for both
+    evaluations (``evaluation.run_episode`` and the residual one), so they record the same things."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._reached: set[str] = set()
+        self._handover = HandoverMonitor()
+
+    def update(self, sim, action) -> None:
+        """Call after every executed step with the (14,) joint action that ran."""
+        predicates = TaskPredicates(sim)
+        self._reached |= reached_milestones(sim, predicates)
+        self._handover.update(sim, predicates, float(action[GRIPPER_INDEX]))
+
+    def milestones(self) -> list[str]:
+        """The milestones reached so far, in task order."""
+        return in_task_order(self._reached)
+
+    def handover(self) -> dict:
+        """``HandoverMonitor.result()`` so far."""
+        return self._handover.result()
