@@ -63,7 +63,7 @@ def time_training(name: str, variant: str, batch_size: int, mode: str, steps: in
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss, _ = step(batch)
+        loss, _, _ = step(batch)
     sync()
     elapsed = time.perf_counter() - start
     row = {

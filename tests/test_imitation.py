@@ -128,6 +128,35 @@ def test_training_with_a_state_history(demo_file, tmp_path):
         train(_config(demo_file, run, 4))
 
 
+def test_object_state_auxiliary_loss_end_to_end(demo_file, tmp_path):
+    """--object-state-weight: the head takes the file's object-state width, its error is logged beside the total,
+    the checkpoint keeps its statistics and runs as a policy, and a resume without the weight is refused."""
+    import csv
+
+    from coop_transport.data.dataset import load_demonstrations
+    from coop_transport.pi0_policy import Pi0Policy
+
+    with load_demonstrations(demo_file) as demos:
+        object_dim = demos.object_states(demos.demos[0]).shape[1]
+    run = tmp_path / "aux"
+    summary = train(_config(demo_file, run, 4, object_state_weight=1.0, stop_at=2))
+    assert summary["steps"] == 2
+    train(_config(demo_file, run, 4, object_state_weight=1.0))
+    rows = list(csv.DictReader(open(run / "loss.csv")))
+    assert len(rows) == 4 and all(float(r["object_state_mse"]) > 0 for r in rows)
+    policy = Pi0Policy.load(run / "checkpoints" / "step_000004", device="cpu")
+    assert policy.config.object_state_dim == object_dim
+    meta = json.loads((run / "checkpoints" / "step_000004" / "config.json").read_text())
+    assert len(meta["norm_stats"]["object_state"]["mean"]) == object_dim
+    obs = {"proprio": np.zeros(18, np.float32), "wrist_image": np.zeros((32, 32, 3), np.uint8),
+           "agentview_image": np.zeros((32, 32, 3), np.uint8)}
+    assert np.all(np.isfinite(policy.sample_arm(obs, "robot0", num_samples=2)))
+    with pytest.raises(ValueError, match="object-state head"):
+        train(_config(demo_file, run, 6))
+    with pytest.raises(ValueError, match="object_state_weight"):
+        _config(demo_file, run, 6, object_state_weight=float("nan"))
+
+
 def test_closed_loop_evaluation_of_a_checkpoint(demo_file, tmp_path):
     from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
 

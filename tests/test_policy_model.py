@@ -114,6 +114,43 @@ def test_loss_with_zero_velocity_is_mean_square_target_over_real_entries():
     assert torch.allclose(info["losses/flow_matching"], loss)
 
 
+def test_object_state_head_adds_its_weighted_error_trains_the_encoder_and_leaves_sampling_alone():
+    """The auxiliary head (config.object_state_dim): loss = flow matching + w * MSE of the head's prediction; its
+    gradient reaches the image encoder; sampling is the same with or without it; misuse is refused."""
+    config = get_config("tiny", object_state_dim=5)
+    model = build_model(config)
+    batch = make_batch(config)
+    batch["object_state"] = torch.randn(2, 5)
+    noise = torch.randn(2, config.action_horizon, config.action_pad_dim)
+    time = torch.tensor([0.3, 0.8])
+    flow, _ = model.compute_loss(batch, noise=noise, time=time)
+    total, info = model.compute_loss(batch, noise=noise, time=time, object_state_weight=0.5)
+    _, prefix_out, prefix_mask = model.predict_velocity(batch, noise, time, return_prefix=True)
+    expected = ((model.predict_object_state(prefix_out, prefix_mask) - batch["object_state"]) ** 2).mean()
+    assert torch.allclose(info["losses/object_state"], expected, atol=1e-6)
+    assert torch.allclose(total, flow + 0.5 * expected, atol=1e-6)
+
+    model.zero_grad()
+    (total - flow).backward()  # the auxiliary term alone
+    assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert model.action_out_proj.weight.grad is None or model.action_out_proj.weight.grad.abs().sum() == 0
+
+    plain = build_model(get_config("tiny"))
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("object_state_head.") for k in unexpected)
+    sample_noise = torch.randn(2, config.action_horizon, config.action_pad_dim)
+    with_head = model.sample_actions(make_batch(config, with_actions=False), noise=sample_noise)
+    without = plain.sample_actions(make_batch(config, with_actions=False), noise=sample_noise)
+    assert torch.equal(with_head, without)
+
+    with pytest.raises(ValueError, match="object-state head"):
+        plain.compute_loss(batch, object_state_weight=0.5)
+    with pytest.raises(ValueError, match="object_state"):
+        model.compute_loss({k: v for k, v in batch.items() if k != "object_state"}, object_state_weight=0.5)
+    with pytest.raises(ValueError, match="object_state_dim"):
+        get_config("tiny", object_state_dim=-1)
+
+
 def test_time_sampling_follows_pi0():
     model = build_model(get_config("tiny"))
     time = model.sample_time(200_000, "cpu")

@@ -8,10 +8,10 @@
 #   STAGES=eval bash training/reproduce_default.sh runs/default      # one stage again (demos | train | select | eval)
 #   SEEDS="0 1 2" bash training/reproduce_default.sh runs/default   # several training seeds, all candidates
 #
-# Closed-loop success varies a lot between training seeds of one recipe (fourteenth session, the shipped settings,
-# 40 selection episodes: seed 0 solved 17; seeds 1 and 2, trained to 16,000 steps, 8-10 and 3-9 at their 12,000- and
-# 16,000-step checkpoints), so SEEDS trains each variant once per seed and the selection takes the best checkpoint
-# over all of them. With one seed (the default) a run lives in <variant>-<model>, with several in
+# Closed-loop success varies between training seeds of one recipe (fourteenth session, without the object-state
+# head, 40 selection episodes: seed 0 solved 17; seeds 1 and 2, trained to 16,000 steps, 8-10 and 3-9 at their
+# 12,000- and 16,000-step checkpoints; eighteenth session, with it: 17 and 21 of the same 40), so SEEDS trains each
+# variant once per seed and the selection takes the best checkpoint over all of them. With one seed (the default) a run lives in <variant>-<model>, with several in
 # <variant>-<model>-seed<S>.
 #
 # Every stage resumes where it stopped (demos from their shards, training from its state), so the script can be
@@ -33,6 +33,7 @@ WARMUP=${WARMUP:-}            # warm-up steps (empty: imitation.py's default; th
 COMPILE=${COMPILE:-1}         # torch.compile the loss (fewer kernels: the small model is launch-bound)
 HISTORY=${HISTORY:-4}         # states the policy sees: the current one and HISTORY - 1 earlier ones (1: current only)
 HISTORY_STRIDE=${HISTORY_STRIDE:-5}  # control steps between them (the shipped default: 4 states 5 steps apart)
+OBJECT_STATE_WEIGHT=${OBJECT_STATE_WEIGHT:-0.5}  # the auxiliary object-state head's loss weight (0: none; shipped: 0.5)
 VARIANTS=${VARIANTS:-per-arm joint}
 SEEDS=${SEEDS:-0}             # training seeds per variant (imitation.py --seed)
 MODEL=${MODEL:-small}         # model configuration (tiny: the tests' stand-in)
@@ -82,6 +83,7 @@ if has train; then
             --steps "$STEPS" --batch-size "$BATCH" --num-checkpoints "$CHECKPOINTS" --no-progress \
             --action-labels "$LABELS" ${LR:+--lr "$LR"} ${WARMUP:+--warmup-steps "$WARMUP"} \
             --state-history "$HISTORY" --state-history-stride "$HISTORY_STRIDE" \
+            --object-state-weight "$OBJECT_STATE_WEIGHT" \
             $([[ "$COMPILE" == 1 ]] && echo --compile) ${TRAIN_BUDGET_S:+--time-budget-s "$TRAIN_BUDGET_S"} \
             >"$run.log" 2>&1 &
         pids+=($!)

@@ -79,6 +79,11 @@ class ImitationConfig:
     """S: control steps between those states."""
     state_history_encoding: Literal["delta", "absolute"] = "delta"
     """delta: the earlier states as displacements since then (s_t - s_{t-kS}); absolute: as they were."""
+    object_state_weight: float = 0.0
+    """> 0: also train an auxiliary head to read the simulator's object state (``obs/object``, z-scored: the
+    hammer's, trash cube's and lid handle's poses, the bins', the grippers' offsets to them) from the VLM's image
+    tokens, with this weight beside the flow-matching loss (Pi0Config.object_state_dim). Privileged information
+    used in training only: the policy still acts from its cameras and proprioception."""
     augment: bool = True
     """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
     extra_data: tuple[Path, ...] = ()
@@ -122,6 +127,8 @@ class ImitationConfig:
     def __post_init__(self):
         variant_spec(self.variant)
         _ = self.history  # refuses bad state-history values before any data is loaded
+        if not (self.object_state_weight >= 0 and math.isfinite(self.object_state_weight)):
+            raise ValueError(f"object_state_weight must be a finite number >= 0, got {self.object_state_weight}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1 "
                              f"(got {self.steps}, {self.batch_size}, {self.save_every})")
@@ -153,6 +160,7 @@ class StepTable:
     prompt_mask: torch.Tensor  # (P, L) bool
     horizon: int
     num_trajectories: int = 0
+    object_state: torch.Tensor | None = None  # (N, object_dim) float32, z-scored; for the auxiliary head only
 
     def __len__(self) -> int:
         return self.state.shape[0]
@@ -165,7 +173,7 @@ class StepTable:
         pad = steps >= end
         steps = torch.minimum(steps, end - 1)
         prompt = self.prompt_id[idx]
-        return {
+        batch = {
             "images": {slot: frames[idx] for slot, frames in self.images.items()},
             "state": self.state[idx],
             "actions": self.actions[steps],  # (B, H, D)
@@ -173,6 +181,9 @@ class StepTable:
             "prompt_tokens": self.prompt_tokens[prompt],
             "prompt_mask": self.prompt_mask[prompt],
         }
+        if self.object_state is not None:
+            batch["object_state"] = self.object_state[idx]
+        return batch
 
 
 def floored_stats(stats, floor: float) -> dict:
@@ -210,12 +221,30 @@ def _trajectories(variant: str, demos) -> list:
         else demos.joint_trajectories(None, images="memory")
 
 
+def _objects(demos, trajectory, model_config) -> np.ndarray:
+    """The object state (T, object_dim) beside ``trajectory``'s steps, checked against the model's head width."""
+    object_states = demos.object_states(trajectory.demo)
+    if object_states.shape != (len(trajectory), model_config.object_state_dim):
+        raise ValueError(f"{demos.path}: demonstration {trajectory.demo} has object state of shape "
+                         f"{object_states.shape}, expected ({len(trajectory)}, {model_config.object_state_dim}): "
+                         "every file of one run needs the same object layout")
+    return object_states
+
+
+def object_state_dim_of(path: Path) -> int:
+    """Width of the object state (``obs/object``) of the first demonstration in ``path``."""
+    from coop_transport.data.dataset import load_demonstrations
+
+    with load_demonstrations(path) as demos:
+        return int(demos.object_states(demos.demos[0]).shape[1])
+
+
 def build_step_table(config: ImitationConfig, model_config, tokenizer, device: torch.device,
                      norm_override: dict | None = None):
     """Load the demonstrations of ``config.variant`` onto ``device``; returns (table, norm_stats, demo names).
 
     norm_override: z-score with these statistics instead of the file's (a warm start keeps its checkpoint's)."""
-    from coop_transport.data.dataset import load_demonstrations
+    from coop_transport.data.dataset import NormStats, load_demonstrations
 
     spec = variant_spec(config.variant)
     with load_demonstrations(config.data, action_labels=config.action_labels) as demos:
@@ -229,9 +258,13 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         elif config.demos is not None:
             names = names[: config.demos]
         if norm_override is not None:  # a warm start or a resume: the statistics its weights were trained against
-            norm = {key: to_jsonable(norm_override[key]) for key in ("state", "actions")}
+            norm = {key: to_jsonable(norm_override[key]) for key in ("state", "actions", "object_state")
+                    if key in norm_override}
         else:
             norm = _demo_norm_stats(config, demos, names)
+        if model_config.object_state_dim and "object_state" not in norm:
+            selected_objects = [demos.object_states(name) for name in names]
+            norm["object_state"] = floored_stats(NormStats.compute(np.concatenate(selected_objects)), STATE_STD_FLOOR)
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         if len(mean_s) != config.history.state_dim(spec.state_dim):
             raise ValueError(f"the state statistics have {len(mean_s)} values, a {config.variant} policy with "
@@ -240,13 +273,16 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         mean_a, std_a = (np.asarray(norm["actions"][k], np.float32) for k in ("mean", "std"))
 
         selected = set(names)
-        trajs = [(config.data, t) for t in _trajectories(config.variant, demos) if t.demo in selected]
+        with_objects = bool(model_config.object_state_dim)
+        trajs = [(config.data, t, _objects(demos, t, model_config) if with_objects else None)
+                 for t in _trajectories(config.variant, demos) if t.demo in selected]
         if not trajs:
             raise ValueError(f"no trajectories selected from {config.data}")
         for path in config.extra_data:
             with load_demonstrations(path, action_labels=config.action_labels) as more:
                 print(f"imitation targets: {more.action_labels} actions of {path} ({len(more)} episodes, all used)")
-                trajs.extend((path, t) for t in _trajectories(config.variant, more))
+                trajs.extend((path, t, _objects(more, t, model_config) if with_objects else None)
+                             for t in _trajectories(config.variant, more))
         if config.variant == "per-arm":
             prompts = [ARM_PROMPTS[a] for a in ARMS]
             prompt_of = lambda t: ARMS.index(t.arm)  # noqa: E731
@@ -258,8 +294,10 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
                                      "robot1_wrist": t.images.get("robot1_eye_in_hand_image"),
                                      "agentview": t.images.get("agentview_image")}
         images = {slot: [] for slot in spec.slots}
-        states, actions, ends, prompt_ids, total = [], [], [], [], 0
-        for source, t in trajs:
+        states, actions, objects, ends, prompt_ids, total = [], [], [], [], [], 0
+        if with_objects:
+            mean_o, std_o = (np.asarray(norm["object_state"][k], np.float32) for k in ("mean", "std"))
+        for source, t, object_states in trajs:
             frames = slot_frames(t)
             for slot in spec.slots:
                 if frames[slot] is None:
@@ -268,6 +306,8 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
                 images[slot].append(np.asarray(frames[slot]))
             states.append((config.history.from_trajectory(t.proprio) - mean_s) / std_s)
             actions.append((t.actions - mean_a) / std_a)
+            if with_objects:
+                objects.append((object_states - mean_o) / std_o)
             total += len(t)
             ends.append(np.full(len(t), total, dtype=np.int64))
             prompt_ids.append(np.full(len(t), prompt_of(t), dtype=np.int64))
@@ -278,7 +318,7 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
         state=as_t(states, torch.float32), actions=as_t(actions, torch.float32), traj_end=as_t(ends),
         prompt_id=as_t(prompt_ids), prompt_tokens=torch.as_tensor(tokens, device=device),
         prompt_mask=torch.as_tensor(masks, device=device), horizon=model_config.action_horizon,
-        num_trajectories=len(trajs),
+        num_trajectories=len(trajs), object_state=as_t(objects, torch.float32) if with_objects else None,
     )
     return table, norm, names, prompts
 
@@ -342,7 +382,12 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
 
     tensors = load_file(str(path / "state.safetensors"))
     meta = json.loads((path / "state.json").read_text())
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    saved = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    has_head = any(k.startswith("object_state_head.") for k in saved)
+    if has_head != (model.object_state_head is not None):
+        raise ValueError(f"{path} was saved {'with' if has_head else 'without'} the object-state head: resume with "
+                         f"the run's --object-state-weight ({'> 0' if has_head else '0'})")
+    model.load_state_dict(saved)
     params = dict(model.named_parameters())
     for name, param in params.items():
         if not param.requires_grad:
@@ -422,6 +467,8 @@ def train(config: ImitationConfig) -> dict:
         state_dim = config.history.state_dim(spec.state_dim)
         model_config = dataclasses.replace(model_config, state_dim=state_dim,
                                            state_pad_dim=max(model_config.state_pad_dim, state_dim))
+    if config.object_state_weight > 0:  # the auxiliary head's width is the data's object-state width
+        model_config = dataclasses.replace(model_config, object_state_dim=object_state_dim_of(config.data))
     run = config.run_dir
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -472,14 +519,15 @@ def train(config: ImitationConfig) -> dict:
              "data": str(config.data), "imitation_config": to_jsonable(asdict(config)),
              "state_history": config.history.to_dict(),
              "weights_dir": str(config.weights) if config.weights else None, "world_size": ctx.world_size}
-    train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile, dist_ctx=ctx)
+    train_step = make_train_step(model, optimizer, ema, config.grad_clip, compile=config.compile, dist_ctx=ctx,
+                                 object_state_weight=config.object_state_weight)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc=f"imitation {config.variant}",
                disable=not (config.progress and ctx.is_main), dynamic_ncols=True)
-    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    window_loss, window_object_loss, window_start, window_steps = 0.0, 0.0, time.perf_counter(), 0
     total_steps, start_step = config.steps, step
     save_every = _save_interval(config, total_steps)
     while step < total_steps:
@@ -504,20 +552,24 @@ def train(config: ImitationConfig) -> dict:
         batch = table.sample(local_batch, generator)
         if config.augment:
             batch["images"] = augment_images(batch["images"], generator)
-        loss, grad_norm = train_step(batch)
+        loss, grad_norm, info = train_step(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; last good state is in {state_dir}")
         step += 1
         window_loss += loss.item()
+        if "losses/object_state" in info:  # this rank's auxiliary term, for the log
+            window_object_loss += info["losses/object_state"].item()
         window_steps += 1
         bar.update(1)
         if step % config.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             row = {"step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": float(grad_norm),
                    "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9)}
+            if config.object_state_weight > 0:  # "loss" is the total; this its auxiliary part before weighting
+                row["object_state_mse"] = window_object_loss / window_steps
             log_rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_object_loss, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
         saved = step % save_every == 0 or step == total_steps
         if saved:
             dist_utils.check_in_sync(model, ctx, device)
@@ -544,6 +596,7 @@ def train(config: ImitationConfig) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "final_loss": log_rows[-1]["loss"] if log_rows else None,
+        "final_object_state_mse": log_rows[-1].get("object_state_mse") if log_rows else None,
         "samples_per_s_median": float(np.median([r["samples_per_s"] for r in log_rows[1:]] or [0.0])),
         "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -571,14 +624,16 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
                              fused=next(model.parameters()).device.type == "cuda")
 
 
-def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False, dist_ctx=None):
-    """One optimization step as a function batch -> (loss, grad_norm), shared by training and bench/train_speed.py.
+def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = False, dist_ctx=None,
+                    object_state_weight: float = 0.0):
+    """One optimization step as a function batch -> (loss, grad_norm, info), shared by training and bench/train_speed.py.
 
     bf16 autocast on CUDA (π0 trains in bf16); ``compile`` runs the loss through torch.compile (fewer, fused
     kernels: the small model is launch-bound on a GPU). A non-finite loss skips the update, so the caller can stop
     with the last good weights intact. With a data-parallel ``dist_ctx`` (coop_transport.utils.distributed) the
     returned loss is the mean over ranks, a non-finite loss on any rank skips the update on all of them, and the
-    gradients are averaged before clipping.
+    gradients are averaged before clipping. ``object_state_weight``: see ``Pi0Model.compute_loss`` (the returned
+    loss then includes the auxiliary term).
     """
     from coop_transport.utils.distributed import DistContext, average_gradients, mean_loss_and_finite
 
@@ -587,12 +642,12 @@ def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = Fal
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_fn = torch.compile(model.compute_loss) if compile else model.compute_loss
 
-    def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null_context():
-            loss, _ = loss_fn(batch)
+            loss, info = loss_fn(batch, object_state_weight=object_state_weight)
         mean_loss, finite = mean_loss_and_finite(loss, dist_ctx)
         if not finite:
-            return mean_loss, torch.tensor(float("nan"))
+            return mean_loss, torch.tensor(float("nan")), info
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(trainable, dist_ctx)
@@ -600,7 +655,7 @@ def make_train_step(model, optimizer, ema, grad_clip: float, compile: bool = Fal
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        return mean_loss, grad_norm
+        return mean_loss, grad_norm, info
 
     return step
 
@@ -633,7 +688,7 @@ def _write_log(run: Path, rows: list) -> None:
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("flow-matching loss")
+        ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(run / "loss.png", dpi=110)

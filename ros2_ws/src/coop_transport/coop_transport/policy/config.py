@@ -164,6 +164,10 @@ class Pi0Config:
     Gemma weights ('.*llm.*'), so SigLIP stays trainable there"""
     ema_decay: float | None = 0.99
     """EMA of the weights used for evaluation (openpi: 0.99 for full fine-tuning, None with LoRA)"""
+    object_state_dim: int = 0
+    """> 0: an auxiliary head (Pi0Model.object_state_head) reads this many values of the simulator's object state
+    (z-scored) from the VLM's final image-token states, trained beside the flow-matching loss so that the image
+    encoder learns where the objects are. It plays no part in sampling (π0 as published has none: 0)."""
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -200,6 +204,8 @@ class Pi0Config:
             raise ValueError(f"time_max_period {self.time_max_period} must exceed time_min_period {self.time_min_period}")
         if self.expert.width % 2:
             raise ValueError(f"expert.width {self.expert.width} must be even (sinusoidal time embedding)")
+        if self.object_state_dim < 0:
+            raise ValueError(f"object_state_dim must be >= 0, got {self.object_state_dim}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
 

@@ -137,6 +137,33 @@ class GemmaStream(nn.Module):
         self.norm = GemmaRMSNorm(config.width, eps=hf_config.rms_norm_eps)
 
 
+class ObjectStateHead(nn.Module):
+    """Training-time auxiliary head: the simulator's object state from the VLM's final image-token states.
+
+    One learned query attends over the image tokens (SigLIP's attention-pooling head, single layer), then an MLP
+    maps the pooled vector to the (z-scored) object state. Its gradient reaches the image encoder through every VLM
+    layer, so the tokens the action expert attends to come to carry the objects' poses; sampling never calls it.
+    """
+
+    def __init__(self, width: int, object_state_dim: int, num_heads: int = 4):
+        super().__init__()
+        self.num_heads = num_heads if width % num_heads == 0 else 1
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                 nn.Linear(width, object_state_dim))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, D), mask (B, N) bool (False: a missing camera's tokens) -> (B, object_state_dim) float32."""
+        batch, num_tokens, width = tokens.shape
+        heads = self.num_heads
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row with every camera missing: pool over all (not NaN)
+        k, v = self.kv_proj(tokens).view(batch, num_tokens, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        q = self.query.to(tokens.dtype).expand(batch, -1, -1).view(batch, 1, heads, width // heads).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, H, 1, hd)
+        return self.out(pooled.transpose(1, 2).reshape(batch, width)).float()
+
+
 class PrefixCache(NamedTuple):
     """Everything the 10 flow steps reuse, computed once per observation by Pi0Model.prepare_prefix.
 
@@ -200,6 +227,8 @@ class Pi0Model(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * width, width)
         self.action_time_mlp_out = nn.Linear(width, width)
         self.action_out_proj = nn.Linear(width, config.action_pad_dim)
+        self.object_state_head = (ObjectStateHead(config.vlm.width, config.object_state_dim)
+                                  if config.object_state_dim else None)
 
         # Gemma-style init of the token embedding: sqrt(width) * N(0, 1/width) has unit scale, like image tokens.
         nn.init.normal_(self.vlm.embed_tokens.weight, std=config.vlm.width**-0.5)
@@ -369,24 +398,43 @@ class Pi0Model(nn.Module):
         )
         return beta.sample((batch_size,)) * config.time_scale + config.time_offset
 
-    def predict_velocity(self, batch: dict, noisy_actions: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """Velocity (B, T, P) float32 from one full pass over prefix + suffix (no cache). Training path."""
+    def predict_velocity(
+        self, batch: dict, noisy_actions: torch.Tensor, time: torch.Tensor, return_prefix: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Velocity (B, T, P) float32 from one full pass over prefix + suffix (no cache). Training path.
+        return_prefix: also return the VLM's final prefix states (B, Lp, D_vlm) and the prefix mask (B, Lp)."""
         prefix, prefix_mask = self.embed_prefix(batch)
         suffix = self.embed_suffix(self.pad_state(batch["state"]), noisy_actions, time)
         mask, positions = self._full_mask_and_positions(prefix_mask)
         cos, sin = rope_cos_sin(positions, self.config.vlm.head_dim)
         groups = self.config.vlm.num_heads // self.config.vlm.num_kv_heads
-        _, suffix_out, _ = self.run_layers(prefix, suffix, fold_mask_for_gqa(mask, groups, self.dtype), cos, sin)
-        return self.action_out_proj(suffix_out[:, 1:]).float()  # action tokens only
+        prefix_out, suffix_out, _ = self.run_layers(prefix, suffix, fold_mask_for_gqa(mask, groups, self.dtype),
+                                                    cos, sin)
+        velocity = self.action_out_proj(suffix_out[:, 1:]).float()  # action tokens only
+        return (velocity, prefix_out, prefix_mask) if return_prefix else velocity
+
+    def predict_object_state(self, prefix_out: torch.Tensor, prefix_mask: torch.Tensor) -> torch.Tensor:
+        """(B, object_state_dim) z-scored object state read from the final prefix states' image tokens."""
+        if self.object_state_head is None:
+            raise ValueError("this model has no object-state head (config.object_state_dim is 0)")
+        num_image = len(self.config.cameras) * self.config.vision.tokens_per_image
+        return self.object_state_head(prefix_out[:, :num_image], prefix_mask[:, :num_image])
 
     def compute_loss(
-        self, batch: dict, noise: torch.Tensor | None = None, time: torch.Tensor | None = None
+        self, batch: dict, noise: torch.Tensor | None = None, time: torch.Tensor | None = None,
+        object_state_weight: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Flow-matching loss: mean of (v - u)^2 over real steps and real action dims, u = noise - actions.
 
         noise: (B, T, P) standard normal (drawn if None); time: (B,) in (0, 1] (π0's Beta sampling if None).
+        object_state_weight > 0 (a model with an object-state head, a batch with "object_state" (B, object_state_dim),
+        z-scored): adds that weight times the head's mean squared error.
         Returns the scalar loss and an info dict of detached scalars.
         """
+        use_object_state = object_state_weight > 0
+        if use_object_state and (self.object_state_head is None or "object_state" not in batch):
+            raise ValueError("object_state_weight > 0 needs a model with an object-state head "
+                             "(config.object_state_dim > 0) and batch['object_state']")
         actions = self.pad_actions(batch["actions"])  # (B, T, P)
         batch_size = actions.shape[0]
         if noise is None:
@@ -396,7 +444,10 @@ class Pi0Model(nn.Module):
         t = time.float()[:, None, None]
         x_t = t * noise + (1 - t) * actions
         target_velocity = noise - actions
-        velocity = self.predict_velocity(batch, x_t, time)
+        if use_object_state:
+            velocity, prefix_out, prefix_mask = self.predict_velocity(batch, x_t, time, return_prefix=True)
+        else:
+            velocity = self.predict_velocity(batch, x_t, time)
 
         # Weight 1 for real (step, dim) entries: padded action dims and steps past the episode end carry no loss.
         step_mask = batch.get("action_pad_mask")
@@ -406,6 +457,11 @@ class Pi0Model(nn.Module):
         squared_error = (velocity - target_velocity) ** 2
         loss = (squared_error * weight).sum() / weight.sum().clamp(min=1.0)
         info = {"losses/flow_matching": loss.detach(), "flow/time_mean": time.float().mean().detach()}
+        if use_object_state:
+            predicted = self.predict_object_state(prefix_out, prefix_mask)
+            object_loss = F.mse_loss(predicted, batch["object_state"].float())
+            info["losses/object_state"] = object_loss.detach()
+            loss = loss + object_state_weight * object_loss
         return loss, info
 
     # ---- inference -------------------------------------------------------------------------------------------------
