@@ -153,6 +153,22 @@ def test_object_state_auxiliary_loss_end_to_end(demo_file, tmp_path):
     assert np.all(np.isfinite(policy.sample_arm(obs, "robot0", num_samples=2)))
     with pytest.raises(ValueError, match="object-state head"):
         train(_config(demo_file, run, 6))
+
+    # A warm start may add the head to a checkpoint without one, or drop it: the rest of the weights carry over.
+    from coop_transport.policy.checkpoint import load_checkpoint
+
+    plain = tmp_path / "plain"
+    train(_config(demo_file, plain, 2))
+    added, dropped = tmp_path / "added", tmp_path / "dropped"
+    train(_config(demo_file, added, 1, init_from=plain / "checkpoints" / "step_000002", lr=1e-30,
+                  object_state_weight=1.0))
+    train(_config(demo_file, dropped, 1, init_from=run / "checkpoints" / "step_000004", lr=1e-30))
+    for source, warm in ((plain / "checkpoints" / "step_000002", added), (run / "checkpoints" / "step_000004", dropped)):
+        before = load_checkpoint(source).model.state_dict()
+        after = load_checkpoint(warm / "checkpoints" / "step_000001").model.state_dict()
+        shared = [k for k in before if not k.startswith("object_state_head.")]
+        assert shared and all(torch.allclose(after[k], before[k], atol=1e-6) for k in shared)
+        assert any(k.startswith("object_state_head.") for k in after) == (warm == added)
     with pytest.raises(ValueError, match="object_state_weight"):
         _config(demo_file, run, 6, object_state_weight=float("nan"))
 

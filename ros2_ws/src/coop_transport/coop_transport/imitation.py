@@ -484,17 +484,24 @@ def train(config: ImitationConfig) -> dict:
         from coop_transport.policy.checkpoint import load_checkpoint
 
         warm_start = load_checkpoint(config.init_from, device="cpu")
-        if warm_start.config != model_config:
+        # The object-state head is training-only, so a warm start may add, drop or re-size it: everything else
+        # must match.
+        same_head = warm_start.config.object_state_dim == model_config.object_state_dim
+        if dataclasses.replace(warm_start.config, object_state_dim=model_config.object_state_dim) != model_config:
             raise ValueError(f"--init-from {config.init_from}: its model configuration differs from --model "
                              f"{config.model} with action_horizon {model_config.action_horizon}")
-        norm_override = warm_start.norm_stats
+        norm_override = {k: v for k, v in warm_start.norm_stats.items() if same_head or k != "object_state"}
     table, norm, names, prompts = build_step_table(config, model_config, tokenizer, device,
                                                    norm_override=norm_override)
     model = build_model(model_config, weights=str(config.weights) if config.weights else None, device=device)
     if warm_start is not None:
-        model.load_state_dict(warm_start.model.state_dict())
+        weights = {k: v for k, v in warm_start.model.state_dict().items()
+                   if same_head or not k.startswith("object_state_head.")}
+        model.load_state_dict(weights, strict=same_head or model.object_state_head is None)
         if ctx.is_main:
-            print(f"warm start from {config.init_from} (step {warm_start.step})")
+            print(f"warm start from {config.init_from} (step {warm_start.step})"
+                  + ("" if same_head else "; the object-state head starts afresh" if model.object_state_head
+                     is not None else "; without its object-state head"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_lr = config.lr or (2.5e-5 if model_config.lora or config.weights else 3e-4)
     optimizer = make_optimizer(model, peak_lr, config.weight_decay)
