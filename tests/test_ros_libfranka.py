@@ -330,10 +330,12 @@ def test_two_simulated_fr3_arms_through_the_libfranka_bridge(cell):
     send({"left": [-1, 0, 0, 0, 0, 0, -1]}, 10)
     send({"left": [0, 0, 0, 0, 0, 0, -1]}, 30)
     moved = position("left") - start
-    # 10 ticks at the limit: 5 cm (unclipped, 25 cm). Never more; up to 1 cm less where the simulated arm lags on
-    # a loaded machine and the leash (the target at most 5 cm ahead of the measured pose) holds the target back.
+    # 10 ticks at the limit: 5 cm (unclipped, 25 cm). Never more; less where the simulated arm lags and the leash
+    # (the target at most 5 cm ahead of the measured pose) holds the target back: on the 2-core CI machine, with two
+    # simulated arms, two bridges and this test sharing the cores, 3.1 cm was seen once. The upper bound is the
+    # check; the lower one only says the command moved the arm.
     limit = MAX_SPEED * DT * 10
-    assert limit - 0.01 < -moved[0] < limit + DELTA_TOLERANCE, f"moved {moved} (limit: 5 cm), {diag('left')}"
+    assert limit / 2 < -moved[0] < limit + DELTA_TOLERANCE, f"moved {moved} (limit: 5 cm), {diag('left')}"
     samples = [(t, m.pose.position.x) for t, m in listener.get("/left/eef_pose") if t >= t0]
     speeds = [abs(x1 - x0) / (t1 - t0_) for (t0_, x0), (t1, x1) in zip(samples[:-5], samples[5:])]
     assert max(speeds) <= MAX_SPEED * 1.15, f"peak speed {max(speeds):.3f} m/s"
