@@ -173,6 +173,31 @@ def test_object_state_auxiliary_loss_end_to_end(demo_file, tmp_path):
         _config(demo_file, run, 6, object_state_weight=float("nan"))
 
 
+def test_ema_decay_option_sets_what_checkpoints_hold(demo_file, tmp_path):
+    """--ema-decay: 0 makes checkpoints hold the raw weights, another decay is recorded in the checkpoint's
+    configuration, and a resume with a different decay is refused."""
+    from coop_transport.policy.checkpoint import load_checkpoint
+
+    raw = tmp_path / "raw"
+    train(_config(demo_file, raw, 2, ema_decay=0.0))
+    checkpoint = load_checkpoint(raw / "checkpoints" / "step_000002")
+    assert checkpoint.config.ema_decay is None
+    state = _weights(raw)
+    for key, value in checkpoint.model.state_dict().items():
+        assert torch.equal(value, state[f"model/{key}"]), key
+
+    averaged = tmp_path / "averaged"
+    train(_config(demo_file, averaged, 4, ema_decay=0.5, stop_at=2))
+    assert load_checkpoint(averaged / "checkpoints" / "step_000002").config.ema_decay == 0.5
+    state = _weights(averaged)
+    weights = load_checkpoint(averaged / "checkpoints" / "step_000002").model.state_dict()
+    assert any(not torch.equal(weights[k[len("model/"):]], v) for k, v in state.items() if k.startswith("model/"))
+    with pytest.raises(ValueError, match="EMA decay 0.5"):
+        train(_config(demo_file, averaged, 4, ema_decay=0.9))
+    with pytest.raises(ValueError, match="ema_decay"):
+        _config(demo_file, averaged, 4, ema_decay=1.0)
+
+
 def test_closed_loop_evaluation_of_a_checkpoint(demo_file, tmp_path):
     from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
 

@@ -84,6 +84,10 @@ class ImitationConfig:
     hammer's, trash cube's and lid handle's poses, the bins', the grippers' offsets to them) from the VLM's image
     tokens, with this weight beside the flow-matching loss (Pi0Config.object_state_dim). Privileged information
     used in training only: the policy still acts from its cameras and proprioception."""
+    ema_decay: float | None = None
+    """Decay of the exponential moving average of the weights that checkpoints hold (the inference weights);
+    None: the model configuration's (small 0.99 as openpi's full fine-tuning, pi0-3b with LoRA none); 0: no
+    average (checkpoints hold the raw weights)."""
     augment: bool = True
     """openpi's image augmentation (crop/rotate on non-wrist cameras, colour jitter on all)."""
     extra_data: tuple[Path, ...] = ()
@@ -129,6 +133,8 @@ class ImitationConfig:
         _ = self.history  # refuses bad state-history values before any data is loaded
         if not (self.object_state_weight >= 0 and math.isfinite(self.object_state_weight)):
             raise ValueError(f"object_state_weight must be a finite number >= 0, got {self.object_state_weight}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"steps, batch_size and save_every must be >= 1 "
                              f"(got {self.steps}, {self.batch_size}, {self.save_every})")
@@ -221,9 +227,23 @@ def _trajectories(variant: str, demos) -> list:
         else demos.joint_trajectories(None, images="memory")
 
 
-def _objects(demos, trajectory, model_config) -> np.ndarray:
+class _ObjectStates:
+    """Each demonstration's object state (``obs/object``), read from the file once: a per-arm run's two
+    trajectories of a demonstration and the normalization statistics share it."""
+
+    def __init__(self, demos):
+        self.demos, self._read = demos, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._read:
+            self._read[name] = self.demos.object_states(name)
+        return self._read[name]
+
+
+def _objects(object_states_of: _ObjectStates, trajectory, model_config) -> np.ndarray:
     """The object state (T, object_dim) beside ``trajectory``'s steps, checked against the model's head width."""
-    object_states = demos.object_states(trajectory.demo)
+    demos = object_states_of.demos
+    object_states = object_states_of(trajectory.demo)
     if object_states.shape != (len(trajectory), model_config.object_state_dim):
         raise ValueError(f"{demos.path}: demonstration {trajectory.demo} has object state of shape "
                          f"{object_states.shape}, expected ({len(trajectory)}, {model_config.object_state_dim}): "
@@ -262,8 +282,9 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
                     if key in norm_override}
         else:
             norm = _demo_norm_stats(config, demos, names)
+        object_states_of = _ObjectStates(demos)
         if model_config.object_state_dim and "object_state" not in norm:
-            selected_objects = [demos.object_states(name) for name in names]
+            selected_objects = [object_states_of(name) for name in names]
             norm["object_state"] = floored_stats(NormStats.compute(np.concatenate(selected_objects)), STATE_STD_FLOOR)
         mean_s, std_s = (np.asarray(norm["state"][k], np.float32) for k in ("mean", "std"))
         if len(mean_s) != config.history.state_dim(spec.state_dim):
@@ -274,14 +295,15 @@ def build_step_table(config: ImitationConfig, model_config, tokenizer, device: t
 
         selected = set(names)
         with_objects = bool(model_config.object_state_dim)
-        trajs = [(config.data, t, _objects(demos, t, model_config) if with_objects else None)
+        trajs = [(config.data, t, _objects(object_states_of, t, model_config) if with_objects else None)
                  for t in _trajectories(config.variant, demos) if t.demo in selected]
         if not trajs:
             raise ValueError(f"no trajectories selected from {config.data}")
         for path in config.extra_data:
             with load_demonstrations(path, action_labels=config.action_labels) as more:
                 print(f"imitation targets: {more.action_labels} actions of {path} ({len(more)} episodes, all used)")
-                trajs.extend((path, t, _objects(more, t, model_config) if with_objects else None)
+                more_object_states = _ObjectStates(more)
+                trajs.extend((path, t, _objects(more_object_states, t, model_config) if with_objects else None)
                              for t in _trajectories(config.variant, more))
         if config.variant == "per-arm":
             prompts = [ARM_PROMPTS[a] for a in ARMS]
@@ -368,6 +390,7 @@ def save_train_state(path: Path, model, optimizer, ema, step: int, generator: to
             "generator_state": generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
             "rank_generator_states": rank_generators if rank_generators and len(rank_generators) > 1 else None,
             "norm_stats": to_jsonable(norm_stats) if norm_stats is not None else None,
+            "ema_decay": ema.decay if ema is not None else None,
             "log_rows": log_rows[-2000:]}
     (tmp / "state.json").write_text(json.dumps(meta))
     replace_directory(tmp, path)
@@ -387,6 +410,11 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
     if has_head != (model.object_state_head is not None):
         raise ValueError(f"{path} was saved {'with' if has_head else 'without'} the object-state head: resume with "
                          f"the run's --object-state-weight ({'> 0' if has_head else '0'})")
+    # States saved before the decay was recorded hold an EMA shadow exactly when the run averaged.
+    saved_decay = meta.get("ema_decay", "unrecorded")
+    if saved_decay != "unrecorded" and saved_decay != (ema.decay if ema is not None else None):
+        raise ValueError(f"{path} was saved with EMA decay {saved_decay}: resume with the run's --ema-decay "
+                         f"({saved_decay or 0})")
     model.load_state_dict(saved)
     params = dict(model.named_parameters())
     for name, param in params.items():
@@ -469,6 +497,8 @@ def train(config: ImitationConfig) -> dict:
                                            state_pad_dim=max(model_config.state_pad_dim, state_dim))
     if config.object_state_weight > 0:  # the auxiliary head's width is the data's object-state width
         model_config = dataclasses.replace(model_config, object_state_dim=object_state_dim_of(config.data))
+    if config.ema_decay is not None:
+        model_config = dataclasses.replace(model_config, ema_decay=config.ema_decay or None)
     run = config.run_dir
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -484,10 +514,11 @@ def train(config: ImitationConfig) -> dict:
         from coop_transport.policy.checkpoint import load_checkpoint
 
         warm_start = load_checkpoint(config.init_from, device="cpu")
-        # The object-state head is training-only, so a warm start may add, drop or re-size it: everything else
-        # must match.
+        # The object-state head and the EMA decay are training-only, so a warm start may add, drop or re-size the
+        # head and average with another decay: everything else must match.
         same_head = warm_start.config.object_state_dim == model_config.object_state_dim
-        if dataclasses.replace(warm_start.config, object_state_dim=model_config.object_state_dim) != model_config:
+        if dataclasses.replace(warm_start.config, object_state_dim=model_config.object_state_dim,
+                               ema_decay=model_config.ema_decay) != model_config:
             raise ValueError(f"--init-from {config.init_from}: its model configuration differs from --model "
                              f"{config.model} with action_horizon {model_config.action_horizon}")
         norm_override = {k: v for k, v in warm_start.norm_stats.items() if same_head or k != "object_state"}
