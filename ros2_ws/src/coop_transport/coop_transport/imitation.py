@@ -410,11 +410,10 @@ def load_train_state(path: Path, model, optimizer, ema, generator: torch.Generat
     if has_head != (model.object_state_head is not None):
         raise ValueError(f"{path} was saved {'with' if has_head else 'without'} the object-state head: resume with "
                          f"the run's --object-state-weight ({'> 0' if has_head else '0'})")
-    # States saved before the decay was recorded hold an EMA shadow exactly when the run averaged.
-    saved_decay = meta.get("ema_decay", "unrecorded")
-    if saved_decay != "unrecorded" and saved_decay != (ema.decay if ema is not None else None):
-        raise ValueError(f"{path} was saved with EMA decay {saved_decay}: resume with the run's --ema-decay "
-                         f"({saved_decay or 0})")
+    # States saved before the decay was recorded have no "ema_decay": nothing to compare them with.
+    if "ema_decay" in meta and meta["ema_decay"] != (ema.decay if ema is not None else None):
+        raise ValueError(f"{path} was saved with EMA decay {meta['ema_decay']}: resume with the run's --ema-decay "
+                         f"({meta['ema_decay'] or 0})")
     model.load_state_dict(saved)
     params = dict(model.named_parameters())
     for name, param in params.items():
