@@ -6,7 +6,9 @@ Usage:
 
 Rows: physics only (no cameras); the two wrist cameras; the two wrist cameras plus agentview; each camera row at the
 small default size and at 224x224 (pi0), with MuJoCo's fast render flags (no shadows, reflections, skybox); plus
-the two wrist cameras at the small size with the flags off, to show their effect. Every row builds a fresh env,
+the two wrist cameras at the small size with the flags off, to show their effect; plus the two wrist cameras and
+agentview rendered only every ``--chunk`` steps, as chunked policies read them (``step(render=False)``, then
+``observation`` at the chunk's last step: the residual-RL workers and the π0 evaluation do this). Every row builds a fresh env,
 runs ``--warmup`` untimed steps (numba compiles robosuite's helpers on the first steps of a process; the first
 render creates the GL context), then times ``--steps`` steps of random actions. The machine may be shared:
 the table records the 1-minute load average after each row, the process's CPU time over wall time and steps per
@@ -28,8 +30,9 @@ from coop_transport.constants import PI0_IMAGE_SIZE, SMALL_IMAGE_SIZE
 from coop_transport.sim import SimConfig, TransportSim
 
 
-def time_config(config: SimConfig, steps: int, warmup: int, seed: int = 0) -> dict:
-    """Steps/s of ``TransportSim(config)`` over ``steps`` timed steps after ``warmup`` untimed ones."""
+def time_config(config: SimConfig, steps: int, warmup: int, seed: int = 0, render_every: int = 1) -> dict:
+    """Steps/s of ``TransportSim(config)`` over ``steps`` timed steps after ``warmup`` untimed ones; the cameras are
+    rendered at every ``render_every``-th step only."""
     rng = np.random.default_rng(seed)
     with TransportSim(config) as sim:
         sim.reset(seed)
@@ -37,8 +40,10 @@ def time_config(config: SimConfig, steps: int, warmup: int, seed: int = 0) -> di
             sim.step(a)
         actions = rng.uniform(-1, 1, (steps, 14))
         cpu0, t0 = time.process_time(), time.perf_counter()
-        for a in actions:
-            sim.step(a)
+        for i, a in enumerate(actions, start=1):
+            sim.step(a, render=render_every == 1)
+            if render_every > 1 and i % render_every == 0:
+                sim.observation  # noqa: B018 - the read renders the cameras, as a re-planning policy's does
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         renderer = _gl_renderer(sim) if config.cameras else None
@@ -59,7 +64,7 @@ def _gl_renderer(sim: TransportSim) -> str | None:
         return None
 
 
-def configurations(small: int, large: int) -> list[tuple[str, SimConfig]]:
+def configurations(small: int, large: int, chunk: int) -> list[tuple[str, SimConfig, int]]:
     rows = [("physics only (no cameras)", SimConfig())]
     for size in (small, large):
         rows.append((f"2 wrist cameras, {size}x{size}", SimConfig(wrist_cameras=True, image_size=size)))
@@ -68,6 +73,9 @@ def configurations(small: int, large: int) -> list[tuple[str, SimConfig]]:
     for size in (small, large):
         rows.append((f"2 wrist + agentview, {size}x{size}",
                      SimConfig(wrist_cameras=True, agentview=True, image_size=size)))
+    rows = [(name, config, 1) for name, config in rows]
+    rows.append((f"2 wrist + agentview, {small}x{small}, rendered every {chunk} steps",
+                 SimConfig(wrist_cameras=True, agentview=True, image_size=small), chunk))
     return rows
 
 
@@ -78,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=f"{SMALL_IMAGE_SIZE},{PI0_IMAGE_SIZE}",
                     help="small,large square image sizes (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=10,
+                    help="the last row renders the cameras every CHUNK steps (default 10, the paper's C)")
     ap.add_argument("--physics-only", action="store_true", help="only the row without cameras")
     ap.add_argument("--json", help="also write the results as JSON here")
     args = ap.parse_args(argv)
     small, large = (int(s) for s in args.sizes.split(","))
-    if args.steps <= 0 or args.warmup < 0:
-        ap.error("--steps must be positive and --warmup non-negative")
+    if args.steps <= 0 or args.warmup < 0 or args.chunk < 1:
+        ap.error("--steps and --chunk must be positive and --warmup non-negative")
 
     import mujoco
 
@@ -96,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup,
     }
     results = []
-    rows = configurations(small, large)[:1 if args.physics_only else None]
-    for name, config in rows:
-        r = time_config(config, args.steps, args.warmup, args.seed)
+    rows = configurations(small, large, args.chunk)[:1 if args.physics_only else None]
+    for name, config, render_every in rows:
+        r = time_config(config, args.steps, args.warmup, args.seed, render_every)
         r.update(name=name, cameras=len(config.cameras), image_size=config.image_size if config.cameras else None,
                  fast_render=config.fast_render if config.cameras else None)
         results.append(r)

@@ -148,6 +148,29 @@ def test_evaluation_registry_runs_a_residual_checkpoint(runs):
     assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
 
 
+def test_a_prior_with_a_state_history_trains_and_evaluates(assets, pool, tmp_path):
+    """The shipped default sees earlier arm states: the rollout workers send each arm's latest states, and the
+    evaluation registry's residual controller passes them too (it refused such a prior before)."""
+    import dataclasses
+
+    from coop_transport.adapters import ARM_PROMPTS
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+    from coop_transport.policy import build_model, get_config, save_checkpoint
+
+    torch.manual_seed(0)
+    config = get_config("tiny", setting="per_arm", action_horizon=4)
+    config = dataclasses.replace(config, state_dim=3 * 18, state_pad_dim=max(config.state_pad_dim, 3 * 18))
+    norm = {"state": {"mean": [0.0] * 54, "std": [1.0] * 54}, "actions": {"mean": [0.0] * 7, "std": [0.5] * 7}}
+    save_checkpoint(tmp_path / "prior", build_model(config), config, norm, 0,
+                    {"variant": "per-arm", "prompts": dict(ARM_PROMPTS),
+                     "state_history": {"frames": 3, "stride": 2, "encoding": "delta"}})
+    result = train(make_config(assets, "V4", tmp_path / "V4", vla=tmp_path / "prior"), 0, pool)
+    assert result["chunks"] >= 4
+    summary = evaluate(ControllerSpec("residual", {"checkpoint": str(tmp_path / "V4" / "seed_0"), "device": "cpu"}),
+                       EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)
+    assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
+
+
 def test_probes_on_a_trained_v5(assets, pool, runs):
     from coop_transport.residual.probes import PROBES, run_probes
 

@@ -188,6 +188,26 @@ def test_v5_message_does_reach_the_partner():
     assert any(k.startswith("actor.") for k in changed) and any(k.startswith("q.") for k in changed)
 
 
+@pytest.mark.parametrize("actor_data", ["batch", "online"])
+def test_actor_data_online_keeps_the_demonstrations_out_of_the_actor(actor_data):
+    """actor_data="online": shifting the demonstration rows' actions changes the critics' update but not the
+    actor's; with the paper's "batch" it changes both. (β = 0 holds the AWR weights at 1: otherwise the shift reaches
+    the online rows' weights through V, which learns from the whole batch, as it should.)"""
+    def updated(shift):
+        system = fake_system("V4")
+        system.config = system.config.replace(actor_data=actor_data, beta=0.0)
+        batch = random_batch(system)
+        batch["from_demo"] = torch.arange(len(batch["reward"])) < 4
+        batch["action"][:4] += shift
+        Learner(system, system.config).update(batch, torch.Generator().manual_seed(5))
+        return system.agents["robot0"]
+
+    a, b = updated(0.0), updated(0.5)
+    same = lambda m1, m2: all(torch.equal(x, y) for x, y in zip(m1.parameters(), m2.parameters()))  # noqa: E731
+    assert not same(a.q, b.q)
+    assert same(a.actor, b.actor) == (actor_data == "online")
+
+
 @pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])
 def test_update_metrics_and_targets(arch):
     system = fake_system(arch)

@@ -148,6 +148,27 @@ def test_cameras_render_upright_and_deterministic(camera_sim):
     assert view["wrist_image"].shape == (64, 64, 3) and "agentview_image" in view
 
 
+def test_skipped_cameras_change_nothing_but_when_they_are_rendered(camera_sim):
+    """step(render=False) leaves the images out and ``observation`` renders them on demand, at the same state: the
+    trajectory and the images read at the end are those of rendering at every step."""
+    actions = np.random.default_rng(3).uniform(-1, 1, (4, 14))
+    images = ("robot0_eye_in_hand_image", "agentview_image")
+    camera_sim.reset(5)
+    for a in actions:
+        every, _, _, _ = camera_sim.step(a)
+    state_every = camera_sim.get_state()
+    camera_sim.reset(5)
+    for a in actions:
+        lazy, _, _, _ = camera_sim.step(a, render=False)
+        assert not any(k in lazy for k in images)  # nothing rendered at these steps
+    assert np.array_equal(camera_sim.get_state(), state_every)
+    view = camera_sim.arm_observation("robot0")  # reads the observation: renders now
+    assert np.array_equal(view["wrist_image"], every["robot0_eye_in_hand_image"])
+    assert np.array_equal(camera_sim.observation["agentview_image"], every["agentview_image"])
+    camera_sim.reset(6)  # a reset renders, and clears what the last step left pending
+    assert all(k in camera_sim.observation for k in images)
+
+
 def test_labels_and_potential_at_reset(sim):
     sim.reset(2)
     labels = step_labels(sim)

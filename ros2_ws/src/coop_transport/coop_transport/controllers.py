@@ -84,7 +84,10 @@ class PerArmPi0Controller:
     def act(self, sim) -> np.ndarray:
         from coop_transport.sim.env import join_actions
 
-        return join_actions({arm: actor.act(sim.arm_observation(arm)) for arm, actor in self.actors.items()})
+        # An arm's observation is read only when it re-plans: the simulation then renders its cameras (once) for
+        # that step, and skips them at the steps in between (evaluation.run_episode steps it with render=False).
+        return join_actions({arm: actor.act(sim.arm_observation(arm) if actor.needs_plan else None)
+                             for arm, actor in self.actors.items()})
 
     def stats(self) -> dict:
         return _clip_stats(self.actors.values())
@@ -107,6 +110,8 @@ class JointPi0Controller:
         from coop_transport.constants import ARMS
 
         # The state history of both arms, [robot0 | robot1] as joint_proprio orders them (policies with one).
+        if not self.actor.needs_plan:  # mid-chunk: no observation read, so no cameras rendered
+            return self.actor.act(None)
         history = np.concatenate([sim.proprio_history(arm) for arm in ARMS], -1)
         return self.actor.act({**sim.observation, "proprio_history": history})
 

@@ -131,7 +131,8 @@ def run_episode(sim, controller: Controller, seed: int, video_path: Path | None 
     record = EpisodeRecord()
     while not done:
         action = controller.act(sim)
-        obs, _, done, info = sim.step(action)
+        # Cameras are rendered when something reads them (a controller re-planning, the video), not at every step.
+        obs, _, done, info = sim.step(action, render=writer is not None)
         success = success or info["success"]
         record.update(sim, action)
         t += 1

@@ -275,8 +275,11 @@ class ChunkedActor:
         self._gripper_state = state
         return out
 
-    def act(self, obs: dict) -> np.ndarray:
-        """The action for this control step; re-plans from ``obs`` when the current chunk is used up."""
+    def act(self, obs: dict | None) -> np.ndarray:
+        """The action for this control step; re-plans from ``obs`` when the current chunk is used up (``needs_plan``:
+        callers may pass None at the other steps, and skip making the observation)."""
+        if obs is None and self.needs_plan:
+            raise ValueError("this step re-plans: it needs an observation (see needs_plan)")
         if self.config.temporal_ensemble is not None:
             return self._act_ensembled(obs)
         if not self._queue:

@@ -115,7 +115,7 @@ def state_from_sim(sim, object_keys: list[str]) -> np.ndarray:
     from coop_transport.data.generate import object_vector
     from coop_transport.sim.frames import arm_proprio
 
-    obs = sim.observation
+    obs = sim.lowdim_observation
     proprio = [arm_proprio(a, obs[f"{a}_eef_pos"], obs[f"{a}_eef_quat"], obs[f"{a}_gripper_qpos"],
                            obs[f"{a}_joint_pos"]) for a in ARMS]
     return np.concatenate([*proprio, object_vector(obs, object_keys)]).astype(np.float32)
@@ -305,7 +305,7 @@ class StateBCController:
         self._queue = []
         self._states = []
         self._object_keys = object_state_keys(sim)
-        if self.layout is not None and object_layout(sim.observation, self._object_keys) != self.layout:
+        if self.layout is not None and object_layout(sim.lowdim_observation, self._object_keys) != self.layout:
             raise ValueError("the simulation's object state is laid out differently from the training file's "
                              f"({self.layout})")
 

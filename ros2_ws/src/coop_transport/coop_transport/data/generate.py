@@ -468,7 +468,7 @@ def _run_demo(index: int) -> dict:
         t0 = time.perf_counter()
         record, _ = record_episode(_W["sim"], seed, _W["runner"], _W["object_keys"], _W["labels_fn"])
         if "object_layout" not in _W:
-            _W["object_layout"] = object_layout(_W["sim"].observation, _W["object_keys"])
+            _W["object_layout"] = object_layout(_W["sim"].lowdim_observation, _W["object_keys"])
         steps += len(record)
         if record.success or config.keeps_failures:
             t_render = time.perf_counter()

@@ -124,6 +124,12 @@ class ResidualConfig:
     actor regresses onto these on the demonstration half of each batch, where executed rotations differ from the
     labels by about 0.04, nearly all of their distance to π0's reference (fifteenth session). Measured since: V4
     solves 36% over this prior either way (sixteenth session), so the default stays."""
+    actor_data: Literal["batch", "online"] = "batch"
+    """Rows of each batch the actor's AWR loss reads: the whole RLPD batch (the paper), or only its online half. The
+    value and the critics learn from the whole batch either way. With "batch" and AWR weights near 1, the
+    demonstration half has the actor regress onto the demonstrations' departures from π0's reference, fitted on
+    demonstration states and applied on the policy's own (fifteenth session); "online" keeps the demonstrations as
+    value data and lets the actor move only towards what its own exploration found better."""
     updates_per_chunk: float = 1.0
     """Gradient updates per collected chunk transition (update-to-data ratio)."""
     learning_starts: int = 256

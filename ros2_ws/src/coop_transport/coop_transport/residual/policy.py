@@ -20,6 +20,8 @@ from collections import deque
 import numpy as np
 import torch
 
+from coop_transport.constants import ARMS
+
 EPISODE_NOISE_SEED = 7_919
 
 
@@ -38,7 +40,9 @@ class ResidualController:
 
     def act(self, sim) -> np.ndarray:
         if not self.queue:
-            b = self.system.boundary([sim.observation], self.generator, explore=False, deterministic=True)
+            # each arm's latest states too, as the rollout workers send them (a π0 prior with a state history)
+            obs = {**sim.observation, **{f"{arm}_proprio_history": sim.proprio_history(arm) for arm in ARMS}}
+            b = self.system.boundary([obs], self.generator, explore=False, deterministic=True)
             self.queue.extend(b.joint_action()[0])
             self.chunks += 1
         return self.queue.popleft()

@@ -66,16 +66,16 @@ class EnvWorker:
         ``milestones`` the task milestones the episode has reached at any step so far, in task order (evaluation's
         stage funnel; off in training collection, where the check would cost ~1 ms a step for nothing), and at the
         episode's end how robot0's hold of the payload ended (``handover``; ``sim.labels.EpisodeRecord``)."""
-        total, success, done, k, obs = 0.0, False, False, 0, None
+        total, success, done, k = 0.0, False, False, 0
         for k, action in enumerate(np.asarray(actions, dtype=np.float64), start=1):
-            obs, reward, done, info = self.sim.step(action)
+            _, reward, done, info = self.sim.step(action, render=False)  # images: only at the chunk's end
             total += self.gamma ** (k - 1) * reward
             success = success or info["success"]
             if milestones:
                 self.record.update(self.sim, action)
             if done:
                 break
-        out = self._pack(obs)
+        out = self._pack(self.sim.observation)
         out.update(reward=total, steps=k, success=success, terminated=bool(done and success),
                    truncated=bool(done and not success), t=self.sim.t)
         if milestones:  # absent, not empty, when not checked
@@ -99,7 +99,7 @@ class EnvWorker:
 
         out = []
         for state in states:
-            self.sim.set_state(state)
+            self.sim.set_state(state, render=False)  # Φ reads object and gripper poses, not images
             out.append(task_potential(self.sim))
         return out
 

@@ -6,7 +6,8 @@ team reward, and the message it *receives*) and does, in order:
     1. value:   L_V = expectile(min(Q1_targ, Q2_targ)(s, a) - V(s), τ)              clip 1.0
     2. critics: L_Q = SmoothL1(Q_k(s, a), r + γ^k V(s') (1 - done)), k = 1, 2         clip 1.0
     3. actor:   L_π = E[min(exp(β (Q_targ - V)), 100) ||π(s) - a||²]                 clip 5.0
-                (``advantage_norm``: Q_targ - V divided by its batch standard deviation first)
+                (``advantage_norm``: Q_targ - V divided by its batch standard deviation first;
+                 ``actor_data="online"``: the mean over the batch's online rows only)
     4. message (V5, the sender's own head): λ_sup (CE + BCE + BCE + MSE)(decoder(m_i), labels_i) + 1e-4 KL(m_i)
     5. Polyak: Q_targ <- (1 - 0.005) Q_targ + 0.005 Q
 
@@ -86,15 +87,21 @@ class AgentLearner:
         with torch.no_grad():
             advantage = q_target - agent.v(z, p, m)
             weights = awr_weights(advantage, cfg.beta, cfg.max_weight, cfg.advantage_norm)
+            actor_rows = torch.ones_like(weights)
+            if cfg.actor_data == "online" and "from_demo" in b:
+                actor_rows = (~b["from_demo"]).to(weights.dtype)
         predicted = agent.actor.residual_action(z, p, b["ref"], m)
-        loss_pi = awr_loss(predicted, a, weights)
-        self._step(self.actor_opt, loss_pi, agent.actor.parameters(), cfg.actor_grad_clip)
+        # mean over the rows the actor learns from (all of them, or the online ones); none: no actor step
+        loss_pi = awr_loss(predicted, a, weights * actor_rows) / actor_rows.mean().clamp(min=1e-12)
+        if actor_rows.any():
+            self._step(self.actor_opt, loss_pi, agent.actor.parameters(), cfg.actor_grad_clip)
 
         metrics = {
             "losses/v": loss_v.item(), "losses/q": loss_q.item(), "losses/actor": loss_pi.item(),
             "charts/q": q1.mean().item(), "charts/v": v.mean().item(), "charts/td_target": y.mean().item(),
             "charts/advantage": advantage.mean().item(), "charts/advantage_std": advantage.std().item(),
-            "charts/awr_weight": weights.mean().item(), "charts/awr_weight_max": weights.max().item(),
+            "charts/awr_weight": (weights * actor_rows).sum().item() / max(actor_rows.sum().item(), 1.0),
+            "charts/awr_weight_max": (weights * actor_rows).max().item(),
             "charts/residual_radius": agent.actor.scale().mean().item(),
             "charts/residual_magnitude": (predicted - b["ref"]).abs().mean().item(),
         }
@@ -134,7 +141,7 @@ class Learner:
         """Agent i's share of a joint batch: its own fields, the team reward, and what it receives."""
         name = self.system.agent_names[i]
         view = {k: batch[k][:, i] for k in ("latent", "proprio", "ref", "action", "next_latent", "next_proprio")}
-        view.update({k: batch[k] for k in ("reward", "discount", "done")})
+        view.update({k: batch[k] for k in ("reward", "discount", "done", "from_demo") if k in batch})
         spec = self.system.spec
         if spec.message != "none":
             j = self.system.agent_names.index(spec.partner(name))

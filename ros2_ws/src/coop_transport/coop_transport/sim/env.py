@@ -118,6 +118,7 @@ class TransportSim:
         self.seed: int | None = None
         self._potential = 0.0
         self._obs: dict | None = None
+        self._images_pending = False  # the last step(render=False) left the cameras out of _obs
         # Each arm's proprioception at the latest control steps, newest first (policies with a state history).
         self._proprio_recent = {arm: deque(maxlen=PROPRIO_HISTORY_STEPS) for arm in ARMS}
 
@@ -131,6 +132,7 @@ class TransportSim:
         raw = self.rs_env.reset()
         self.t, self.seed = 0, int(seed)
         self._obs = self._observation(raw)
+        self._images_pending = False
         self._record_proprio(new_episode=True)
         if self.config.shaped_reward:
             from coop_transport.sim.labels import task_potential
@@ -138,11 +140,16 @@ class TransportSim:
             self._potential = task_potential(self)
         return self._obs
 
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, dict]:
+    def step(self, action: np.ndarray, render: bool = True) -> tuple[dict, float, bool, dict]:
         """Apply a joint (14,) action in [-1, 1]; returns (obs, reward, done, info).
 
         Non-finite actions are refused (ValueError) rather than passed to the controller; out-of-range values are
         clipped to [-1, 1] as robosuite does.
+
+        ``render=False`` leaves the cameras out of the returned observation; ``observation`` (and
+        ``arm_observation``) render them on first access. A chunked policy looks at images only every C steps, and
+        rendering three cameras costs more than the physics of a step, so its rollouts skip the steps in between.
+        Rendering reads the state without changing it: the trajectory is the same either way.
         """
         if self.seed is None:
             raise RuntimeError("call reset(seed) before step()")
@@ -162,7 +169,8 @@ class TransportSim:
             reward += self.config.shaping_gamma * potential - self._potential
             self._potential = potential
         done = (success and self.config.terminate_on_success) or self.t >= self.config.horizon
-        self._obs = self._observation(raw)
+        self._obs = self._observation(raw, render)
+        self._images_pending = not render and bool(self.config.cameras)
         self._record_proprio()
         return self._obs, float(reward), bool(done), {"success": success, "t": self.t, "seed": self.seed}
 
@@ -174,6 +182,17 @@ class TransportSim:
     def observation(self) -> dict:
         if self._obs is None:
             raise RuntimeError("no observation before reset()")
+        if self._images_pending:  # the last step skipped the cameras: render them now, at that same state
+            self._render_cameras(self._obs)
+            self._images_pending = False
+        return self._obs
+
+    @property
+    def lowdim_observation(self) -> dict:
+        """The current observation without rendering cameras that a ``step(render=False)`` left out: for readers of
+        poses and object states (labels, shaping, the scripted expert), which then cost no rendering."""
+        if self._obs is None:
+            raise RuntimeError("no observation before reset()")
         return self._obs
 
     # ------------------------------------------------------------------------------------------------- state
@@ -181,21 +200,22 @@ class TransportSim:
         """Flattened MuJoCo state [time, qpos, qvel] as robomimic stores it in ``states``."""
         return np.array(self.rs_env.sim.get_state().flatten())
 
-    def set_state(self, state: np.ndarray) -> dict:
+    def set_state(self, state: np.ndarray, render: bool = True) -> dict:
         """Restore a flattened MuJoCo state (ours or robomimic's) and return the observation there.
 
         The state itself is exact (replaying stored actions from it reproduces every later state bit for bit), but
         the returned observation is recomputed from it: robosuite's live observations during a rollout are sampled
         one physics substep (2 ms) apart from the stored state, so positions differ by up to ~1e-3, and joint
         accelerations (not part of the state) differ entirely. Demonstration files therefore store the live
-        observations rather than recomputing them."""
+        observations rather than recomputing them. ``render=False``: the cameras wait for a read, as in ``step``."""
         state = np.asarray(state, dtype=np.float64)
         expected = 1 + self.rs_env.sim.model.nq + self.rs_env.sim.model.nv
         if state.shape != (expected,):
             raise ValueError(f"state has shape {state.shape}, this model needs ({expected},)")
         self.rs_env.sim.set_state_from_flattened(state)
         self.rs_env.sim.forward()
-        self._obs = self._observation(self.rs_env._get_observations(force_update=True))
+        self._obs = self._observation(self.rs_env._get_observations(force_update=True), render)
+        self._images_pending = not render and bool(self.config.cameras)
         self._record_proprio(new_episode=True)  # no history across a jump: the restored state stands in for it
         return self._obs
 
@@ -217,11 +237,15 @@ class TransportSim:
             self._extra_renderers[(h, w)] = CameraRenderer(model, h, w, fast=self.config.fast_render)
         return self._extra_renderers[(h, w)].render(data, camera)
 
-    def _observation(self, raw: dict) -> dict:
+    def _observation(self, raw: dict, render: bool = True) -> dict:
         obs = {k: np.array(v) for k, v in raw.items() if not k.endswith("-state")}
+        if render:
+            self._render_cameras(obs)
+        return obs
+
+    def _render_cameras(self, obs: dict) -> None:
         for camera in self.config.cameras:
             obs[image_key(camera)] = self.render(camera)
-        return obs
 
     # ------------------------------------------------------------------------------------------ per-arm view
     def arm_observation(self, arm: str, obs: dict | None = None) -> dict:

@@ -435,7 +435,7 @@ class ScriptedExpert:
         self._lid_size = np.asarray(transport.lid.lid_size)  # (length, width, plate thickness)
         self._lid_handle_height = float(transport.lid.handle_size[2])
         self._grippers = [robot.gripper["right"] for robot in sim.rs_env.robots]
-        obs = sim.observation
+        obs = sim.lowdim_observation
         floor_half_thickness = transport.target_bin.wall_thickness / 2.0
         bin_base_z = float(obs["target_bin_pos"][2])  # centre of a bin's floor plate
         self._table_z = bin_base_z - floor_half_thickness
@@ -448,7 +448,7 @@ class ScriptedExpert:
     def _plan_waypoints(self, sim: TransportSim) -> None:
         """Episode-wide waypoints from the initial scene, each with its own random offset."""
         cfg = self.config
-        obs = sim.observation
+        obs = sim.lowdim_observation
         target_bin = np.asarray(obs["target_bin_pos"])
         trash_bin = np.asarray(obs["trash_bin_pos"])
         start = np.asarray(obs["payload_pos"])
@@ -482,7 +482,7 @@ class ScriptedExpert:
 
     # ------------------------------------------------------------------------------------------------ sensing
     def _read_scene(self, sim: TransportSim) -> _Scene:
-        obs = sim.observation
+        obs = sim.lowdim_observation
         env = sim.rs_env
         transport = env.transport
         payload_pos = np.asarray(obs["payload_pos"])

@@ -41,7 +41,7 @@ class TaskPredicates:
     def __init__(self, sim, gripper_commands: dict[str, float] | None = None):
         env = sim.rs_env
         transport = env.transport
-        obs = sim.observation
+        obs = sim.lowdim_observation
         grippers = [robot.gripper["right"] if isinstance(robot.gripper, dict) else robot.gripper
                     for robot in env.robots]
         start_bin_pos = env.sim.data.body_xpos[env.sim.model.body_name2id(transport.start_bin.root_body)]
@@ -116,7 +116,7 @@ def step_labels(sim, gripper_commands: dict[str, float] | None = None) -> dict[s
         out[f"{arm}_phase"] = np.int64(phases[i])
         out[f"{arm}_gripper_closed"] = np.uint8(p.gripper_closed[i])
         out[f"{arm}_ready"] = np.uint8(ready[i])
-        out[f"{arm}_pose"] = arm_pose(sim.observation, arm)
+        out[f"{arm}_pose"] = arm_pose(sim.lowdim_observation, arm)
     return out
 
 
@@ -215,7 +215,7 @@ for a step without dropping anything; the scripted expert uses the same rule).""
 
 def hand_to_handle(sim, arm: str) -> float:
     """Distance (m) from ``arm``'s grip site to the nearest point of the hammer handle's axis."""
-    obs = sim.observation
+    obs = sim.lowdim_observation
     half_length = sim.rs_env.transport.payload.handle_length / 2.0
     axis = quat_xyzw_to_mat(obs["payload_quat"])[:, 2]  # the handle runs along the hammer's z
     offset = np.asarray(obs[f"{arm}_eef_pos"]) - np.asarray(obs["payload_pos"])
