@@ -33,6 +33,18 @@ def test_chunk_length_replans_every_c_steps():
     assert len(sampler.calls) == 4  # reset drops the rest of the chunk
 
 
+def test_only_replanning_steps_need_an_observation():
+    """Callers skip making (rendering) observations mid-chunk: act(None) then runs from the queue, and a step that
+    re-plans without one is refused."""
+    sampler = RecordingSampler()
+    actor = ChunkedActor(sampler, RecipeConfig(execute_steps=3, num_samples=1, clip_sigma=None))
+    assert actor.needs_plan
+    with pytest.raises(ValueError, match="needs an observation"):
+        actor.act(None)
+    actions = [actor.act({} if actor.needs_plan else None) for _ in range(7)]
+    assert len(sampler.calls) == 3 and [a[0] for a in actions] == [1.0] * 3 + [2.0] * 3 + [3.0]
+
+
 def test_mean_of_n_averages_one_batched_call():
     sampler = RecordingSampler()
     actor = ChunkedActor(sampler, RecipeConfig(execute_steps=10, num_samples=4, clip_sigma=None))
