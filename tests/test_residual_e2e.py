@@ -171,6 +171,50 @@ def test_a_prior_with_a_state_history_trains_and_evaluates(assets, pool, tmp_pat
     assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
 
 
+def test_evaluation_episodes_draw_noise_of_their_own(runs):
+    """One environment or two, each evaluation episode sees the same π0 references (its noise stream is seeded by
+    its reset seed), and the evaluation registry's residual controller draws the same."""
+    from coop_transport.residual.checkpoint import load_policy
+    from coop_transport.residual.policy import ResidualController
+    from coop_transport.residual.rollout import run_episodes
+    from coop_transport.residual.train import EVAL_NOISE_SEED
+    from coop_transport.sim import TransportSim
+
+    run = runs / "V5" / "seed_0"
+    if not (run / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    system = load_policy(run, "cpu")
+    sim_config = sim_config_for(system.config, SIZE, training=False)
+
+    def references(envs: int) -> dict:
+        seen = {}
+
+        def recorder(b, context):
+            for i, (seed, k) in enumerate(zip(context["seeds"], context["boundary_index"])):
+                seen[(seed, k)] = b.ref[i].clone()
+
+        with InProcessPool(envs, sim_config, system.config.gamma) as p:
+            run_episodes(system, p, [1, 2, 3], EVAL_NOISE_SEED, recorder=recorder)
+        return seen
+
+    one, two = references(1), references(2)
+    assert one.keys() == two.keys() and len(one) == 3 * HORIZON // CHUNK
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=0)
+
+    controller, recorded = ResidualController(system), []
+    boundary = system.boundary
+    system.boundary = lambda *args, **kw: recorded.append(boundary(*args, **kw)) or recorded[-1]
+    with TransportSim(sim_config) as sim:
+        sim.reset(2)
+        controller.reset(sim, 2)
+        for _ in range(2 * CHUNK):
+            sim.step(controller.act(sim))
+    for k, b in enumerate(recorded):
+        torch.testing.assert_close(b.ref[0], one[(2, k)], atol=1e-5, rtol=0)
+    assert len(recorded) == 2 and not torch.allclose(one[(1, 0)], one[(2, 0)])
+
+
 def test_probes_on_a_trained_v5(assets, pool, runs):
     from coop_transport.residual.probes import PROBES, run_probes
 
@@ -301,19 +345,35 @@ def test_resume_after_a_kill_continues_identically(assets, pool, tmp_path):
         assert torch.equal(ta[key], tc[key]), key
 
 
-def test_an_evaluation_that_would_overrun_the_deadline_runs_first_on_the_rerun(assets, pool, tmp_path, monkeypatch):
+def test_an_evaluation_cut_off_by_the_deadline_continues_where_it_stopped(assets, pool, tmp_path, monkeypatch):
     import coop_transport.residual.train as train_module
 
-    a = train(make_config(assets, "V4", tmp_path / "straight", chunks=4, eval_every=2), 0, pool)
-    timed = make_config(assets, "V4", tmp_path / "timed", chunks=4, eval_every=2, stop_after_s=1e5)
-    with monkeypatch.context() as m:  # an evaluation estimated at 1e6 s cannot fit the 1e5 s deadline
-        m.setattr(train_module, "evaluation_estimate_s", lambda config, ps: 1e6)
+    a = train(make_config(assets, "V4", tmp_path / "straight", chunks=4, eval_every=2, eval_episodes=3), 0, pool)
+    timed = make_config(assets, "V4", tmp_path / "timed", chunks=4, eval_every=2, eval_episodes=3, stop_after_s=1e5)
+    real = train_module.run_episodes
+    with monkeypatch.context() as m:  # the deadline comes after the first episode of the evaluation at chunk 2
+        m.setattr(train_module, "run_episodes", lambda system, pool, seeds, *args, **kw:
+                  real(system, pool, seeds[:1], *args, **kw))
         first = train(timed, 0, pool)
     assert first["out_of_time"] and first["eval_pending"] and first["stopped_at"] == 2
-    assert not (timed.run_dir(0) / "result.json").exists() and not (timed.run_dir(0) / "eval").exists()
-    b = train(timed, 0, pool)  # the deferred evaluation of chunk 2 first, then on to chunk 4 and its evaluation
+    log = timed.run_dir(0) / "eval" / "chunk_000002" / "episodes.jsonl"
+    assert len(log.read_text().splitlines()) == 1 and not (timed.run_dir(0) / "result.json").exists()
+    ran = []
+    with monkeypatch.context() as m:  # the rerun runs the two episodes not yet finished, then trains on
+        m.setattr(train_module, "run_episodes", lambda system, pool, seeds, *args, **kw:
+                  ran.append(list(seeds)) or real(system, pool, seeds, *args, **kw))
+        b = train(timed, 0, pool)
+    assert ran == [[2, 3], [1, 2, 3]]  # the rest of chunk 2's evaluation, then chunk 4's
     assert [e["chunks"] for e in b["evals"]] == [e["chunks"] for e in a["evals"]] == [2, 4]
     assert (b["chunks"], b["updates"], b["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
+
+    def outcomes(run, name):
+        summary = json.loads((run / "eval" / name / "summary.json").read_text())
+        return [(r["seed"], r["success"], r["length"], r["milestones"]) for r in summary["per_seed"]]
+
+    for name in ("chunk_000002", "chunk_000004"):
+        assert outcomes(timed.run_dir(0), name) == outcomes(make_config(assets, "V4", tmp_path / "straight")
+                                                            .run_dir(0), name)
 
     # a finished seed is read back from its result.json: nothing trains or evaluates again
     monkeypatch.setattr(train_module, "_evaluate_checkpoint", lambda *args, **kw: pytest.fail("evaluated again"))

@@ -5,6 +5,7 @@ Usage:
     python training/evaluate.py --policy runs/imitation/per-arm-small/checkpoints/step_010000 --out runs/eval/x
     python training/evaluate.py --policy runs/imitation/per-arm-small/checkpoints --select-best --out runs/eval/sel
     python training/evaluate.py --controller expert --episodes 100 --out runs/eval/expert
+    python training/evaluate.py --controller residual --policy runs/residual/V4/seed_0 --out runs/eval/v4  # RL run
     python training/evaluate.py --recipe-ablation --out runs/eval/ablation       # the paper's Table 2 ladder
     python training/evaluate.py --policy-server 127.0.0.1:8000 --out runs/eval/served  # a served policy
 
@@ -34,7 +35,9 @@ from coop_transport.recipe import ABLATION_LADDER
 @dataclass
 class Config:
     controller: str = "pi0"
-    """pi0 (a π0 checkpoint) | expert (the scripted demonstrator)."""
+    """pi0 (a π0 checkpoint) | expert (the scripted demonstrator) | residual (a residual-RL run directory, its best
+    checkpoint, or one of its checkpoints/chunk_* directories, as --policy; the same π0 noise per episode as
+    training/residual.py's own evaluation)."""
     expert_handover: str = "observed"
     """--controller expert: the demonstrator's hand-over protocol, observed (what demonstrations are made with) or
     planned (the first demonstrations', the shipped default's); see coop_transport.sim.expert.ExpertConfig."""
@@ -145,8 +148,19 @@ def main(cfg: Config) -> dict:
         summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
         print(f"expert: {summary['successes']}/{summary['episodes']} -> {cfg.out / 'summary.md'}")
         return summary
+    if cfg.controller == "residual":
+        if cfg.policy is None or cfg.policy_server:
+            raise ValueError("--controller residual needs --policy: a residual-RL run directory (its best checkpoint) "
+                             "or one of its checkpoints/chunk_* directories (it is not served)")
+        recipe = recipe_overrides(cfg)
+        args = {"checkpoint": str(cfg.policy), "device": cfg.device, **({"recipe": recipe} if recipe else {})}
+        spec = ControllerSpec("residual", args, label=f"residual {cfg.policy}")
+        summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
+        print(f"{spec.label}: {summary['successes']}/{summary['episodes']} "
+              f"[{100 * summary['wilson95'][0]:.1f}, {100 * summary['wilson95'][1]:.1f}] -> {cfg.out / 'summary.md'}")
+        return summary
     if cfg.controller != "pi0":
-        raise ValueError(f"unknown controller {cfg.controller!r}; use pi0 or expert")
+        raise ValueError(f"unknown controller {cfg.controller!r}; use pi0, expert or residual")
 
     if cfg.policy_server and cfg.policy:
         raise ValueError("give --policy or --policy-server, not both (the server's --policy decides)")

@@ -10,8 +10,9 @@
 # (after its training job in the same lane). Lane l takes jobs l, l + LANES, ... and runs them in order, so a probes
 # job goes LANES places after its seed's training job. EXTRA="--eval-every 0" evaluates only the final networks
 # (residual.py's default also evaluates every 1,000 chunks, 100 episodes each time). With
-# DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation that would not finish is
-# deferred), and the same command resumes each job where it stopped: rerun it until it prints "all jobs done".
+# DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation stops there too, keeping
+# its finished episodes), and the same command resumes each job where it stopped: rerun it until it prints "all
+# jobs done".
 # Simulation is CPU-bound: LANES x ENVS should not exceed the machine's cores.
 set -uo pipefail
 OUT=${1:-runs/residual}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from coop_transport.constants import ARMS
+from coop_transport.residual.rollout import episode_generator
 
 EPISODE_NOISE_SEED = 7_919
 
@@ -36,7 +37,7 @@ class ResidualController:
 
     def reset(self, sim, seed: int) -> None:
         self.queue.clear()
-        self.generator.manual_seed(EPISODE_NOISE_SEED + int(seed))
+        self.generator = episode_generator(EPISODE_NOISE_SEED, seed)  # as the pipeline's evaluation draws it
 
     def act(self, sim) -> np.ndarray:
         if not self.queue:

@@ -7,8 +7,9 @@ it batches π0 inference over all environments' agents (``ResidualSystem.boundar
 (C, 14) chunk and waits for all answers. One round trip per chunk and environment.
 
 Determinism: episode reset seeds come from a counter, π0 noise, exploration and message noise from one learner-side
-generator, and the simulation is deterministic given its actions, so local processes, an in-process simulation and
-Ray actors give the same results for the same seeds. The collector can be checkpointed mid-episode: it keeps each
+generator in training and from one generator per episode in evaluation (``episode_generator``), and the simulation
+is deterministic given its actions, so local processes, an in-process simulation and Ray actors give the same
+results for the same seeds. The collector can be checkpointed mid-episode: it keeps each
 running episode's executed chunks and replays them on resume (``replay``), which restores the simulation exactly.
 
 Training episodes use reset seeds ``TRAIN_SEED_BASE + 1_000_000 * seed + episode`` (never the evaluation seeds
@@ -406,30 +407,48 @@ class Collector:
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Generator, message_override=None,
-                 recorder=None, progress=None) -> list[dict]:
-    """Closed-loop episodes from ``seeds`` with the deterministic policy (no exploration, message means).
+def episode_generator(noise_seed: int, seed: int) -> torch.Generator:
+    """π0's noise in the evaluation episode of reset seed ``seed``: a stream of its own, so the episode's outcome
+    depends on its reset seed and ``noise_seed`` alone, not on which episodes run beside it, on the number of
+    environments, or on whether the evaluation was resumed. The registry's residual controller
+    (``residual.policy.ResidualController``) draws the same stream, so both evaluations agree."""
+    return torch.Generator().manual_seed(int(noise_seed) + int(seed))
+
+
+def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, message_override=None, recorder=None,
+                 progress=None, on_episode=None, deadline: float | None = None) -> list[dict]:
+    """Closed-loop episodes from ``seeds`` with the deterministic policy (no exploration, message means), each with
+    π0 noise from ``episode_generator(noise_seed, seed)``.
 
     ``message_override(boundary, context)`` replaces received messages (probes); ``recorder(boundary, context)``
     sees every boundary; context holds ``envs``, ``seeds`` and ``boundary_index`` (chunk number in the episode)
-    of the rows. Returns one {seed, success, length, milestones, handover} per seed, in seed order (``milestones``:
+    of the rows. ``on_episode(result)`` sees each episode as it ends (``progress(results)`` too). At ``deadline``
+    (a time.perf_counter() value) the episodes still running are dropped and the finished ones returned.
+    Returns one {seed, success, length, milestones, handover} per finished seed, in seed order (``milestones``:
     those of ``sim.labels.MILESTONES`` the episode reached at any step, in task order; ``handover``: how robot0's
     hold of the payload ended; both as ``evaluation.run_episode``'s).
     """
+    import time
+
     queue = list(seeds)
     active: dict[int, dict] = {}
-    first = {e: queue.pop(0) for e in range(min(pool.num_envs, len(queue)))}
-    for e, out in pool.reset(first).items():
-        active[e] = {"seed": first[e], "obs": out["obs"], "labels": out["labels"], "k": 0, "length": 0,
-                     "success": False}
+
+    def start(resets: dict[int, int]) -> None:
+        for e, out in pool.reset(resets).items() if resets else ():
+            active[e] = {"seed": resets[e], "obs": out["obs"], "labels": out["labels"], "k": 0, "length": 0,
+                         "success": False, "generator": episode_generator(noise_seed, resets[e])}
+
+    start({e: queue.pop(0) for e in range(min(pool.num_envs, len(queue)))})
     results = []
     while active:
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         envs = sorted(active)
         context = {"envs": envs, "seeds": [active[e]["seed"] for e in envs],
                    "boundary_index": [active[e]["k"] for e in envs],
                    "labels": [active[e]["labels"] for e in envs]}
-        b = system.boundary([active[e]["obs"] for e in envs], generator, explore=False, deterministic=True,
-                            message_override=message_override, context=context)
+        b = system.boundary([active[e]["obs"] for e in envs], [active[e]["generator"] for e in envs],
+                            explore=False, deterministic=True, message_override=message_override, context=context)
         if recorder is not None:
             recorder(b, context)
         actions = b.joint_action()
@@ -444,12 +463,12 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], generator: torch.Gener
             if r["terminated"] or r["truncated"]:
                 results.append({"seed": ep["seed"], "success": ep["success"], "length": ep["length"],
                                 "milestones": r["milestones"], "handover": r["handover"]})
+                if on_episode is not None:
+                    on_episode(results[-1])
                 if progress is not None:
                     progress(results)
                 del active[e]
                 if queue:
                     resets[e] = queue.pop(0)
-        for e, o in pool.reset(resets).items() if resets else ():
-            active[e] = {"seed": resets[e], "obs": o["obs"], "labels": o["labels"], "k": 0, "length": 0,
-                         "success": False}
+        start(resets)
     return sorted(results, key=lambda r: r["seed"])

@@ -153,13 +153,24 @@ class ResidualSystem:
         return images, states, prompts
 
     @torch.no_grad()
-    def vla_infer(self, images, states, prompts, generator: torch.Generator, keep_prefix: bool = True):
-        """Reference chunks (R, C, D) float32 and prefix tokens (R, L, D_vlm), mask (R, L) for R rows."""
+    def vla_infer(self, images, states, prompts, generator: torch.Generator | list[torch.Generator],
+                  keep_prefix: bool = True):
+        """Reference chunks (R, C, D) float32 and prefix tokens (R, L, D_vlm), mask (R, L) for R rows.
+
+        ``generator``: one for all rows, or a list of G generators, each drawing the noise of its R / G consecutive
+        rows (one environment's agents: evaluation episodes with noise streams of their own)."""
         vla, n = self.vla, self.recipe.num_samples
         batch = vla.make_batch(images, states, prompts)
         rows = len(states)
         pc = vla.config
-        noise = torch.randn((rows * n, pc.action_horizon, pc.action_pad_dim), generator=generator)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn((rows * n, pc.action_horizon, pc.action_pad_dim), generator=generator)
+        else:
+            if rows % len(generator):
+                raise ValueError(f"{rows} rows cannot be split over {len(generator)} generators")
+            per = rows // len(generator) * n
+            noise = torch.cat([torch.randn((per, pc.action_horizon, pc.action_pad_dim), generator=g)
+                               for g in generator])
         samples, cache = vla.sample_batch(batch, n, noise=noise.to(self.device), return_prefix=True)
         refs = np.stack([reduce_chunk(s, self.recipe, vla.action_mean, vla.action_std, self.counters,
                                       vla.action_min, vla.action_max) for s in samples])  # (R, C, D)
@@ -185,11 +196,20 @@ class ResidualSystem:
 
     # --------------------------------------------------------------------------------------------- boundary
     @torch.no_grad()
-    def boundary(self, observations: list[dict], generator: torch.Generator, explore: bool = False,
-                 deterministic: bool = True, message_override: MessageOverride | None = None,
+    def boundary(self, observations: list[dict], generator: torch.Generator | list[torch.Generator],
+                 explore: bool = False, deterministic: bool = True, message_override: MessageOverride | None = None,
                  context: dict | None = None, keep_prefix: bool = False) -> Boundary:
-        """π0 + encoders + messages + actors for E environments (see the module docstring)."""
+        """π0 + encoders + messages + actors for E environments (see the module docstring).
+
+        ``generator`` may be a list of E generators, one per environment, for π0's noise: evaluation, where nothing
+        else draws noise (no exploration, message means)."""
         e, n_agents = len(observations), len(self.agent_names)
+        if not isinstance(generator, torch.Generator):
+            if len(generator) != e:
+                raise ValueError(f"{len(generator)} generators for {e} environments")
+            if explore or not deterministic:
+                raise ValueError("per-environment generators serve deterministic evaluation only (no exploration, "
+                                 "message means)")
         images, states, prompts = self.rows(observations)
         ref, prefix, mask = self.vla_infer(images, states, prompts, generator)
         ref = ref.view(e, n_agents, *ref.shape[1:])
@@ -204,10 +224,11 @@ class ResidualSystem:
         mask = mask.view(e, n_agents, -1)
         out.latent = torch.stack([self.agents[a].encoder(prefix[:, i], mask[:, i], proprio[:, i])
                                   for i, a in enumerate(self.agent_names)], dim=1)  # (E, A, Z)
-        out.sent, out.received = self.messages(out.latent, proprio, ref, generator, deterministic)
+        shared = generator if isinstance(generator, torch.Generator) else None  # per-environment: π0's noise only
+        out.sent, out.received = self.messages(out.latent, proprio, ref, shared, deterministic)
         if message_override is not None and out.received is not None:
             out.received = message_override(out, context or {})
-        out.action = self.act(out, generator, explore)
+        out.action = self.act(out, shared, explore)
         return out
 
     def messages(self, latent, proprio, ref, generator=None, deterministic=True):

@@ -29,9 +29,12 @@ from coop_transport.residual.buffers import ReplayBuffer, RLPDSampler, transitio
 from coop_transport.residual.checkpoint import (BEST_JSON, STATE_JSON, load_train_state, save_policy,
                                                 save_train_state)
 from coop_transport.residual.config import ResidualConfig, config_to_json
+from coop_transport.residual.policy import EPISODE_NOISE_SEED
 from coop_transport.residual.rollout import Collector, EnvPool, make_pool, run_episodes
 
-EVAL_NOISE_SEED = 20_241_124  # π0 noise of every evaluation: checkpoints are compared on the same noise stream
+# π0 noise of every evaluation: checkpoints are compared on the same noise, episode by episode, and the registry's
+# residual controller (training/evaluate.py's worker processes) draws the same (rollout.episode_generator)
+EVAL_NOISE_SEED = EPISODE_NOISE_SEED
 RESULT_JSON = "result.json"
 
 
@@ -55,23 +58,57 @@ def sim_config_for(config: ResidualConfig, image_size: int, training: bool = Tru
 
 
 def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, label: str, args: dict,
-                    message_override=None, recorder=None, progress: bool = False) -> dict:
-    """Closed-loop success of ``system`` on reset seeds 1..episodes; summary.json/.md under ``out``."""
+                    message_override=None, recorder=None, progress: bool = False, resume: bool = False,
+                    deadline: float | None = None) -> dict | None:
+    """Closed-loop success of ``system`` on reset seeds 1..episodes; summary.json/.md under ``out``.
+
+    Each episode draws π0's noise from its own stream (``rollout.episode_generator``), so its outcome does not
+    depend on the episodes beside it, and each is appended to ``out/episodes.jsonl`` as it ends. ``resume`` keeps
+    the episodes already there (an evaluation cut off by ``deadline``, a time.perf_counter() value, or by a kill
+    continues where it stopped, with the outcomes an uninterrupted one gives); without it the file starts afresh.
+    Returns None when ``deadline`` came before every episode ended. The clipping rate and wall time of a resumed
+    evaluation cover its last call's episodes only.
+    """
     from tqdm import tqdm
 
-    from coop_transport.evaluation import ControllerSpec, EvalConfig, summarize, write_summary
+    from coop_transport.evaluation import (ControllerSpec, EvalConfig, _logged_episodes, summarize,
+                                           write_summary)
+    from coop_transport.utils.jsonable import to_jsonable
+
+    seeds = list(range(1, episodes + 1))
+    key = {"controller": {"kind": "residual", "args": to_jsonable(args)}, "label": label,
+           "horizon": system.config.horizon, "noise_seed": EVAL_NOISE_SEED}
+    log = Path(out) / "episodes.jsonl" if out is not None else None
+    done: dict[int, dict] = {}
+    if log is not None:
+        if resume:
+            done = _logged_episodes(log, key, seeds)
+        elif log.exists():
+            log.unlink()
+        log.parent.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in seeds if s not in done]
+
+    def keep(result):
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
 
     before = (system.counters.actions, system.counters.clipped_actions)
     start = time.perf_counter()
-    bar = tqdm(total=episodes, desc=f"eval {label}", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=episodes, initial=len(done), desc=f"eval {label}", disable=not progress, leave=False,
+               dynamic_ncols=True)
 
     def tick(results):
         bar.update(1)
-        bar.set_postfix(success=f"{sum(r['success'] for r in results)}/{len(results)}")
+        wins = sum(r["success"] for r in results) + sum(r["success"] for r in done.values())
+        bar.set_postfix(success=f"{wins}/{len(results) + len(done)}")
 
-    results = run_episodes(system, pool, list(range(1, episodes + 1)), torch.Generator().manual_seed(EVAL_NOISE_SEED),
-                           message_override=message_override, recorder=recorder, progress=tick)
+    new = run_episodes(system, pool, todo, EVAL_NOISE_SEED, message_override=message_override, recorder=recorder,
+                       progress=tick, on_episode=keep, deadline=deadline)
     bar.close()
+    if len(new) < len(todo):
+        return None
+    results = sorted([*done.values(), *new], key=lambda r: r["seed"])
     for r in results:
         r["stats"] = {}
     results[0]["stats"] = {"clip_actions": system.counters.actions - before[0],
@@ -79,6 +116,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     spec = ControllerSpec("residual", args, label)
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
+    summary["resumed_episodes"] = len(done)
     if out is not None:
         write_summary(summary, Path(out))
     return summary
@@ -101,8 +139,10 @@ def _write_log(run: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, device) -> dict:
-    """B1 / B2: the π0 policy under the recipe, no residual; written like a trained run's result."""
+def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, device,
+                      deadline: float | None = None) -> dict:
+    """B1 / B2: the π0 policy under the recipe, no residual; written like a trained run's result. An evaluation
+    cut off by ``deadline`` returns ``{"out_of_time": True}``; the same command continues it (``config.resume``)."""
     from coop_transport.residual.system import ResidualSystem
 
     spec = config.spec
@@ -111,7 +151,12 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
     start = time.perf_counter()
     summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / "final", spec.name,
                               {"arch": spec.name, "vla": str(config.vla_joint if spec.vla_variant == "joint"
-                                                                else config.vla)}, progress=config.progress)
+                                                                else config.vla)}, progress=config.progress,
+                              resume=config.resume, deadline=deadline)
+    if summary is None:
+        print(f"stopping {run} in its evaluation (--stop-after-s {config.stop_after_s:g}); the same command "
+              "continues it")
+        return {"arch": spec.name, "seed": seed, "out_of_time": True}
     result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None,
               "success_rate": summary["success_rate"], "successes": summary["successes"],
               "episodes": summary["episodes"], "wilson95": summary["wilson95"],
@@ -128,9 +173,9 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
 
     ``stop_after``: return after that many chunks as if killed there (tests of resumption), without evaluating.
     ``config.stop_after_s``: save the training state and return ``{"stopped_at": chunks, "out_of_time": True}``
-    once that much wall time has passed since ``started`` (time.perf_counter(); default: this call's start), or
-    when an evaluation is due that would not finish in time (``"eval_pending": True``; estimated from the
-    collection's env steps/s); the same command resumes, with the pending evaluation first. A seed with a
+    once that much wall time has passed since ``started`` (time.perf_counter(); default: this call's start), also
+    in the middle of an evaluation (``"eval_pending": True``: its finished episodes are kept); the same command
+    resumes, with the rest of the pending evaluation first. A seed with a
     result.json of ``config.chunks`` chunks returns it without training (unless ``config.resume`` is off).
     """
     call_start = time.perf_counter() if started is None else started
@@ -162,7 +207,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
         pool = make_pool(config.envs, sim_config_for(config, vla.image_size), config.gamma, config.ray_address)
     try:
         if not spec.residual:
-            return evaluate_baseline(config, seed, pool, vla, device)
+            return evaluate_baseline(config, seed, pool, vla, device, _deadline(config, call_start))
         system = ResidualSystem(spec, config, vla, make_agents(spec, config, vla), device)
         learner = Learner(system, config)
         generator = torch.Generator().manual_seed(seed)  # batch sampling, message noise in updates, demo π0 noise
@@ -180,8 +225,13 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 agent.encoder.requires_grad_(False)
             progress_state = meta["progress"]
             print(f"resuming {run} at chunk {progress_state['chunks']}")
-            if progress_state.pop("eval_pending", False):  # deferred by --stop-after-s: the networks of that chunk
-                _evaluate_checkpoint(config, seed, run, system, pool, progress_state)
+            if progress_state.pop("eval_pending", False):  # cut off by --stop-after-s: the networks of that chunk
+                if not _evaluate_checkpoint(config, seed, run, system, pool, progress_state, resume=True,
+                                            deadline=_deadline(config, call_start)):
+                    print(f"stopping {run} in the evaluation at chunk {progress_state['chunks']} (--stop-after-s "
+                          f"{config.stop_after_s:g}); the same command continues it")
+                    return {"arch": spec.name, "seed": seed, "stopped_at": progress_state["chunks"],
+                            "out_of_time": True, "eval_pending": True}
                 if progress_state["chunks"] < config.chunks:
                     collector.restore_envs()
         else:
@@ -233,16 +283,17 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             final = ps["chunks"] >= config.chunks
             eval_due = (config.eval_every and _crossed(before, ps["chunks"], config.eval_every)) or (
                 final and (config.eval_every or not ps["evals"]))
-            # An evaluation runs to its end once started (minutes at n = 100): with a deadline, one that would not
-            # finish before it is deferred to the rerun, which starts with it.
-            defer_eval = eval_due and _evaluation_would_overrun(config, ps, call_start)
-            if eval_due and not defer_eval:
-                _evaluate_checkpoint(config, seed, run, system, pool, ps)
-                if not final:
+            # An evaluation runs until --stop-after-s at most; one cut off there is pending, and the same command
+            # continues it first (its finished episodes are kept).
+            eval_cut = False
+            if eval_due:
+                eval_cut = not _evaluate_checkpoint(config, seed, run, system, pool, ps,
+                                                    deadline=_deadline(config, call_start))
+                if not final and not eval_cut:
                     collector.restore_envs()
-            out_of_time = defer_eval or (config.stop_after_s is not None and not final
-                                         and time.perf_counter() - call_start >= config.stop_after_s)
-            if defer_eval:
+            out_of_time = eval_cut or (config.stop_after_s is not None and not final
+                                       and time.perf_counter() - call_start >= config.stop_after_s)
+            if eval_cut:
                 ps["eval_pending"] = True
             if _crossed(before, ps["chunks"], config.save_every) or final or out_of_time:
                 ps["window"] = window
@@ -251,14 +302,11 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
                 _write_log(run, ps["log"])
             if out_of_time:
                 bar.close()
-                print(f"stopping {run} at chunk {ps['chunks']} after {time.perf_counter() - call_start:.0f} s "
-                      f"(--stop-after-s {config.stop_after_s:g}); the same command resumes")
-                if defer_eval:
-                    print(f"the evaluation at chunk {ps['chunks']} (~{evaluation_estimate_s(config, ps):.0f} s) "
-                          f"would not finish within --stop-after-s {config.stop_after_s:g}: the same command runs "
-                          "it first")
+                what = f"in the evaluation at chunk {ps['chunks']}" if eval_cut else f"at chunk {ps['chunks']}"
+                print(f"stopping {run} {what} after {time.perf_counter() - call_start:.0f} s (--stop-after-s "
+                      f"{config.stop_after_s:g}); the same command resumes")
                 return {"arch": spec.name, "seed": seed, "stopped_at": ps["chunks"], "out_of_time": True,
-                        "eval_pending": defer_eval}
+                        "eval_pending": eval_cut}
             if stop_after is not None and ps["chunks"] >= stop_after and not final:
                 bar.close()
                 return {"stopped_at": ps["chunks"]}
@@ -289,19 +337,9 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             pool.close()
 
 
-def evaluation_estimate_s(config: ResidualConfig, ps: dict) -> float | None:
-    """Expected seconds of one evaluation (``eval_episodes`` full-length episodes) at this run's collection rate,
-    plus 20% for the milestone checks that evaluation adds; None before anything was collected."""
-    if ps["collect_s"] <= 0 or ps["env_steps"] <= 0:
-        return None
-    return 1.2 * config.eval_episodes * config.horizon * ps["collect_s"] / ps["env_steps"]
-
-
-def _evaluation_would_overrun(config: ResidualConfig, ps: dict, call_start: float) -> bool:
-    if config.stop_after_s is None:
-        return False
-    estimate = evaluation_estimate_s(config, ps)
-    return estimate is not None and time.perf_counter() - call_start + estimate > config.stop_after_s
+def _deadline(config: ResidualConfig, call_start: float) -> float | None:
+    """The time.perf_counter() value at which --stop-after-s ends this call (None: no limit)."""
+    return None if config.stop_after_s is None else call_start + config.stop_after_s
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -326,21 +364,27 @@ def _log_row(ps: dict, window: dict, recent: list[dict]) -> dict:
     return row
 
 
-def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict) -> None:
-    """Save the current networks as a policy checkpoint, evaluate it, keep best.json pointing at the best."""
+def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict, resume: bool = False,
+                         deadline: float | None = None) -> bool:
+    """Save the current networks as a policy checkpoint, evaluate it, keep best.json pointing at the best; False
+    when ``deadline`` cut the evaluation off (``resume`` continues it, with the same networks)."""
     name = f"chunk_{ps['chunks']:06d}"
     ckpt = run / "checkpoints" / name
     save_policy(ckpt, system, config, ps["chunks"])
     for agent in system.agents.values():
         agent.eval()
     summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / name, f"{config.arch}/{name}",
-                              {"checkpoint": str(ckpt)}, progress=config.progress)
+                              {"checkpoint": str(ckpt)}, progress=config.progress, resume=resume,
+                              deadline=deadline)
+    if summary is None:
+        return False
     entry = {"chunks": ps["chunks"], "checkpoint": f"checkpoints/{name}", "success_rate": summary["success_rate"],
              "successes": summary["successes"], "episodes": summary["episodes"], "wilson95": summary["wilson95"],
              "milestone_rates": summary["milestone_rates"], "handover_outcomes": summary["handover_outcomes"]}
     ps["evals"].append(entry)
     best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
     (run / BEST_JSON).write_text(json.dumps(best, indent=2))
+    return True
 
 
 def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
@@ -371,8 +415,8 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
 
 
 def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, started: float) -> list[dict]:
-    """Seeds one after the other; a seed stopped by --stop-after-s ends the call. The next call resumes it (an
-    evaluation deferred by the deadline first); seeds with a result.json are finished and only read back."""
+    """Seeds one after the other; a seed stopped by --stop-after-s ends the call. The next call resumes it (the rest
+    of an evaluation cut off by the deadline first); seeds with a result.json are finished and only read back."""
     results = []
     for s in seeds:
         results.append(train(config, s, pool, started=started))
