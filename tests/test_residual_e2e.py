@@ -147,6 +147,18 @@ def test_evaluation_registry_runs_a_residual_checkpoint(runs):
                        EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)
     assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
 
+    # the same through training/evaluate.py, which refuses the residual controller without a run to load
+    import evaluate as evaluate_cli
+
+    out = runs / "evaluate_cli"
+    cli = evaluate_cli.main(evaluate_cli.Config(controller="residual", policy=run, episodes=1, workers=1,
+                                                horizon=HORIZON, out=out, progress=False))
+    same = lambda r: (r["seed"], r["success"], r["length"], r["milestones"])  # noqa: E731 - not the wall time
+    assert [same(r) for r in cli["per_seed"]] == [same(r) for r in summary["per_seed"]]
+    assert (out / "summary.json").is_file()
+    with pytest.raises(ValueError, match="needs --policy"):
+        evaluate_cli.main(evaluate_cli.Config(controller="residual", out=out, progress=False))
+
 
 def test_a_prior_with_a_state_history_trains_and_evaluates(assets, pool, tmp_path):
     """The shipped default sees earlier arm states: the rollout workers send each arm's latest states, and the
