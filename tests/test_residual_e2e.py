@@ -394,6 +394,25 @@ def test_an_evaluation_cut_off_by_the_deadline_continues_where_it_stopped(assets
         json.dumps(b["evals"])))
 
 
+def test_a_cut_off_baseline_evaluation_continues_and_a_finished_one_runs_anew(assets, pool, tmp_path, monkeypatch):
+    import coop_transport.residual.train as train_module
+
+    config = make_config(assets, "B1", tmp_path / "B1", eval_episodes=3, stop_after_s=1e5)
+    real = train_module.run_episodes
+    with monkeypatch.context() as m:  # the deadline comes after the first episode
+        m.setattr(train_module, "run_episodes", lambda system, pool, seeds, *args, **kw:
+                  real(system, pool, seeds[:1], *args, **kw))
+        first = train(config, 0, pool)
+    assert first["out_of_time"] and not (config.run_dir(0) / "result.json").exists()
+    ran = []
+    monkeypatch.setattr(train_module, "run_episodes", lambda system, pool, seeds, *args, **kw:
+                        ran.append(list(seeds)) or real(system, pool, seeds, *args, **kw))
+    done = train(config, 0, pool)
+    again = train(config, 0, pool)  # B1 has no training state: a rerun of a finished evaluation evaluates anew
+    assert ran == [[2, 3], [1, 2, 3]] and done["episodes"] == again["episodes"] == 3
+    assert done["successes"] == again["successes"]
+
+
 def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4), a first
     call whose deadline leaves no time for any job, then the same command to the end and the report."""

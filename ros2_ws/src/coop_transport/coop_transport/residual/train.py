@@ -83,8 +83,9 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     if log is not None:
         if resume:
             done = _logged_episodes(log, key, seeds)
-        elif log.exists():
-            log.unlink()
+        else:  # afresh: an earlier evaluation's episodes and summary go
+            for old in (log, log.with_name("summary.json")):
+                old.unlink(missing_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
     todo = [s for s in seeds if s not in done]
 
@@ -145,14 +146,19 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
     cut off by ``deadline`` returns ``{"out_of_time": True}``; the same command continues it (``config.resume``)."""
     from coop_transport.residual.system import ResidualSystem
 
+    from coop_transport.pi0_policy import default_policy_dir
+
     spec = config.spec
     run = config.run_dir(seed)
     system = ResidualSystem(spec, config, vla, None, device)
     start = time.perf_counter()
-    summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / "final", spec.name,
-                              {"arch": spec.name, "vla": str(config.vla_joint if spec.vla_variant == "joint"
-                                                                else config.vla)}, progress=config.progress,
-                              resume=config.resume, deadline=deadline)
+    out = run / "eval" / "final"
+    # continue an evaluation that a deadline or a kill cut off (a log without a summary); a finished one runs anew
+    resume = config.resume and (out / "episodes.jsonl").exists() and not (out / "summary.json").exists()
+    prior = config.vla_joint if spec.vla_variant == "joint" else (config.vla or default_policy_dir())
+    summary = evaluate_system(system, pool, config.eval_episodes, out, spec.name,
+                              {"arch": spec.name, "vla": str(prior)}, progress=config.progress, resume=resume,
+                              deadline=deadline)
     if summary is None:
         print(f"stopping {run} in its evaluation (--stop-after-s {config.stop_after_s:g}); the same command "
               "continues it")
