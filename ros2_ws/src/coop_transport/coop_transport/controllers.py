@@ -109,9 +109,9 @@ class JointPi0Controller:
     def act(self, sim) -> np.ndarray:
         from coop_transport.constants import ARMS
 
-        # The state history of both arms, [robot0 | robot1] as joint_proprio orders them (policies with one).
         if not self.actor.needs_plan:  # mid-chunk: no observation read, so no cameras rendered
             return self.actor.act(None)
+        # The state history of both arms, [robot0 | robot1] as joint_proprio orders them (policies with one).
         history = np.concatenate([sim.proprio_history(arm) for arm in ARMS], -1)
         return self.actor.act({**sim.observation, "proprio_history": history})
 

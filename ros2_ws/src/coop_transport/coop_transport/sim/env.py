@@ -148,7 +148,8 @@ class TransportSim:
 
         ``render=False`` leaves the cameras out of the returned observation; ``observation`` (and
         ``arm_observation``) render them on first access. A chunked policy looks at images only every C steps, and
-        rendering three cameras costs more than the physics of a step, so its rollouts skip the steps in between.
+        with software rendering three cameras cost several times the physics of a step, so its rollouts skip the
+        steps in between.
         Rendering reads the state without changing it: the trajectory is the same either way.
         """
         if self.seed is None:
