@@ -189,7 +189,7 @@ def _episode_key(spec: ControllerSpec, config: EvalConfig) -> dict:
     return {"controller": {"kind": spec.kind, "args": to_jsonable(spec.args)}, "horizon": config.horizon}
 
 
-def _logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
+def logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
     """Results already in ``log`` for ``seeds`` (a torn last line, from a kill mid-write, is skipped). A log of
     another evaluation is refused rather than mixed in or overwritten."""
     done: dict[int, dict] = {}
@@ -223,7 +223,7 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
     if out:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
-            done = _logged_episodes(out / EPISODE_LOG, key, config.seeds)
+            done = logged_episodes(out / EPISODE_LOG, key, config.seeds)
         else:
             (out / EPISODE_LOG).unlink(missing_ok=True)
         if done:

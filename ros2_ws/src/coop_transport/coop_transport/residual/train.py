@@ -71,18 +71,18 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     """
     from tqdm import tqdm
 
-    from coop_transport.evaluation import (ControllerSpec, EvalConfig, _logged_episodes, summarize,
+    from coop_transport.evaluation import (EPISODE_LOG, ControllerSpec, EvalConfig, logged_episodes, summarize,
                                            write_summary)
     from coop_transport.utils.jsonable import to_jsonable
 
     seeds = list(range(1, episodes + 1))
     key = {"controller": {"kind": "residual", "args": to_jsonable(args)}, "label": label,
            "horizon": system.config.horizon, "noise_seed": EVAL_NOISE_SEED}
-    log = Path(out) / "episodes.jsonl" if out is not None else None
+    log = Path(out) / EPISODE_LOG if out is not None else None  # the format training/evaluate.py resumes from
     done: dict[int, dict] = {}
     if log is not None:
         if resume:
-            done = _logged_episodes(log, key, seeds)
+            done = logged_episodes(log, key, seeds)
         else:  # afresh: an earlier evaluation's episodes and summary go
             for old in (log, log.with_name("summary.json")):
                 old.unlink(missing_ok=True)
