@@ -118,7 +118,6 @@ class TransportSim:
         self.seed: int | None = None
         self._potential = 0.0
         self._obs: dict | None = None
-        self._images_pending = False  # the last step(render=False) left the cameras out of _obs
         # Each arm's proprioception at the latest control steps, newest first (policies with a state history).
         self._proprio_recent = {arm: deque(maxlen=PROPRIO_HISTORY_STEPS) for arm in ARMS}
 
@@ -132,7 +131,6 @@ class TransportSim:
         raw = self.rs_env.reset()
         self.t, self.seed = 0, int(seed)
         self._obs = self._observation(raw)
-        self._images_pending = False
         self._record_proprio(new_episode=True)
         if self.config.shaped_reward:
             from coop_transport.sim.labels import task_potential
@@ -171,7 +169,6 @@ class TransportSim:
             self._potential = potential
         done = (success and self.config.terminate_on_success) or self.t >= self.config.horizon
         self._obs = self._observation(raw, render)
-        self._images_pending = not render and bool(self.config.cameras)
         self._record_proprio()
         return self._obs, float(reward), bool(done), {"success": success, "t": self.t, "seed": self.seed}
 
@@ -181,12 +178,10 @@ class TransportSim:
 
     @property
     def observation(self) -> dict:
-        if self._obs is None:
-            raise RuntimeError("no observation before reset()")
-        if self._images_pending:  # the last step skipped the cameras: render them now, at that same state
-            self._render_cameras(self._obs)
-            self._images_pending = False
-        return self._obs
+        obs = self.lowdim_observation
+        if any(image_key(c) not in obs for c in self.config.cameras):  # step(render=False): render at that state
+            self._render_cameras(obs)
+        return obs
 
     @property
     def lowdim_observation(self) -> dict:
@@ -216,7 +211,6 @@ class TransportSim:
         self.rs_env.sim.set_state_from_flattened(state)
         self.rs_env.sim.forward()
         self._obs = self._observation(self.rs_env._get_observations(force_update=True), render)
-        self._images_pending = not render and bool(self.config.cameras)
         self._record_proprio(new_episode=True)  # no history across a jump: the restored state stands in for it
         return self._obs
 
