@@ -20,8 +20,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from coop_transport.constants import ARMS
-from coop_transport.residual.rollout import episode_generator
+from coop_transport.residual.rollout import episode_generator, state_histories
 
 EPISODE_NOISE_SEED = 7_919
 
@@ -41,8 +40,7 @@ class ResidualController:
 
     def act(self, sim) -> np.ndarray:
         if not self.queue:
-            # each arm's latest states too, as the rollout workers send them (a π0 prior with a state history)
-            obs = {**sim.observation, **{f"{arm}_proprio_history": sim.proprio_history(arm) for arm in ARMS}}
+            obs = {**sim.observation, **state_histories(sim)}  # as the rollout workers send it
             b = self.system.boundary([obs], self.generator, explore=False, deterministic=True)
             self.queue.extend(b.joint_action()[0])
             self.chunks += 1

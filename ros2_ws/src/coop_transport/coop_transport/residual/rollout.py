@@ -36,6 +36,12 @@ def train_episode_seed(seed: int, episode: int) -> int:
     return TRAIN_SEED_BASE + 1_000_000 * seed + episode
 
 
+def state_histories(sim) -> dict[str, np.ndarray]:
+    """Each arm's latest states (``{arm}_proprio_history``), which a π0 prior with a state history reads beside the
+    observation (adapters.StateHistory)."""
+    return {f"{arm}_proprio_history": sim.proprio_history(arm) for arm in ARMS}
+
+
 # ------------------------------------------------------------------------------------------------ one simulation
 class EnvWorker:
     """One ``TransportSim`` that executes whole chunks. The same class runs in-process, in a local process or as
@@ -53,8 +59,7 @@ class EnvWorker:
         from coop_transport.sim.labels import step_labels
 
         slim = {k: obs[k] for k in OBS_KEYS + IMAGE_KEYS if k in obs}
-        for arm in ARMS:  # the latest states, for a π0 prior with a state history (adapters.StateHistory)
-            slim[f"{arm}_proprio_history"] = self.sim.proprio_history(arm)
+        slim.update(state_histories(self.sim))
         return {"obs": slim, "labels": step_labels(self.sim)}
 
     def reset(self, seed: int) -> dict:
