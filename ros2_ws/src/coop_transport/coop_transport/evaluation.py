@@ -189,7 +189,7 @@ def _episode_key(spec: ControllerSpec, config: EvalConfig) -> dict:
     return {"controller": {"kind": spec.kind, "args": to_jsonable(spec.args)}, "horizon": config.horizon}
 
 
-def logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
+def _logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
     """Results already in ``log`` for ``seeds`` (a torn last line, from a kill mid-write, is skipped). A log of
     another evaluation is refused rather than mixed in or overwritten."""
     done: dict[int, dict] = {}
@@ -208,6 +208,25 @@ def logged_episodes(log: Path, key: dict, seeds: list[int]) -> dict[int, dict]:
     return done
 
 
+class EpisodeLog:
+    """``out/episodes.jsonl``: each finished episode appended at once under ``key`` (what makes two episodes of one
+    reset seed the same measurement). ``resume`` keeps the episodes already there for ``seeds`` (``done``);
+    otherwise the log starts over. This evaluator and the residual pipeline's (``residual.train``) share it."""
+
+    def __init__(self, out: Path, key: dict, seeds: list[int], resume: bool):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path, self.key = out / EPISODE_LOG, key
+        self.done: dict[int, dict] = {}
+        if resume:
+            self.done = _logged_episodes(self.path, key, seeds)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def append(self, result: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": self.key, "result": to_jsonable(result)}) + "\n")
+
+
 def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, progress: bool = True,
              resume: bool = False) -> dict:
     """Run ``config.episodes`` episodes of ``spec`` from fixed seeds; write summary.json/.md under ``out``.
@@ -218,16 +237,10 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
     from tqdm import tqdm
 
     out = Path(out) if out else None
-    key = _episode_key(spec, config)
-    done: dict[int, dict] = {}
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            done = logged_episodes(out / EPISODE_LOG, key, config.seeds)
-        else:
-            (out / EPISODE_LOG).unlink(missing_ok=True)
-        if done:
-            print(f"resuming: {len(done)} of {len(config.seeds)} episodes already in {out / EPISODE_LOG}")
+    log = EpisodeLog(out, _episode_key(spec, config), config.seeds, resume) if out else None
+    done = log.done if log else {}
+    if done:
+        print(f"resuming: {len(done)} of {len(config.seeds)} episodes already in {log.path}")
     videos = config.videos
     if videos and out:
         from coop_transport.utils.video import mp4_writer_available
@@ -243,13 +256,11 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
             jobs.append((seed, video, config.video_camera, config.video_size))
     start = time.perf_counter()
     results = list(done.values())
-    log = open(out / EPISODE_LOG, "a") if out else None
 
     def finished(result: dict) -> None:
         results.append(result)
         if log:
-            log.write(json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
-            log.flush()
+            log.append(result)
         _update_bar(bar, results)
 
     bar = tqdm(total=len(config.seeds), initial=len(done), desc=f"eval {spec.name}", disable=not progress,
@@ -269,8 +280,6 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
                     finished(result)
     finally:
         bar.close()
-        if log:
-            log.close()
     results.sort(key=lambda r: r["seed"])
     summary = summarize(spec, config, results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)  # wall_s counts this call's episodes only

@@ -71,28 +71,17 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     """
     from tqdm import tqdm
 
-    from coop_transport.evaluation import (EPISODE_LOG, ControllerSpec, EvalConfig, logged_episodes, summarize,
-                                           write_summary)
+    from coop_transport.evaluation import ControllerSpec, EpisodeLog, EvalConfig, summarize, write_summary
     from coop_transport.utils.jsonable import to_jsonable
 
     seeds = list(range(1, episodes + 1))
     key = {"controller": {"kind": "residual", "args": to_jsonable(args)}, "label": label,
            "horizon": system.config.horizon, "noise_seed": EVAL_NOISE_SEED}
-    log = Path(out) / EPISODE_LOG if out is not None else None  # the format training/evaluate.py resumes from
-    done: dict[int, dict] = {}
-    if log is not None:
-        if resume:
-            done = logged_episodes(log, key, seeds)
-        else:  # afresh: an earlier evaluation's episodes and summary go
-            for old in (log, log.with_name("summary.json")):
-                old.unlink(missing_ok=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
+    log = EpisodeLog(Path(out), key, seeds, resume) if out is not None else None
+    if log is not None and not resume:  # afresh: an earlier evaluation's summary goes with its episodes
+        (Path(out) / "summary.json").unlink(missing_ok=True)
+    done = log.done if log is not None else {}
     todo = [s for s in seeds if s not in done]
-
-    def keep(result):
-        if log is not None:
-            with open(log, "a") as f:
-                f.write(json.dumps({"key": key, "result": to_jsonable(result)}) + "\n")
 
     before = (system.counters.actions, system.counters.clipped_actions)
     start = time.perf_counter()
@@ -105,7 +94,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
         bar.set_postfix(success=f"{wins}/{len(results) + len(done)}")
 
     new = run_episodes(system, pool, todo, EVAL_NOISE_SEED, message_override=message_override, recorder=recorder,
-                       progress=tick, on_episode=keep, deadline=deadline)
+                       progress=tick, on_episode=log.append if log is not None else None, deadline=deadline)
     bar.close()
     if len(new) < len(todo):
         return None
