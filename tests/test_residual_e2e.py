@@ -257,6 +257,48 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     assert again["linear_probe"] == payload["linear_probe"]
 
 
+def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
+    """--mode eval --gate-margin: a margin no critic gain reaches executes π0's reference chunks (the B1 chunks of
+    the same noise), one every gain exceeds the ungated residual; the gated result is a method of its own in the
+    report, paired with the ungated one by seed."""
+    from coop_transport.residual.checkpoint import load_policy
+    from coop_transport.residual.report import write_report
+    from coop_transport.residual.rollout import episode_generator
+    from coop_transport.residual.train import gated_run_dir, reevaluate
+
+    run = runs / "V4" / "seed_0"
+    if not (run / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    system = load_policy(run, "cpu")
+    for agent in system.agents.values():  # a residual far from zero, so that the gate's choice shows
+        torch.nn.init.normal_(agent.actor.out.weight, std=1.0)
+    sim = pool.workers[0].sim
+    sim.reset(3)
+    obs = sim.observation
+
+    def chunk(s):
+        return s.boundary([obs], episode_generator(7, 3), explore=False, deterministic=True)
+
+    ungated, closed, open_ = chunk(system), chunk(system.with_gate(1e9)), chunk(system.with_gate(-1e9))
+    assert torch.equal(closed.action, closed.ref.clamp(-1, 1)) and torch.equal(open_.action, ungated.action)
+    assert not torch.allclose(ungated.action, ungated.ref)
+
+    config = make_config(assets, "V4", runs / "V4", mode="eval", gate_margin=-1e9)
+    summary = reevaluate(config, 0, pool)
+    assert summary["gate"]["residual_rate"] == 1.0 and summary["gate"]["agent_chunks"] == 2 * HORIZON // CHUNK
+    plain = reevaluate(config.replace(gate_margin=None), 0, pool)
+    same = lambda r: (r["seed"], r["success"], r["length"], r["milestones"])  # noqa: E731
+    assert [same(r) for r in summary["per_seed"]] == [same(r) for r in plain["per_seed"]]
+    gated = json.loads((gated_run_dir(run, -1e9) / "result.json").read_text())
+    assert gated["gated"] and gated["config"]["gate_margin"] == -1e9 and gated["evaluated_checkpoint"]
+    report = write_report([runs / "V4"], runs / "report_gate")
+    assert set(report["table1"]) == {"V4", "V4 gate -1e+09"} and "V4 gate -1e+09-V4" not in report["paired"]
+    md = (runs / "report_gate" / "report.md").read_text()
+    assert "| V4 gate -1e+09 " in md and "V4 gate -1e+09 ≥ B1" not in md  # no B1 here: no target row
+    with pytest.raises(ValueError, match="no residual"):
+        reevaluate(make_config(assets, "B1", runs / "B1", mode="eval", gate_margin=0.0), 0, pool)
+
+
 def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     from coop_transport.residual.report import run_ablation
 
@@ -414,8 +456,9 @@ def test_a_cut_off_baseline_evaluation_continues_and_a_finished_one_runs_anew(as
 
 
 def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
-    """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4), a first
-    call whose deadline leaves no time for any job, then the same command to the end and the report."""
+    """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4 then its
+    gated evaluation), a first call whose deadline leaves no time for any job, then the same command to the end and
+    the report."""
     import os
     import subprocess
 
@@ -423,14 +466,14 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
             f"{CHUNK} --num-samples 2 --horizon {HORIZON} --latent-dim 32 --encoder-width 16 --encoder-heads 2 "
             "--encoder-layers 1 --hidden-dim 32 --batch-size 8 --learning-starts 1 --encoder-steps 3 "
             "--encoder-batch 4 --encoder-pool 16 --eval-every 0 --eval-episodes 1 --save-every 2 --log-every 2")
-    env = {**os.environ, "JOBS": "V5:0 V4:0 V5:0:probes", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
+    env = {**os.environ, "JOBS": "V5:0 V4:0 V5:0:probes V4:0:gate=0.0", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
            "DATA": str(assets / "demos.hdf5"), "PROBE_EPISODES": "1", "EXTRA": tiny, "PYTHON": sys.executable}
     out = tmp_path / "runs"
     script = ["bash", str(ROOT / "training" / "reproduce_residual.sh"), str(out)]
     first = subprocess.run(script, cwd=ROOT, env={**env, "DEADLINE_S": "60"}, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "3 of 3 jobs not done: rerun the same command" in first.stdout
+    assert "4 of 4 jobs not done: rerun the same command" in first.stdout
     assert "no seed finished yet: no report" in first.stdout and "Traceback" not in first.stdout
     assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
     done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -439,9 +482,12 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     for arch in ("V4", "V5"):
         assert json.loads((out / arch / "seed_0" / "result.json").read_text())["chunks"] >= 4
     probes = json.loads((out / "V5" / "seed_0" / "probes.json").read_text())
+    gated = json.loads((out / "V4" / "seed_0" / "gate_0" / "result.json").read_text())
+    assert gated["gate"]["margin"] == 0.0 and 0.0 <= gated["gate"]["residual_rate"] <= 1.0
     assert set(probes["interventions"]) >= {"none", "zeros"}
     report = (out / "report" / "report.md").read_text()
     assert "| **V4 " in report and "| **V5 " in report and "Communication probes" in report
+    assert "critic gate 0** |" in report and "| V4 gate 0 ≥ B1" not in report
     assert "| V5 ≥ V4 | V5 − V4 = " in report and "| V5 ≥ 75% | V5 = " in report  # the targets B1-free runs allow
 
 

@@ -224,3 +224,67 @@ def test_update_metrics_and_targets(arch):
                                            agent.q.named_parameters()):  # Polyak 0.005 towards the updated critic
             assert torch.allclose(t, 0.995 * t0 + 0.005 * q, atol=1e-6)
         assert all(not p.requires_grad for p in agent.q_target.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- critic gate
+def test_critic_gate_keeps_the_residual_only_where_both_critics_prefer_it():
+    """Hand-made critics: Q1 = 10 * sum(a), Q2 = 10 * sum(a) + 2 * a[0, 0]. A row keeps its residual chunk only when
+    both critics' gain over the reference exceeds the margin; else it executes the clipped reference."""
+    from coop_transport.residual.system import GateCounters, critic_gate
+
+    agent = SimpleNamespace(q=lambda z, p, a, m: (10 * a.flatten(1).sum(1), 10 * a.flatten(1).sum(1) + 2 * a[:, 0, 0]))
+    ref = torch.zeros(4, C, 7)
+    ref[3] = 1.5  # outside [-1, 1]: the fallback is the clipped reference
+    action = torch.zeros(4, C, 7)
+    action[0, 1, 1] = 0.05  # gains 0.5 and 0.5
+    action[1, 0, 0] = 0.05  # gains 0.5 and 0.6
+    action[2, 0, 0], action[2, 1, 1] = -0.05, 0.06  # gains 0.1 and 0.0: the second critic is not convinced
+    action[3] = 0.98  # gains 10 * 21 * (0.98 - 1) < 0
+    counters = GateCounters()
+    out = critic_gate(agent, None, None, ref, None, action, 0.0, counters)
+    assert [torch.equal(out[i], action[i]) for i in range(4)] == [True, True, False, False]
+    assert torch.equal(out[2], ref[2]) and torch.equal(out[3], torch.ones(C, 7))
+    assert (counters.chunks, counters.residual_chunks, counters.residual_rate) == (4, 2, 0.5)
+    stricter = critic_gate(agent, None, None, ref, None, action, 0.55)  # no row's smaller gain exceeds 0.55
+    assert [torch.equal(stricter[i], action[i]) for i in range(4)] == [False, False, False, False]
+    looser = critic_gate(agent, None, None, ref, None, action, -1.0)
+    assert [torch.equal(looser[i], action[i]) for i in range(4)] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])
+def test_gated_acting_with_real_critics_and_agent_independence(arch):
+    """ResidualSystem.act with the gate: a margin no gain reaches executes π0's reference, a margin every gain
+    exceeds the actor's chunk; in V4 robot1's gated chunk does not depend on robot0's critics."""
+    from coop_transport.residual.system import GateCounters
+
+    system = fake_system(arch)
+    system.gate_counters = GateCounters()
+    e, spec, cfg = 4, system.spec, system.config
+    n = len(spec.agents)
+    g = torch.Generator().manual_seed(0)
+    b = Boundary(ref=torch.rand(e, n, C, spec.action_dim, generator=g) * 2 - 1,
+                 proprio=torch.randn(e, n, spec.proprio_dim, generator=g),
+                 latent=torch.randn(e, n, cfg.latent_dim, generator=g), sent=None, received=None)
+    received_dim = spec.message_dim(cfg.message_dim, C)
+    if received_dim:
+        b.received = torch.randn(e, n, received_dim, generator=g)
+    for agent in system.agents.values():  # a residual far from zero
+        torch.nn.init.normal_(agent.actor.out.weight, std=1.0)
+    ungated = ResidualSystem.act(system, b, g, explore=False)
+    assert not torch.allclose(ungated, b.ref)
+
+    def gated(margin):
+        system.config = cfg.replace(gate_margin=margin)
+        return ResidualSystem.act(system, b, g, explore=False, gated=True)
+
+    assert torch.equal(gated(1e9), b.ref) and torch.equal(gated(-1e9), ungated)
+    assert torch.equal(ResidualSystem.act(system, b, g, explore=False), ungated)  # gated=False: no gate
+    assert system.gate_counters.chunks == 2 * e * n and system.gate_counters.residual_chunks == e * n
+    if arch == "V4":
+        system.config = cfg.replace(gate_margin=0.0)
+        before = ResidualSystem.act(system, b, g, explore=False, gated=True)
+        with torch.no_grad():
+            for p in system.agents["robot0"].q.parameters():
+                p.normal_()
+        after = ResidualSystem.act(system, b, g, explore=False, gated=True)
+        assert torch.equal(before[:, 1], after[:, 1])

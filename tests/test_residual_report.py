@@ -194,3 +194,33 @@ def test_handover_table_gives_shares_of_episodes_averaged_over_seeds(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## How robot0's hold of the lifted payload ended" in md
     assert "| V4 | 15% | 50% | 10% | 0% | 25% | 0% | 0% |" in md  # in HANDOVER_OUTCOMES' order
+
+
+def test_gated_evaluations_are_methods_of_their_own_paired_with_the_ungated_ones(tmp_path):
+    """Results of --mode eval --gate-margin M (result.json under <seed>/gate_M) are rows "V4 gate M" beside V4,
+    paired by seed with the ungated evaluation and with each other, with the targets checked for them too."""
+    rates = {"V4": [0.50, 0.54, 0.48, 0.52], "V5": [0.46, 0.50, 0.49, 0.55]}
+    gated = {"V4": [0.60, 0.62, 0.55, 0.63], "V5": [0.58, 0.66, 0.55, 0.61]}
+    for arch in rates:
+        for seed in range(4):
+            d = tmp_path / arch / f"seed_{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps(result(arch, seed, rates[arch][seed])))
+            (d / "gate_0").mkdir()
+            (d / "gate_0" / "result.json").write_text(json.dumps(
+                {**result(arch, seed, gated[arch][seed]), "gated": True, "config": {"arch": arch, "gate_margin": 0.0}}))
+    (tmp_path / "B1" / "seed_0").mkdir(parents=True)
+    (tmp_path / "B1" / "seed_0" / "result.json").write_text(json.dumps(result("B1", 0, 0.50, trains=False)))
+    payload = write_report([tmp_path], tmp_path / "report")
+    assert list(payload["table1"]) == ["B1", "V4", "V4 gate 0", "V5", "V5 gate 0"]
+    assert payload["table1"]["V4 gate 0"]["mean"] == pytest.approx(0.60)
+    assert set(payload["paired"]) == {"V5-V4", "V5 gate 0-V4 gate 0", "V4 gate 0-V4", "V5 gate 0-V5"}
+    gain = payload["paired"]["V4 gate 0-V4"]
+    assert gain["differences"] == pytest.approx([0.10, 0.08, 0.07, 0.11]) and gain["same_direction"]
+    targets = [c["target"] for c in payload["targets"]]
+    assert targets == ["V4 ≥ B1 + 8 points", "V5 ≥ V4", "V5 ≥ 75%",
+                       "V4 gate 0 ≥ B1 + 8 points", "V5 gate 0 ≥ V4 gate 0", "V5 gate 0 ≥ 75%"]
+    check = {c["target"]: c for c in payload["targets"]}["V4 gate 0 ≥ B1 + 8 points"]
+    assert check["measured"] == "V4 gate 0 − B1 = +10.0 pp" and check["meets"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| V4 gate 0 - V4 | +9.00 pp | 4 |" in md and "| **V4 Per-arm residual RL, no message, critic gate 0** | 60.0% |" in md

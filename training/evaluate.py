@@ -41,6 +41,9 @@ class Config:
     expert_handover: str = "observed"
     """--controller expert: the demonstrator's hand-over protocol, observed (what demonstrations are made with) or
     planned (the first demonstrations', the shipped default's); see coop_transport.sim.expert.ExpertConfig."""
+    gate_margin: float | None = None
+    """--controller residual: evaluate with the critic gate at this margin (coop_transport.residual.config.
+    ResidualConfig.gate_margin); default: the run's own setting."""
     policy: Path | None = None
     """Checkpoint directory, an export directory (export/export.py; with --backend onnxruntime or tensorrt), or a folder
     of step_* checkpoints; default: the shipped per-arm policy."""
@@ -143,6 +146,8 @@ def best_row(rows: list[dict]) -> dict:
 def main(cfg: Config) -> dict:
     eval_config = EvalConfig(episodes=cfg.episodes, first_seed=cfg.first_seed, workers=cfg.workers, videos=cfg.video,
                              horizon=cfg.horizon)
+    if cfg.gate_margin is not None and cfg.controller != "residual":
+        raise ValueError("--gate-margin gates a residual policy's chunks by its critics: it needs --controller residual")
     if cfg.controller == "expert":
         spec = ControllerSpec("expert", {"handover": cfg.expert_handover}, label=f"expert ({cfg.expert_handover})")
         summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
@@ -153,7 +158,8 @@ def main(cfg: Config) -> dict:
             raise ValueError("--controller residual needs --policy: a residual-RL run directory (its best checkpoint) "
                              "or one of its checkpoints/chunk_* directories (it is not served)")
         recipe = recipe_overrides(cfg)
-        args = {"checkpoint": str(cfg.policy), "device": cfg.device, **({"recipe": recipe} if recipe else {})}
+        args = {"checkpoint": str(cfg.policy), "device": cfg.device, **({"recipe": recipe} if recipe else {}),
+                **({"gate_margin": cfg.gate_margin} if cfg.gate_margin is not None else {})}
         spec = ControllerSpec("residual", args, label=f"residual {cfg.policy}")
         summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
         print(f"{spec.label}: {summary['successes']}/{summary['episodes']} "

@@ -6,9 +6,11 @@
 #   JOBS="B1:0 V4:0 V4:1 V5:0 V5:1 V6:0" LANES=2 ENVS=7 bash training/reproduce_residual.sh runs/residual
 #   DEADLINE_S=540 bash training/reproduce_residual.sh runs/residual    # machines that limit one command's time
 #
-# A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), or ARCH:SEED:probes for the communication probes of a trained V5/V6 seed
-# (after its training job in the same lane). Lane l takes jobs l, l + LANES, ... and runs them in order, so a probes
-# job goes LANES places after its seed's training job. EXTRA="--eval-every 0" evaluates only the final networks
+# A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed, or
+# ARCH:SEED:gate=M for the evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M;
+# the report shows it as the method "ARCH gate M", paired with the ungated one). Probes and gate jobs need their
+# seed's training job done first in the same lane: lane l takes jobs l, l + LANES, ... and runs them in order, so
+# such a job goes LANES places after its seed's training job. EXTRA="--eval-every 0" evaluates only the final networks
 # (residual.py's default also evaluates every 1,000 chunks, 100 episodes each time). With
 # DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation stops there too, keeping
 # its finished episodes), and the same command resumes each job where it stopped: rerun it until it prints "all
@@ -39,19 +41,33 @@ fi
 
 left() { [[ -z "$DEADLINE_S" ]] && echo 999999 || echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 
-# The file a finished job leaves: result.json of a seed, probes.json of its probes.
+# A gate margin as training/residual.py names its directory (Python's format "g": 0.0 -> 0, 1e-3 -> 0.001).
+margin() { $PY -c "import sys; print(f'{float(sys.argv[1]):g}')" "$1"; }
+
+# The file a finished job leaves: result.json of a seed, probes.json of its probes, gate_M/result.json of a gated
+# evaluation.
 marker() {
-    if [[ $3 == probes ]]; then echo "$OUT/$1/seed_$2/probes.json"; else echo "$OUT/$1/seed_$2/result.json"; fi
+    case $3 in
+        probes) echo "$OUT/$1/seed_$2/probes.json" ;;
+        gate=*) echo "$OUT/$1/seed_$2/gate_$(margin "${3#gate=}")/result.json" ;;
+        *) echo "$OUT/$1/seed_$2/result.json" ;;
+    esac
 }
 
 # One job until done (or out of time): 0 done, 1 out of time, 2 failed.
 run_job() {
     local arch=$1 seed=$2 mode=$3 marker log s budget
     marker=$(marker "$arch" "$seed" "$mode")
-    log="$OUT/logs/$arch.s$seed.$mode.log"
-    local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --mode "$mode"
-                --data "$DATA" --no-progress)
-    [[ $mode == probes ]] && args+=(--eval-episodes "$PROBE_EPISODES")
+    log="$OUT/logs/$arch.s$seed.${mode/=/}.log"
+    local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --data "$DATA"
+                --no-progress)
+    case $mode in
+        probes) args+=(--mode probes --eval-episodes "$PROBE_EPISODES") ;;
+        gate=*) args+=(--mode eval --gate-margin "${mode#gate=}") ;;
+        *) args+=(--mode "$mode") ;;
+    esac
+    [[ $mode == gate=* && ! -f $(marker "$arch" "$seed" train) ]] && {
+        echo "$arch seed $seed $mode: its training job has not finished (put it LANES places earlier)"; return 2; }
     while [[ ! -f "$marker" ]]; do
         s=$(left)
         (( s < 90 )) && return 1

@@ -47,19 +47,23 @@ class ResidualController:
         return self.queue.popleft()
 
     def stats(self) -> dict:
-        c = self.system.counters
+        c, g = self.system.counters, self.system.gate_counters
         return {"clip_actions": c.actions, "clip_clipped_actions": c.clipped_actions, "clip_per_dim": c.per_dim,
-                "chunks": self.chunks}
+                "chunks": self.chunks, "gate_chunks": g.chunks, "gate_residual_chunks": g.residual_chunks}
 
 
-def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None):
-    """Factory of the ``"residual"`` controller kind: (controller, SimConfig overrides)."""
+def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None,
+                             gate_margin: float | None = None):
+    """Factory of the ``"residual"`` controller kind: (controller, SimConfig overrides). ``gate_margin`` turns
+    on the critic gate (``ResidualConfig.gate_margin``); None keeps the checkpoint's setting."""
     from coop_transport.residual.checkpoint import load_policy
 
     torch.set_num_threads(threads)
     system = load_policy(checkpoint, device)
     if recipe:
         system = system.with_recipe(system.recipe.with_(**recipe))
+    if gate_margin is not None:
+        system = system.with_gate(gate_margin)
     overrides = {"wrist_cameras": True, "agentview": True, "image_size": system.vla.image_size}
     return ResidualController(system), overrides
 
@@ -110,9 +114,12 @@ class ResidualArmPolicy:
         self.generator.manual_seed(EPISODE_NOISE_SEED)
 
     def stats(self) -> dict:
-        c = self.system.counters
-        return {"chunks": self.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions,
-                "architecture": self.architecture}
+        c, g = self.system.counters, self.system.gate_counters
+        out = {"chunks": self.chunks_planned, "clip_action_rate": c.action_rate, "clipped_actions": c.clipped_actions,
+               "architecture": self.architecture}
+        if self.system.config.gate_margin is not None:
+            out["gate_residual_rate"] = g.residual_rate
+        return out
 
 
 def load_residual_arm_policy(path, arm: str, recipe=None, device: str = "auto", threads: int | None = None

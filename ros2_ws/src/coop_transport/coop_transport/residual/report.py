@@ -32,6 +32,16 @@ PAIRED_COMPARISONS = (("V4", "V5"), ("V4", "V6"), ("V5", "V6"))
 """(a, b) pairs tested as b - a by seed: the paper's "V5 and V6 beat V4" and "V5 = V6" claims"""
 
 
+def paired_comparisons(methods) -> list[tuple[str, str]]:
+    """The paper's pairs among the ungated methods and among those of each gate margin, and each gated method
+    against its own ungated evaluation (the same checkpoints, the same reset seeds: the gate's effect)."""
+    methods = list(methods)
+    suffixes = sorted({m[len(base_arch(m)):] for m in methods})
+    pairs = [(a + s, b + s) for s in suffixes for a, b in PAIRED_COMPARISONS]
+    pairs += [(base_arch(m), m) for m in methods if m != base_arch(m)]
+    return [(a, b) for a, b in pairs if a in methods and b in methods]
+
+
 # ------------------------------------------------------------------------------------------------------ loading
 RUN_CONTROL_FIELDS = frozenset({"out", "seed", "seeds", "data", "envs", "ray_address", "device", "threads",
                                 "save_every", "log_every", "resume", "stop_after_s", "mode", "progress",
@@ -53,20 +63,38 @@ def run_settings(result: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_CONTROL_FIELDS}
 
 
-def find_results(paths: list[Path]) -> dict[str, list[dict]]:
-    """arch -> result dicts (sorted by seed) under the given run directories (searched recursively).
+def method_name(result: dict) -> str:
+    """A result's row in the tables: its architecture, or "<arch> gate <M>" for an evaluation with the critic gate
+    (``--mode eval --gate-margin M``), a method of its own beside the ungated one."""
+    margin = result.get("config", {}).get("gate_margin")
+    return result["arch"] if margin is None else f"{result['arch']} gate {margin:g}"
 
-    Seeds of one architecture are averaged and paired with other architectures by seed, so they must be runs of
-    one setting: runs of an architecture that differ in a setting (``run_settings``), or that repeat a seed, are
-    refused with the differing fields and directories (report such variants from separate directories)."""
-    out: dict[str, list[dict]] = {}
+
+def base_arch(method: str) -> str:
+    return method.split()[0]
+
+
+def method_order(methods) -> list[str]:
+    """Methods in the paper's order of architectures, each ungated one before its gated variants."""
+    return sorted(methods, key=lambda m: (list(ARCHS).index(base_arch(m)), m != base_arch(m), m))
+
+
+def find_results(paths: list[Path]) -> dict[str, list[dict]]:
+    """method (``method_name``) -> result dicts (sorted by seed) under the given run directories (searched
+    recursively), in ``method_order``.
+
+    Seeds of one method are averaged and paired with other methods by seed, so they must be runs of one setting:
+    runs of a method that differ in a setting (``run_settings``), or that repeat a seed, are refused with the
+    differing fields and directories (report such variants from separate directories)."""
+    found: dict[str, list[dict]] = {}
     for path in paths:
         path = Path(path)
         files = [path] if path.is_file() else sorted(path.rglob(RESULT_JSON))
         for f in files:
             r = json.loads(f.read_text())
             r["_dir"] = str(f.parent)
-            out.setdefault(r["arch"], []).append(r)
+            found.setdefault(method_name(r), []).append(r)
+    out = {m: found[m] for m in method_order(found)}
     for arch, rs in out.items():
         rs.sort(key=lambda r: r["seed"])
         settings = [run_settings(r) for r in rs]
@@ -196,32 +224,43 @@ def target_checks(rows: dict, paired: dict) -> list[dict]:
     whether the whole interval does. A target whose methods were not run is left out. ``paired`` holds
     ``paired_test`` results; V5 - V4 uses its seed pairing when there is one."""
     checks = []
-    est = {arch: _estimate(row) for arch, row in rows.items()}
+    for suffix in sorted({m[len(base_arch(m)):] for m in rows if base_arch(m) in ("V4", "V5", "V6")}):
+        checks += _target_checks(rows, paired, suffix)
+    return checks
+
+
+def _target_checks(rows: dict, paired: dict, suffix: str) -> list[dict]:
+    """The targets for V4, V5, V6 with the method suffix ``suffix`` ("" or " gate M"; B1 has no critics)."""
+    checks = []
+    est = {base_arch(m): _estimate(row) for m, row in rows.items()
+           if m[len(base_arch(m)):] == suffix or m == "B1"}
     if "B1" in est and "V4" in est:
         d = est["V4"][0] - est["B1"][0]
         se, dof = _combined(est["V4"], est["B1"])
         need = TARGETS["V4 over B1"]
-        checks.append(_check(f"V4 ≥ B1 + {100 * need:.0f} points", f"V4 − B1 = {100 * d:+.1f} pp", d, se, dof, need,
-                             True))
+        checks.append(_check(f"V4{suffix} ≥ B1 + {100 * need:.0f} points", f"V4{suffix} − B1 = {100 * d:+.1f} pp",
+                             d, se, dof, need, True))
     if "V4" in est and "V5" in est:
-        test = paired.get("V5-V4")  # present when the two share at least two seeds
+        test = paired.get(f"V5{suffix}-V4{suffix}")  # present when the two share at least two seeds
         if test:
             d, se, dof = test["mean_difference"], test["se"], len(test["seeds"]) - 1
             how = f"paired over {len(test['seeds'])} seeds, one-sided p = {test['p_one_sided']:.3f}"
         else:
             d = est["V5"][0] - est["V4"][0]
             (se, dof), how = _combined(est["V5"], est["V4"]), "unpaired"
-        checks.append(_check("V5 ≥ V4", f"V5 − V4 = {100 * d:+.1f} pp ({how})", d, se, dof, 0.0, True))
+        checks.append(_check(f"V5{suffix} ≥ V4{suffix}", f"V5{suffix} − V4{suffix} = {100 * d:+.1f} pp ({how})", d,
+                             se, dof, 0.0, True))
     if "V5" in est and "V6" in est:
         (m5, s5, f5), (m6, s6, f6) = est["V5"], est["V6"]
         h5, h6 = _t95(f5) * s5, _t95(f6) * s6
         overlap = max(m5 - h5, m6 - h6) <= min(m5 + h5, m6 + h6)
-        checks.append({"target": "V5 ≈ V6 within their intervals", "measured": f"V5 {100 * m5:.1f}%, "
-                       f"V6 {100 * m6:.1f}%", "interval": None, "meets": overlap, "interval_meets": None})
+        checks.append({"target": f"V5{suffix} ≈ V6{suffix} within their intervals", "measured":
+                       f"V5{suffix} {100 * m5:.1f}%, V6{suffix} {100 * m6:.1f}%", "interval": None, "meets": overlap,
+                       "interval_meets": None})
     if "V5" in est:
         need = TARGETS["V5 absolute"]
-        checks.append(_check(f"V5 ≥ {100 * need:.0f}%", f"V5 = {100 * est['V5'][0]:.1f}%", *est["V5"], need,
-                             False))
+        checks.append(_check(f"V5{suffix} ≥ {100 * need:.0f}%", f"V5{suffix} = {100 * est['V5'][0]:.1f}%",
+                             *est["V5"], need, False))
     return checks
 
 
@@ -240,7 +279,7 @@ def targets_markdown(rows: dict, checks: list[dict]) -> str:
             f"[{100 * c['interval'][0]:{sign}.1f}, {100 * c['interval'][1]:{sign}.1f}]"
         lines.append(f"| {c['target']} | {c['measured']} | {interval} | {verdict(c['meets'])} | "
                      f"{verdict(c['interval_meets'])} |")
-    coverage = ", ".join(f"{arch} {rows[arch]['seeds']}" for arch in ("V4", "V5", "V6") if arch in rows)
+    coverage = ", ".join(f"{m} {rows[m]['seeds']}" for m in rows if base_arch(m) in ("V4", "V5", "V6"))
     lines += ["", f"Intervals: mean ± t·SE (SE across seeds with Student's t at seeds − 1 degrees of freedom, or a "
                   f"single evaluation's binomial SE with the normal quantile; for a difference, Welch-Satterthwaite "
                   f"degrees of freedom). The targets are stated for {TARGET_SEEDS} seeds at "
@@ -252,18 +291,19 @@ def targets_markdown(rows: dict, checks: list[dict]) -> str:
 def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
     lines = ["| Method | Success | Std err / 95% CI | Seeds | Per-seed | Paper |", "|---|---|---|---|---|---|"]
     rows = {}
-    for arch, spec in ARCHS.items():
-        if arch not in results:
-            continue
+    for arch in results:  # method_order
+        spec = ARCHS[base_arch(arch)]
         s = method_summary(results[arch])
         rows[arch] = s
         spread = (f"±{100 * s['se']:.1f}%" if "se" in s else
                   f"[{100 * s['wilson95'][0]:.1f}, {100 * s['wilson95'][1]:.1f}]")
         seeds = str(s["seeds"]) if s["seeds"] > 1 or spec.trains else "—"
         per_seed = ", ".join(f"{100 * v:.0f}" for v in s["per_seed"])
-        name = f"**{arch} {spec.description}**" if spec.vla_variant == "per-arm" and spec.trains else \
-            f"{arch} {spec.description}"
-        lines.append(f"| {name} | {100 * s['mean']:.1f}% | {spread} | {seeds} | {per_seed} | {PAPER[arch]:.1f}% |")
+        gate = arch[len(base_arch(arch)):]
+        label = f"{base_arch(arch)} {spec.description}" + (f", critic{gate}" if gate else "")
+        name = f"**{label}**" if spec.vla_variant == "per-arm" and spec.trains else label
+        paper = f"{PAPER[arch]:.1f}%" if arch in PAPER else "—"
+        lines.append(f"| {name} | {100 * s['mean']:.1f}% | {spread} | {seeds} | {per_seed} | {paper} |")
     name, rate = PAPER_REFERENCE_ROW
     lines.append(f"| {name} | — | — | — | — | {rate:.1f}% |")
     return "\n".join(lines) + "\n", rows
@@ -279,7 +319,7 @@ def _seed_mean_shares(results: dict[str, list[dict]], key: str, columns, shares)
         return "", {}
     lines = ["| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {arch} | " + " | ".join(f"{100 * rows[arch][c]:.0f}%" for c in columns) + " |"
-              for arch in ARCHS if arch in rows]
+              for arch in results if arch in rows]
     return "\n".join(lines) + "\n", rows
 
 
@@ -343,11 +383,14 @@ def plot_table1(rows: dict, results: dict[str, list[dict]], path: Path) -> None:
     x = np.arange(len(archs))
     means = [100 * rows[a]["mean"] for a in archs]
     errs = [100 * rows[a].get("se", 0.0) for a in archs]
-    ax.bar(x, means, yerr=errs, capsize=4, color=["#999" if not ARCHS[a].trains else "#4a7" for a in archs])
+    ax.bar(x, means, yerr=errs, capsize=4,
+           color=["#999" if not ARCHS[base_arch(a)].trains else "#4a7" if a in PAPER else "#47a" for a in archs])
     for i, a in enumerate(archs):
         ax.scatter([i] * len(results[a]), [100 * r["success_rate"] for r in results[a]], color="k", s=10, zorder=3)
-        ax.scatter([i], [PAPER[a]], marker="_", color="r", s=300, zorder=4, label="paper" if i == 0 else None)
-    ax.set_xticks(x, archs)
+        if a in PAPER:
+            ax.scatter([i], [PAPER[a]], marker="_", color="r", s=300, zorder=4,
+                       label="paper" if i == 0 else None)
+    ax.set_xticks(x, archs, rotation=30 if any(a not in PAPER for a in archs) else 0)
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper left")
@@ -368,7 +411,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
         for i, r in enumerate(rs):
             if r.get("evals"):
                 ax.plot([e["chunks"] for e in r["evals"]], [100 * e["success_rate"] for e in r["evals"]], "o-",
-                        alpha=0.7, color=f"C{list(ARCHS).index(arch)}", label=arch if i == 0 else None)
+                        alpha=0.7, color=f"C{list(results).index(arch)}", label=arch if i == 0 else None)
     ax.set_xlabel("training chunks")
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 100)
@@ -390,12 +433,11 @@ def write_report(paths: list[Path], out: Path) -> dict:
     t1, rows = table1_markdown(results)
     t2, ladder = table2_markdown(find_ablations(paths))
     paired = {}
-    for a, b in PAIRED_COMPARISONS:
-        if a in results and b in results:
-            test = paired_test({r["seed"]: r["success_rate"] for r in results[a]},
-                               {r["seed"]: r["success_rate"] for r in results[b]})
-            if test:
-                paired[f"{b}-{a}"] = test
+    for a, b in paired_comparisons(results):
+        test = paired_test({r["seed"]: r["success_rate"] for r in results[a]},
+                           {r["seed"]: r["success_rate"] for r in results[b]})
+        if test:
+            paired[f"{b}-{a}"] = {**test, "a": a, "b": b}
     md = ["# Cooperative residual RL on TwoArmTransport", "",
           "## Table 1: closed-loop success (best checkpoint per seed, reset seeds 1..n)", "", t1]
     funnel, funnel_rows = funnel_markdown(results)
@@ -419,7 +461,7 @@ def write_report(paths: list[Path], out: Path) -> dict:
                "| Comparison | Mean difference | Seeds | Paired t | p two-sided | p one-sided | Sign-flip p | "
                "Same direction |", "|---|---|---|---|---|---|---|---|"]
         for name, t in paired.items():
-            b, a = name.split("-")
+            a, b = t["a"], t["b"]
             md.append(f"| {b} - {a} | {100 * t['mean_difference']:+.2f} pp | {len(t['seeds'])} | {t['t']:.3f} | "
                       f"{t['p_two_sided']:.3f} | {t['p_one_sided']:.3f} ({b} > {a}) | "
                       f"{t['p_sign_flip_two_sided']:.3f} | {'yes' if t['same_direction'] else 'no'} |")

@@ -8,7 +8,10 @@
 3. messages: V5 agents emit m_i from their message head (sampled in training, the mean otherwise), V6 agents
    send their reference chunk; agent i receives its partner's (``received``); an optional ``message_override``
    replaces what is received (the communication probes);
-4. each agent's actor gives the executed chunk clip(ref + s tanh(Δ + noise), -1, 1) (noise only when exploring).
+4. each agent's actor gives the executed chunk clip(ref + s tanh(Δ + noise), -1, 1) (noise only when exploring);
+5. with ``config.gate_margin`` set, evaluation (deterministic, no exploration) keeps an agent's residual chunk only
+   where both of its critics rate it above the reference chunk by more than the margin (``gate``), and executes
+   the reference otherwise. Each agent consults its own critics only, so V4's agents stay independent.
 
 Rows are environment-major: per-arm architectures put robot0 then robot1 of environment e at rows 2e, 2e + 1.
 The same code serves training rollouts, batched evaluation, the evaluation-registry controller and the ROS node's
@@ -53,6 +56,35 @@ class Boundary:
 
 
 MessageOverride = Callable[[Boundary, dict], torch.Tensor]
+
+
+@dataclass
+class GateCounters:
+    """How often the critic gate let the residual through: agent chunks gated, and of those, residual ones."""
+
+    chunks: int = 0
+    residual_chunks: int = 0
+
+    @property
+    def residual_rate(self) -> float:
+        return self.residual_chunks / max(self.chunks, 1)
+
+
+def critic_gate(agent, latent, proprio, ref, received, action, margin: float,
+                counters: GateCounters | None = None) -> torch.Tensor:
+    """Per row, the executed chunk ``action`` where both of ``agent``'s critics rate it above π0's reference chunk by
+    more than ``margin``, else the reference (clipped to [-1, 1], as executed chunks are: the critics learned from
+    executed chunks, and a zero residual executes the clipped reference). Reads nothing but this agent's own
+    networks and inputs."""
+    ref = ref.clamp(-1.0, 1.0)
+    q_action = agent.q(latent, proprio, action, received)
+    q_ref = agent.q(latent, proprio, ref, received)
+    gain = torch.minimum(q_action[0] - q_ref[0], q_action[1] - q_ref[1])  # the critic that likes it least
+    keep = gain > margin
+    if counters is not None:
+        counters.chunks += keep.numel()
+        counters.residual_chunks += int(keep.sum())
+    return torch.where(keep.view(-1, *[1] * (action.dim() - 1)), action, ref)
 
 
 def make_agents(spec: ArchSpec, config, vla) -> nn.ModuleDict:
@@ -101,6 +133,7 @@ class ResidualSystem:
         self.state_mean = torch.as_tensor(vla.state_mean[:spec.proprio_dim], device=self.device)
         self.state_std = torch.as_tensor(vla.state_std[:spec.proprio_dim], device=self.device)
         self.counters = ClipCounters()
+        self.gate_counters = GateCounters()
         self.pose_mean = torch.zeros(6, device=self.device)  # sender-pose standardization for V5 (set from demos)
         self.pose_std = torch.ones(6, device=self.device)
 
@@ -108,6 +141,12 @@ class ResidualSystem:
         """The same π0 and networks under another inference recipe (Table 2's ablation, ROS parameters)."""
         other = ResidualSystem(self.spec, self.config, self.vla, self.agents, self.device, recipe)
         other.pose_mean, other.pose_std = self.pose_mean, self.pose_std
+        return other
+
+    def with_gate(self, margin: float | None) -> "ResidualSystem":
+        """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""
+        other = self.with_recipe(self.recipe)
+        other.config = self.config.replace(gate_margin=margin)
         return other
 
     @property
@@ -228,7 +267,7 @@ class ResidualSystem:
         out.sent, out.received = self.messages(out.latent, proprio, ref, shared, deterministic)
         if message_override is not None and out.received is not None:
             out.received = message_override(out, context or {})
-        out.action = self.act(out, shared, explore)
+        out.action = self.act(out, shared, explore, gated=deterministic and not explore)
         return out
 
     def messages(self, latent, proprio, ref, generator=None, deterministic=True):
@@ -244,16 +283,21 @@ class ResidualSystem:
         partner = [self.agent_names.index(self.spec.partner(a)) for a in self.agent_names]
         return sent, sent[:, partner]
 
-    def act(self, b: Boundary, generator: torch.Generator, explore: bool) -> torch.Tensor:
-        """Executed chunks (E, A, C, D) from a boundary's latents, references and received messages."""
+    def act(self, b: Boundary, generator: torch.Generator, explore: bool, gated: bool = False) -> torch.Tensor:
+        """Executed chunks (E, A, C, D) from a boundary's latents, references and received messages; ``gated``
+        applies the critic gate when ``config.gate_margin`` is set."""
         actions = []
         for i, name in enumerate(self.agent_names):
-            actor = self.agents[name].actor
+            agent = self.agents[name]
             noise = None
             if explore and self.config.explore_std > 0:
                 noise = self.config.explore_std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
             received = b.received[:, i] if b.received is not None else None
-            actions.append(actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, noise))
+            action = agent.actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, noise)
+            if gated and self.config.gate_margin is not None:
+                action = critic_gate(agent, b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, action,
+                                     self.config.gate_margin, self.gate_counters)
+            actions.append(action)
         return torch.stack(actions, dim=1)
 
     # ------------------------------------------------------------------------------------ one agent (ROS node)
@@ -288,4 +332,6 @@ class ResidualSystem:
                                      f"{agent.received_dim}")
                 message = torch.as_tensor(flat, device=self.device)[None]
         action = agent.actor(z, proprio, ref, message)
+        if self.config.gate_margin is not None:
+            action = critic_gate(agent, z, proprio, ref, message, action, self.config.gate_margin, self.gate_counters)
         return action[0].cpu().numpy(), sent

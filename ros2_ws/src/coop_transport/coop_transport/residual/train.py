@@ -84,6 +84,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     todo = [s for s in seeds if s not in done]
 
     before = (system.counters.actions, system.counters.clipped_actions)
+    gate_before = (system.gate_counters.chunks, system.gate_counters.residual_chunks)
     start = time.perf_counter()
     bar = tqdm(total=episodes, initial=len(done), desc=f"eval {label}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -107,6 +108,10 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)
+    if system.config.gate_margin is not None:  # this call's episodes, like the clipping rate
+        chunks = system.gate_counters.chunks - gate_before[0]
+        summary["gate"] = {"margin": system.config.gate_margin, "agent_chunks": chunks,
+                           "residual_rate": (system.gate_counters.residual_chunks - gate_before[1]) / max(chunks, 1)}
     if out is not None:
         write_summary(summary, Path(out))
     return summary
@@ -406,7 +411,7 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
         from coop_transport.residual.probes import run_probes
 
         return [run_probes(config, s, pool) for s in seeds]
-    return [reevaluate(config, s, pool) for s in seeds]
+    return [reevaluate(config, s, pool, started) for s in seeds]
 
 
 def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, started: float) -> list[dict]:
@@ -420,18 +425,49 @@ def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, starte
     return results
 
 
-def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None) -> dict:
-    """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best."""
+def gated_run_dir(run: Path, margin: float) -> Path:
+    """Where ``--mode eval --gate-margin M`` writes a run's gated result (a result.json that report.py reads as the
+    method "<arch> gate M")."""
+    return run / f"gate_{margin:g}"
+
+
+def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, started: float | None = None) -> dict:
+    """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best; with ``--gate-margin M``,
+    gated by its critics, under <run>/eval/best_gate_M, and its result.json under ``gated_run_dir``. The episodes
+    are logged as they end: a rerun after ``--stop-after-s`` (or a kill) continues the evaluation."""
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
 
     run = config.run_dir(seed)
     system = load_policy(run, config.device)
+    checkpoint = resolve_policy_dir(run)
+    name, args = "best", {"checkpoint": str(checkpoint)}
+    if config.gate_margin is not None:
+        system = system.with_gate(config.gate_margin)
+        name, args = f"best_gate_{config.gate_margin:g}", {**args, "gate_margin": config.gate_margin}
     own = pool is None
     pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
                              config.ray_address)
     try:
-        return evaluate_system(system, pool, config.eval_episodes, run / "eval" / "best", f"{config.arch}/best",
-                               {"checkpoint": str(resolve_policy_dir(run))}, progress=config.progress)
+        summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / name, f"{config.arch}/{name}",
+                                  args, progress=config.progress, resume=config.resume,
+                                  deadline=_deadline(config, started if started is not None else time.perf_counter()))
     finally:
         if own:
             pool.close()
+    if summary is None:
+        print(f"stopping the evaluation of {run} after --stop-after-s {config.stop_after_s:g}; the same command "
+              "continues it")
+        return {"arch": config.arch, "seed": seed, "out_of_time": True}
+    if config.gate_margin is not None:
+        trained = json.loads((run / RESULT_JSON).read_text()) if (run / RESULT_JSON).is_file() else {}
+        result = {"arch": system.spec.name, "seed": seed, "trains": True, "gated": True,
+                  "evaluated_checkpoint": str(checkpoint.relative_to(run)) if checkpoint.is_relative_to(run)
+                  else str(checkpoint),
+                  "success_rate": summary["success_rate"], "successes": summary["successes"],
+                  "episodes": summary["episodes"], "wilson95": summary["wilson95"],
+                  "milestone_rates": summary.get("milestone_rates"),
+                  "handover_outcomes": summary.get("handover_outcomes"), "gate": summary["gate"],
+                  "ungated_success_rate": trained.get("success_rate"),
+                  "config": config_to_json(system.config)}
+        _write_result(gated_run_dir(run, config.gate_margin), result)
+    return summary
