@@ -75,6 +75,8 @@ def test_a_killed_evaluation_resumes_with_the_seeds_left(tmp_path, monkeypatch):
     assert ran == [7]  # only the seed that had not finished
     assert [r["seed"] for r in resumed["per_seed"]] == [5, 6, 7] and resumed["resumed_episodes"] == 2
     assert resumed["per_seed"][:2] == first["per_seed"][:2]  # the logged results, not new ones
+    assert "| resumed | 2 of the 3 episodes came from an earlier call; counted over the other 1 alone: wall time |" \
+        in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["episodes"] == 3
     # A log of another evaluation (another horizon) is refused, not mixed in.
     with pytest.raises(ValueError, match="another evaluation"):

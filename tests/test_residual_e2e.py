@@ -286,6 +286,8 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
     config = make_config(assets, "V4", runs / "V4", mode="eval", gate_margin=-1e9)
     summary = reevaluate(config, 0, pool)
     assert summary["gate"]["residual_rate"] == 1.0 and summary["gate"]["agent_chunks"] == 2 * HORIZON // CHUNK
+    md = (run / "eval" / "best_gate_-1e+09" / "summary.md").read_text()
+    assert f"| critic gate | margin -1e+09: 100.0% of {2 * HORIZON // CHUNK} agent chunks kept their residual |" in md
     plain = reevaluate(config.replace(gate_margin=None), 0, pool)
     same = lambda r: (r["seed"], r["success"], r["length"], r["milestones"])  # noqa: E731
     assert [same(r) for r in summary["per_seed"]] == [same(r) for r in plain["per_seed"]]
@@ -418,6 +420,8 @@ def test_an_evaluation_cut_off_by_the_deadline_continues_where_it_stopped(assets
                   ran.append(list(seeds)) or real(system, pool, seeds, *args, **kw))
         b = train(timed, 0, pool)
     assert ran == [[2, 3], [1, 2, 3]]  # the rest of chunk 2's evaluation, then chunk 4's
+    assert "| resumed | 1 of the 3 episodes came from an earlier call; counted over the other 2 alone: clip " \
+        "activation rate, wall time |" in (timed.run_dir(0) / "eval" / "chunk_000002" / "summary.md").read_text()
     assert [e["chunks"] for e in b["evals"]] == [e["chunks"] for e in a["evals"]] == [2, 4]
     assert (b["chunks"], b["updates"], b["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
 
@@ -453,6 +457,30 @@ def test_a_cut_off_baseline_evaluation_continues_and_a_finished_one_runs_anew(as
     again = train(config, 0, pool)  # B1 has no training state: a rerun of a finished evaluation evaluates anew
     assert ran == [[2, 3], [1, 2, 3]] and done["episodes"] == again["episodes"] == 3
     assert done["successes"] == again["successes"]
+
+
+def test_a_cut_off_evaluation_of_a_prior_replaced_in_place_is_refused(assets, pool, tmp_path, monkeypatch):
+    """The episode log's key holds the weights' digests, not only the paths: a prior retrained into the same
+    directory between a cut-off and its continuation would mix two policies' episodes; it is refused instead."""
+    import shutil
+
+    import coop_transport.residual.train as train_module
+    from coop_transport.policy import load_checkpoint, save_checkpoint
+
+    prior = tmp_path / "prior"
+    shutil.copytree(assets / "per-arm", prior)
+    config = make_config(assets, "B1", tmp_path / "B1", vla=prior, eval_episodes=2, stop_after_s=1e5)
+    real = train_module.run_episodes
+    with monkeypatch.context() as m:  # the deadline comes after the first episode
+        m.setattr(train_module, "run_episodes", lambda system, pool, seeds, *args, **kw:
+                  real(system, pool, seeds[:1], *args, **kw))
+        assert train(config, 0, pool)["out_of_time"]
+    ckpt = load_checkpoint(prior)
+    with torch.no_grad():
+        next(ckpt.model.parameters()).add_(0.01)  # retrained, in the same place
+    save_checkpoint(prior, ckpt.model, ckpt.config, ckpt.norm_stats, 1, ckpt.extra)
+    with pytest.raises(ValueError, match="holds episodes of another evaluation"):
+        train(config, 0, pool)
 
 
 def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
@@ -537,7 +565,7 @@ class _ExpertDrivenSystem:
         from coop_transport.sim.expert import ExpertConfig, ScriptedExpert
 
         self.sim, self.expert = sim, ScriptedExpert(ExpertConfig())
-        self.config = SimpleNamespace(horizon=horizon)
+        self.config = SimpleNamespace(horizon=horizon, gate_margin=None)
         self.counters = SimpleNamespace(actions=0, clipped_actions=0)
 
     def boundary(self, observations, generator, context, **kwargs):
@@ -547,6 +575,9 @@ class _ExpertDrivenSystem:
             self.expert.reset(self.sim, context["seeds"][0])
         action = self.expert.act(self.sim)
         return SimpleNamespace(joint_action=lambda: action[None, None])  # (envs, C = 1, 14)
+
+    def weights_digest(self) -> dict:
+        return {"expert": True}
 
 
 def test_residual_evaluation_records_the_stage_funnel(tmp_path):

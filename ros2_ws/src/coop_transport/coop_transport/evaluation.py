@@ -282,7 +282,8 @@ def evaluate(spec: ControllerSpec, config: EvalConfig, out: Path | None = None, 
         bar.close()
     results.sort(key=lambda r: r["seed"])
     summary = summarize(spec, config, results, time.perf_counter() - start)
-    summary["resumed_episodes"] = len(done)  # wall_s counts this call's episodes only
+    summary["resumed_episodes"] = len(done)
+    summary["this_call_only"] = ["wall time"]  # the clip counters travel with each logged episode
     if out:
         write_summary(summary, out)
     return summary
@@ -348,8 +349,17 @@ def markdown_summary(summary: dict) -> str:
         f"| mean episode length | {summary['mean_length']:.1f} steps |",
         f"| clip activation rate | {'—' if clip is None else f'{100 * clip:.1f}% of executed actions'} |",
         f"| wall time | {summary['wall_s']:.0f} s ({summary['config']['workers']} workers) |",
-        "",
     ]
+    resumed = summary.get("resumed_episodes") or 0
+    if resumed:  # a continued evaluation: some figures saw this call's episodes only
+        partial = ", ".join(summary.get("this_call_only", ["wall time"]))
+        lines.append(f"| resumed | {resumed} of the {summary['episodes']} episodes came from an earlier call; "
+                     f"counted over the other {summary['episodes'] - resumed} alone: {partial} |")
+    gate = summary.get("gate")
+    if gate:
+        lines.append(f"| critic gate | margin {gate['margin']:g}: {100 * gate['residual_rate']:.1f}% of "
+                     f"{gate['agent_chunks']} agent chunks kept their residual |")
+    lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:
         lines += ["Episodes that reached each task milestone (the stage funnel):", "",

@@ -38,11 +38,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 class Pi0Policy:
     """A π0 checkpoint with its robot adapter: numpy observations in, unnormalized action chunks out."""
 
-    def __init__(self, model, config, norm_stats: dict, extra: dict, device: torch.device, step: int = 0):
+    def __init__(self, model, config, norm_stats: dict, extra: dict, device: torch.device, step: int = 0,
+                 weights_sha256: str | None = None):
         self.model = model.eval()
         self.config = config
         self.extra = extra
         self.step = step
+        self.weights_sha256 = weights_sha256  # of the checkpoint's weights file (None: not loaded from one)
         self.device = device
         self.variant = extra.get("variant", "per-arm")
         self.spec = variant_spec(self.variant)
@@ -78,7 +80,7 @@ class Pi0Policy:
         path = Path(path) if path else default_policy_dir()
         dev = resolve_device(device)
         ckpt = load_checkpoint(path, device=dev)
-        return cls(ckpt.model, ckpt.config, ckpt.norm_stats, ckpt.extra, dev, ckpt.step)
+        return cls(ckpt.model, ckpt.config, ckpt.norm_stats, ckpt.extra, dev, ckpt.step, ckpt.weights_sha256)
 
     @property
     def image_size(self) -> int:

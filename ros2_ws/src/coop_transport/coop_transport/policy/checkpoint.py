@@ -45,6 +45,8 @@ class Checkpoint:
     """as saved; lists of numbers come back as numpy arrays"""
     step: int
     extra: dict[str, Any]
+    weights_sha256: str | None = None
+    """the weights file's digest, as config.json records it (and loading checked)"""
 
 
 def _to_json(value: Any) -> Any:
@@ -187,4 +189,5 @@ def load_checkpoint(directory: str | pathlib.Path, device: str | torch.device = 
         norm_stats=_arrays_from_json(meta["norm_stats"]),
         step=int(meta["step"]),
         extra=meta.get("extra", {}),
+        weights_sha256=meta["weights_sha256"],
     )

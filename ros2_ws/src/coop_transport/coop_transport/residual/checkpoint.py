@@ -71,7 +71,9 @@ def _atomic_dir(directory: Path, write) -> Path:
     return directory
 
 
-def _inference_state(agents) -> dict[str, torch.Tensor]:
+def inference_state(agents) -> dict[str, torch.Tensor]:
+    """The agents' weights a policy checkpoint holds: everything but the target critics and the prefix decoder
+    (training-only), on the CPU."""
     return {k: v.detach().cpu().contiguous() for k, v in agents.state_dict().items()
             if ".q_target." not in f".{k}" and ".decoder." not in f".{k}"}
 
@@ -82,7 +84,7 @@ def save_policy(directory: Path, system, config, step: int, extra: dict | None =
     from coop_transport.residual.config import config_to_json
 
     def write(tmp: Path):
-        weights = _inference_state(system.agents) if system.agents is not None else {}
+        weights = inference_state(system.agents) if system.agents is not None else {}
         save_file(weights or {"_empty": torch.zeros(1)}, str(tmp / POLICY_WEIGHTS), metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION, "arch": system.spec.name, "config": config_to_json(config),

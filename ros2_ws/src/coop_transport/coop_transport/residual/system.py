@@ -20,6 +20,7 @@ The same code serves training rollouts, batched evaluation, the evaluation-regis
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -142,6 +143,21 @@ class ResidualSystem:
         other = ResidualSystem(self.spec, self.config, self.vla, self.agents, self.device, recipe)
         other.pose_mean, other.pose_std = self.pose_mean, self.pose_std
         return other
+
+    def weights_digest(self) -> dict:
+        """What an evaluation's episode key records of the networks it ran: π0's weights digest (from its
+        checkpoint) and the sha256 of the residual networks' inference weights. A checkpoint or prior replaced in
+        place then starts its evaluation afresh instead of continuing another network's episodes."""
+        from coop_transport.residual.checkpoint import inference_state
+
+        residual = None
+        if self.agents is not None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(inference_state(self.agents).items()):
+                digest.update(name.encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+            residual = digest.hexdigest()
+        return {"vla": getattr(self.vla, "weights_sha256", None), "residual": residual}
 
     def with_gate(self, margin: float | None) -> "ResidualSystem":
         """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""

@@ -76,7 +76,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
 
     seeds = list(range(1, episodes + 1))
     key = {"controller": {"kind": "residual", "args": to_jsonable(args)}, "label": label,
-           "horizon": system.config.horizon, "noise_seed": EVAL_NOISE_SEED}
+           "horizon": system.config.horizon, "noise_seed": EVAL_NOISE_SEED, "weights": system.weights_digest()}
     log = EpisodeLog(Path(out), key, seeds, resume) if out is not None else None
     if log is not None and not resume:  # afresh: an earlier evaluation's summary goes with its episodes
         (Path(out) / "summary.json").unlink(missing_ok=True)
@@ -84,7 +84,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     todo = [s for s in seeds if s not in done]
 
     before = (system.counters.actions, system.counters.clipped_actions)
-    gate_before = (system.gate_counters.chunks, system.gate_counters.residual_chunks)
+    gated = system.config.gate_margin is not None
+    gate_before = (system.gate_counters.chunks, system.gate_counters.residual_chunks) if gated else None
     start = time.perf_counter()
     bar = tqdm(total=episodes, initial=len(done), desc=f"eval {label}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -108,7 +109,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)
-    if system.config.gate_margin is not None:  # this call's episodes, like the clipping rate
+    summary["this_call_only"] = ["clip activation rate", "wall time"] + (["critic gate share"] if gated else [])
+    if gated:  # this call's episodes, like the clipping rate
         chunks = system.gate_counters.chunks - gate_before[0]
         summary["gate"] = {"margin": system.config.gate_margin, "agent_chunks": chunks,
                            "residual_rate": (system.gate_counters.residual_chunks - gate_before[1]) / max(chunks, 1)}
