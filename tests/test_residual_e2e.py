@@ -291,6 +291,9 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
     plain = reevaluate(config.replace(gate_margin=None), 0, pool)
     same = lambda r: (r["seed"], r["success"], r["length"], r["milestones"])  # noqa: E731
     assert [same(r) for r in summary["per_seed"]] == [same(r) for r in plain["per_seed"]]
+    again = reevaluate(config, 0, pool)  # a finished evaluation runs anew, with the same outcomes
+    assert again["resumed_episodes"] == 0 and [same(r) for r in again["per_seed"]] == [same(r) for r in
+                                                                                      summary["per_seed"]]
     gated = json.loads((gated_run_dir(run, -1e9) / "result.json").read_text())
     assert gated["gated"] and gated["config"]["gate_margin"] == -1e9 and gated["evaluated_checkpoint"]
     report = write_report([runs / "V4"], runs / "report_gate")

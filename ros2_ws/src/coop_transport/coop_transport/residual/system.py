@@ -10,7 +10,7 @@
    replaces what is received (the communication probes);
 4. each agent's actor gives the executed chunk clip(ref + s tanh(Δ + noise), -1, 1) (noise only when exploring);
 5. with ``config.gate_margin`` set, evaluation (deterministic, no exploration) keeps an agent's residual chunk only
-   where both of its critics rate it above the reference chunk by more than the margin (``gate``), and executes
+   where both of its critics rate it above the reference chunk by more than the margin (``critic_gate``), and executes
    the reference otherwise. Each agent consults its own critics only, so V4's agents stay independent.
 
 Rows are environment-major: per-arm architectures put robot0 then robot1 of environment e at rows 2e, 2e + 1.

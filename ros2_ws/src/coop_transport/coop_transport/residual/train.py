@@ -436,7 +436,8 @@ def gated_run_dir(run: Path, margin: float) -> Path:
 def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, started: float | None = None) -> dict:
     """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best; with ``--gate-margin M``,
     gated by its critics, under <run>/eval/best_gate_M, and its result.json under ``gated_run_dir``. The episodes
-    are logged as they end: a rerun after ``--stop-after-s`` (or a kill) continues the evaluation."""
+    are logged as they end: a rerun after ``--stop-after-s`` (or a kill) continues the evaluation; a rerun of a
+    finished one evaluates anew."""
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
 
     run = config.run_dir(seed)
@@ -450,8 +451,11 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
     pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
                              config.ray_address)
     try:
-        summary = evaluate_system(system, pool, config.eval_episodes, run / "eval" / name, f"{config.arch}/{name}",
-                                  args, progress=config.progress, resume=config.resume,
+        out = run / "eval" / name
+        # continue an evaluation that a deadline or a kill cut off (a log without a summary); a finished one runs anew
+        resume = config.resume and (out / "episodes.jsonl").exists() and not (out / "summary.json").exists()
+        summary = evaluate_system(system, pool, config.eval_episodes, out, f"{config.arch}/{name}", args,
+                                  progress=config.progress, resume=resume,
                                   deadline=_deadline(config, started if started is not None else time.perf_counter()))
     finally:
         if own:
