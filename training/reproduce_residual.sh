@@ -5,6 +5,8 @@
 #
 #   JOBS="B1:0 V4:0 V4:1 V5:0 V5:1 V6:0" LANES=2 ENVS=7 bash training/reproduce_residual.sh runs/residual
 #   DEADLINE_S=540 bash training/reproduce_residual.sh runs/residual    # machines that limit one command's time
+#   JOBS="V4:0 V4:1 V5:0 V5:1 V4:0:gate=0 V4:1:gate=0 V5:0:gate=0 V5:1:gate=0" LANES=4 ENVS=7 \
+#       bash training/reproduce_residual.sh runs/residual             # each seed then its critic-gated evaluation
 #
 # A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed, or
 # ARCH:SEED:gate=M for the evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M;
