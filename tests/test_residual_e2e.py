@@ -291,6 +291,13 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
     plain = reevaluate(config.replace(gate_margin=None), 0, pool)
     same = lambda r: (r["seed"], r["success"], r["length"], r["milestones"])  # noqa: E731
     assert [same(r) for r in summary["per_seed"]] == [same(r) for r in plain["per_seed"]]
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+
+    registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "gate_margin": -1e9}),
+                        EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
+    assert registry["gate"] == {"agent_chunks": 2 * HORIZON // CHUNK, "residual_rate": 1.0}
+    assert "gate" not in evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu"}),
+                                  EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)
     again = reevaluate(config, 0, pool)  # a finished evaluation runs anew, with the same outcomes
     assert again["resumed_episodes"] == 0 and [same(r) for r in again["per_seed"]] == [same(r) for r in
                                                                                       summary["per_seed"]]
@@ -581,6 +588,9 @@ class _ExpertDrivenSystem:
 
     def weights_digest(self) -> dict:
         return {"expert": True}
+
+    def gate_stats(self) -> dict:
+        return {}
 
 
 def test_residual_evaluation_records_the_stage_funnel(tmp_path):

@@ -301,6 +301,9 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     lo, hi = wilson_interval(wins, n)
     clip_actions = sum(r["stats"].get("clip_actions", 0) for r in results)
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
+    gate_chunks = sum(r["stats"].get("gate_chunks", 0) for r in results)  # residual policies with the critic gate
+    kept = sum(r["stats"].get("gate_residual_chunks", 0) for r in results)
+    gate = {"agent_chunks": gate_chunks, "residual_rate": kept / gate_chunks} if gate_chunks else None
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
@@ -315,6 +318,7 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
         "handover_outcomes": handover_outcomes(results),
         "mean_milestones": float(np.mean([len(r.get("milestones", ())) for r in results])),
         "wall_s": wall_s,
+        **({"gate": gate} if gate else {}),
         "per_seed": results,
     }
 
@@ -357,8 +361,9 @@ def markdown_summary(summary: dict) -> str:
                      f"counted over the other {summary['episodes'] - resumed} alone: {partial} |")
     gate = summary.get("gate")
     if gate:
-        lines.append(f"| critic gate | margin {gate['margin']:g}: {100 * gate['residual_rate']:.1f}% of "
-                     f"{gate['agent_chunks']} agent chunks kept their residual |")
+        margin = f"margin {gate['margin']:g}: " if gate.get("margin") is not None else ""
+        rate = "—" if gate["residual_rate"] is None else f"{100 * gate['residual_rate']:.1f}%"
+        lines.append(f"| critic gate | {margin}{rate} of {gate['agent_chunks']} agent chunks kept their residual |")
     lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:

@@ -47,9 +47,9 @@ class ResidualController:
         return self.queue.popleft()
 
     def stats(self) -> dict:
-        c, g = self.system.counters, self.system.gate_counters
+        c = self.system.counters
         return {"clip_actions": c.actions, "clip_clipped_actions": c.clipped_actions, "clip_per_dim": c.per_dim,
-                "chunks": self.chunks, "gate_chunks": g.chunks, "gate_residual_chunks": g.residual_chunks}
+                "chunks": self.chunks, **self.system.gate_stats()}
 
 
 def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None,

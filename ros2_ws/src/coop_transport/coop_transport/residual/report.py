@@ -36,7 +36,7 @@ def paired_comparisons(methods) -> list[tuple[str, str]]:
     """The paper's pairs among the ungated methods and among those of each gate margin, and each gated method
     against its own ungated evaluation (the same checkpoints, the same reset seeds: the gate's effect)."""
     methods = list(methods)
-    suffixes = sorted({m[len(base_arch(m)):] for m in methods})
+    suffixes = sorted({gate_suffix(m) for m in methods})
     pairs = [(a + s, b + s) for s in suffixes for a, b in PAIRED_COMPARISONS]
     pairs += [(base_arch(m), m) for m in methods if m != base_arch(m)]
     return [(a, b) for a, b in pairs if a in methods and b in methods]
@@ -72,6 +72,11 @@ def method_name(result: dict) -> str:
 
 def base_arch(method: str) -> str:
     return method.split()[0]
+
+
+def gate_suffix(method: str) -> str:
+    """What a method's name adds to its architecture: "" or " gate M"."""
+    return method[len(base_arch(method)):]
 
 
 def method_order(methods) -> list[str]:
@@ -224,7 +229,7 @@ def target_checks(rows: dict, paired: dict) -> list[dict]:
     whether the whole interval does. A target whose methods were not run is left out. ``paired`` holds
     ``paired_test`` results; V5 - V4 uses its seed pairing when there is one."""
     checks = []
-    for suffix in sorted({m[len(base_arch(m)):] for m in rows if base_arch(m) in ("V4", "V5", "V6")}):
+    for suffix in sorted({gate_suffix(m) for m in rows if base_arch(m) in ("V4", "V5", "V6")}):
         checks += _target_checks(rows, paired, suffix)
     return checks
 
@@ -233,7 +238,7 @@ def _target_checks(rows: dict, paired: dict, suffix: str) -> list[dict]:
     """The targets for V4, V5, V6 with the method suffix ``suffix`` ("" or " gate M"; B1 has no critics)."""
     checks = []
     est = {base_arch(m): _estimate(row) for m, row in rows.items()
-           if m[len(base_arch(m)):] == suffix or m == "B1"}
+           if gate_suffix(m) == suffix or m == "B1"}
     if "B1" in est and "V4" in est:
         d = est["V4"][0] - est["B1"][0]
         se, dof = _combined(est["V4"], est["B1"])
@@ -299,7 +304,7 @@ def table1_markdown(results: dict[str, list[dict]]) -> tuple[str, dict]:
                   f"[{100 * s['wilson95'][0]:.1f}, {100 * s['wilson95'][1]:.1f}]")
         seeds = str(s["seeds"]) if s["seeds"] > 1 or spec.trains else "—"
         per_seed = ", ".join(f"{100 * v:.0f}" for v in s["per_seed"])
-        gate = arch[len(base_arch(arch)):]
+        gate = gate_suffix(arch)
         label = f"{base_arch(arch)} {spec.description}" + (f", critic{gate}" if gate else "")
         name = f"**{label}**" if spec.vla_variant == "per-arm" and spec.trains else label
         paper = f"{PAPER[arch]:.1f}%" if arch in PAPER else "—"

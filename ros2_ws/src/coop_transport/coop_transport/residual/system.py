@@ -159,6 +159,12 @@ class ResidualSystem:
             residual = digest.hexdigest()
         return {"vla": getattr(self.vla, "weights_sha256", None), "residual": residual}
 
+    def gate_stats(self) -> dict:
+        """The critic gate's running counters as ``evaluation.summarize`` sums them (none without the gate)."""
+        if self.config.gate_margin is None:
+            return {}
+        return {"gate_chunks": self.gate_counters.chunks, "gate_residual_chunks": self.gate_counters.residual_chunks}
+
     def with_gate(self, margin: float | None) -> "ResidualSystem":
         """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""
         other = self.with_recipe(self.recipe)

@@ -83,9 +83,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     done = log.done if log is not None else {}
     todo = [s for s in seeds if s not in done]
 
-    before = (system.counters.actions, system.counters.clipped_actions)
-    gated = system.config.gate_margin is not None
-    gate_before = (system.gate_counters.chunks, system.gate_counters.residual_chunks) if gated else None
+    before = {"clip_actions": system.counters.actions, "clip_clipped_actions": system.counters.clipped_actions,
+              **system.gate_stats()}
     start = time.perf_counter()
     bar = tqdm(total=episodes, initial=len(done), desc=f"eval {label}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -103,20 +102,35 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     results = sorted([*done.values(), *new], key=lambda r: r["seed"])
     for r in results:
         r["stats"] = {}
-    results[0]["stats"] = {"clip_actions": system.counters.actions - before[0],
-                           "clip_clipped_actions": system.counters.clipped_actions - before[1]}
+    after = {"clip_actions": system.counters.actions, "clip_clipped_actions": system.counters.clipped_actions,
+             **system.gate_stats()}
+    results[0]["stats"] = {k: after[k] - before[k] for k in after}  # this call's counters, summed by summarize
     spec = ControllerSpec("residual", args, label)
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)
-    summary["this_call_only"] = ["clip activation rate", "wall time"] + (["critic gate share"] if gated else [])
-    if gated:  # this call's episodes, like the clipping rate
-        chunks = system.gate_counters.chunks - gate_before[0]
-        summary["gate"] = {"margin": system.config.gate_margin, "agent_chunks": chunks,
-                           "residual_rate": (system.gate_counters.residual_chunks - gate_before[1]) / max(chunks, 1)}
+    summary["this_call_only"] = ["clip activation rate", "wall time"]
+    if system.config.gate_margin is not None:  # no chunk this call (every episode resumed): no share
+        summary["gate"] = {**summary.get("gate", {"agent_chunks": 0, "residual_rate": None}),
+                           "margin": system.config.gate_margin}
+        summary["this_call_only"].append("critic gate share")
     if out is not None:
         write_summary(summary, Path(out))
     return summary
+
+
+def measured(summary: dict) -> dict:
+    """The figures of an evaluation summary that a result.json, best.json and the report carry."""
+    return {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates",
+                                    "handover_outcomes")}
+
+
+def continues_cut_off(config: ResidualConfig, out: Path) -> bool:
+    """Whether the evaluation under ``out`` continues: one that a deadline or a kill cut off (an episode log without
+    a summary) does; a finished one runs anew."""
+    from coop_transport.evaluation import EPISODE_LOG
+
+    return config.resume and (out / EPISODE_LOG).exists() and not (out / "summary.json").exists()
 
 
 def _write_result(run: Path, payload: dict) -> None:
@@ -149,20 +163,15 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
     system = ResidualSystem(spec, config, vla, None, device)
     start = time.perf_counter()
     out = run / "eval" / "final"
-    # continue an evaluation that a deadline or a kill cut off (a log without a summary); a finished one runs anew
-    resume = config.resume and (out / "episodes.jsonl").exists() and not (out / "summary.json").exists()
     prior = config.vla_joint if spec.vla_variant == "joint" else (config.vla or default_policy_dir())
     summary = evaluate_system(system, pool, config.eval_episodes, out, spec.name,
-                              {"arch": spec.name, "vla": str(prior)}, progress=config.progress, resume=resume,
-                              deadline=deadline)
+                              {"arch": spec.name, "vla": str(prior)}, progress=config.progress,
+                              resume=continues_cut_off(config, out), deadline=deadline)
     if summary is None:
         print(f"stopping {run} in its evaluation (--stop-after-s {config.stop_after_s:g}); the same command "
               "continues it")
         return {"arch": spec.name, "seed": seed, "out_of_time": True}
-    result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None,
-              "success_rate": summary["success_rate"], "successes": summary["successes"],
-              "episodes": summary["episodes"], "wilson95": summary["wilson95"],
-              "milestone_rates": summary["milestone_rates"], "handover_outcomes": summary["handover_outcomes"],
+    result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None, **measured(summary),
               "evals": [],
               "wall_s": time.perf_counter() - start, "config": config_to_json(config)}
     _write_result(run, result)
@@ -380,9 +389,7 @@ def _evaluate_checkpoint(config, seed, run: Path, system, pool, ps: dict, resume
                               deadline=deadline)
     if summary is None:
         return False
-    entry = {"chunks": ps["chunks"], "checkpoint": f"checkpoints/{name}", "success_rate": summary["success_rate"],
-             "successes": summary["successes"], "episodes": summary["episodes"], "wilson95": summary["wilson95"],
-             "milestone_rates": summary["milestone_rates"], "handover_outcomes": summary["handover_outcomes"]}
+    entry = {"chunks": ps["chunks"], "checkpoint": f"checkpoints/{name}", **measured(summary)}
     ps["evals"].append(entry)
     best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
     (run / BEST_JSON).write_text(json.dumps(best, indent=2))
@@ -452,10 +459,8 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
                              config.ray_address)
     try:
         out = run / "eval" / name
-        # continue an evaluation that a deadline or a kill cut off (a log without a summary); a finished one runs anew
-        resume = config.resume and (out / "episodes.jsonl").exists() and not (out / "summary.json").exists()
         summary = evaluate_system(system, pool, config.eval_episodes, out, f"{config.arch}/{name}", args,
-                                  progress=config.progress, resume=resume,
+                                  progress=config.progress, resume=continues_cut_off(config, out),
                                   deadline=_deadline(config, started if started is not None else time.perf_counter()))
     finally:
         if own:
@@ -469,10 +474,7 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
         result = {"arch": system.spec.name, "seed": seed, "trains": True, "gated": True,
                   "evaluated_checkpoint": str(checkpoint.relative_to(run)) if checkpoint.is_relative_to(run)
                   else str(checkpoint),
-                  "success_rate": summary["success_rate"], "successes": summary["successes"],
-                  "episodes": summary["episodes"], "wilson95": summary["wilson95"],
-                  "milestone_rates": summary.get("milestone_rates"),
-                  "handover_outcomes": summary.get("handover_outcomes"), "gate": summary["gate"],
+                  **measured(summary), "gate": summary["gate"],
                   "ungated_success_rate": trained.get("success_rate"),
                   "config": config_to_json(system.config)}
         _write_result(gated_run_dir(run, config.gate_margin), result)
