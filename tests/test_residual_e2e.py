@@ -183,6 +183,29 @@ def test_a_prior_with_a_state_history_trains_and_evaluates(assets, pool, tmp_pat
     assert summary["episodes"] == 1 and summary["per_seed"][0]["length"] <= HORIZON
 
 
+@pytest.mark.parametrize("arch", ["V3", "V5"])
+def test_a_run_with_a_gripper_radius_trains_logs_and_reloads_it(assets, pool, tmp_path, arch):
+    """--gripper-radius: the bound travels with the run's config into its checkpoint (the ROS node and the export
+    load it from there), and the log follows the gripper rows' radius and residual."""
+    import csv
+
+    from coop_transport.residual.checkpoint import load_policy
+
+    result = train(make_config(assets, arch, tmp_path / arch, gripper_radius=2.0), 0, pool)
+    assert result["chunks"] >= 4 and result["updates"] > 0
+    run = tmp_path / arch / "seed_0"
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    agent = "joint" if arch == "V3" else "robot0"
+    assert 0.0 < float(rows[-1][f"{agent}/charts/gripper_radius"]) <= 2.0
+    assert float(rows[-1][f"{agent}/charts/gripper_residual"]) >= 0.0
+    system = load_policy(run, "cpu")
+    assert system.config.gripper_radius == 2.0
+    bound = next(iter(system.agents.values())).actor.bound
+    grippers = [6] if arch == "V5" else [6, 13]
+    assert bound[grippers].tolist() == [2.0] * len(grippers)
+    assert all(b == pytest.approx(0.10) for d, b in enumerate(bound.tolist()) if d not in grippers)
+
+
 def test_evaluation_episodes_draw_noise_of_their_own(runs):
     """One environment or two, each evaluation episode sees the same π0 references (its noise stream is seeded by
     its reset seed), and the evaluation registry's residual controller draws the same."""

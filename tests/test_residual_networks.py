@@ -99,6 +99,43 @@ def test_residual_never_leaves_ref_plus_minus_radius(message_dim):
         assert executed.abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("arch", ["V3", "V4"])
+def test_gripper_radius_bounds_the_gripper_dimensions_alone(arch):
+    """--gripper-radius 2: the gripper rows may move anywhere in [-1, 1] (a release can be held back), the arm rows
+    stay within 0.10 of the reference, and every row starts at half its bound."""
+    spec = get_arch(arch)
+    vla = SimpleNamespace(config=SimpleNamespace(vlm=SimpleNamespace(width=12), num_prefix_tokens=6))
+    agent = next(iter(make_agents(spec, small_config(arch, gripper_radius=2.0), vla).values()))
+    actor = agent.actor
+    grippers = [6] if spec.action_dim == 7 else [6, 13]
+    arm_rows = [d for d in range(spec.action_dim) if d not in grippers]
+    expected = torch.full((spec.action_dim,), 0.05)
+    expected[grippers] = 1.0
+    assert torch.allclose(actor.scale(), expected)
+    z, p = torch.randn(64, 16), torch.randn(64, spec.proprio_dim)
+    ref = torch.full((64, C, spec.action_dim), -1.0)  # every sample says "open"
+    with torch.no_grad():
+        actor.rho.fill_(30.0)  # scales at their bounds
+        actor.out.bias.fill_(30.0)  # tanh(Δ) -> 1: the largest push up in every row
+    out = actor.residual_action(z, p, ref)
+    assert torch.allclose(out[..., arm_rows], torch.full_like(out[..., arm_rows], -0.9), atol=1e-4)
+    assert (actor(z, p, ref)[..., grippers] > 0.99).all()  # the open command turned into a full close
+    for trial in range(10):  # any weights: |a - ref| <= the row's bound before the final clip
+        with torch.no_grad():
+            for q in actor.parameters():
+                q.normal_(0.0, 10.0 ** (trial % 3))
+        noisy_ref = torch.rand(64, C, spec.action_dim) * 2 - 1
+        gap = (actor.residual_action(z, p, noisy_ref, noise=torch.randn(64, C, spec.action_dim) * 5) - noisy_ref).abs()
+        assert (gap[..., arm_rows] <= 0.10 + 1e-6).all() and (gap[..., grippers] <= 2.0 + 1e-6).all()
+    # the paper's actor is unchanged by the option's existence; a bad value or a residual-free arch is refused
+    assert torch.allclose(ResidualActor(16, 18, C, 7, hidden=16).bound, torch.full((7,), 0.10))
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="gripper_radius"):
+            small_config(arch, gripper_radius=bad)
+    with pytest.raises(ValueError, match="gripper_radius"):
+        ResidualConfig(arch="B1", gripper_radius=2.0)
+
+
 def test_film_is_identity_at_zero_message():
     torch.manual_seed(0)
     film = FiLM(message_dim=16, features=32)

@@ -82,6 +82,12 @@ class ResidualConfig:
     """Upper bound of the learned residual scale s = max_radius·sigmoid(ρ) (per action dimension)."""
     init_radius: float = 0.05
     """Initial residual scale (ρ0 = logit(init_radius / max_radius); 0.05 of 0.10 gives ρ0 = 0)."""
+    gripper_radius: float | None = None
+    """Bound of the residual scale in the gripper dimensions (None: max_radius, the paper's). robosuite's gripper
+    follows the sign of its command, and the mean-of-4 reference's gripper value sits at ±0.5 or ±1 on all but a
+    few steps, so under the 0.10 bound the residual cannot delay or advance a grasp or a release; 2 lets it set the
+    gripper command anywhere in [-1, 1]. The gripper dimensions start at the same fraction of their bound as the
+    others (init_radius / max_radius)."""
     explore_std: float = 0.5
     """Exploration noise added to Δ before the tanh while collecting (the bound still holds); 0 disables."""
     gate_margin: float | None = None
@@ -186,6 +192,10 @@ class ResidualConfig:
             bad.append(f"stop_after_s={self.stop_after_s} (must be > 0)")
         if not 0 < self.init_radius < self.max_radius:
             bad.append(f"init_radius={self.init_radius} (must lie in (0, max_radius={self.max_radius}))")
+        if self.gripper_radius is not None and not (math.isfinite(self.gripper_radius) and self.gripper_radius > 0):
+            bad.append(f"gripper_radius={self.gripper_radius} (must be positive and finite, or None)")
+        if self.gripper_radius is not None and not get_arch(self.arch).residual:
+            bad.append(f"gripper_radius={self.gripper_radius}: {self.arch} has no residual to bound")
         if not 0.0 < self.expectile < 1.0:
             bad.append(f"expectile={self.expectile} (must lie in (0, 1))")
         if not 0.0 <= self.demo_fraction <= 1.0:

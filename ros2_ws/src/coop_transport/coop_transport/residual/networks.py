@@ -6,7 +6,10 @@ its normalized proprioception ``p``. Then:
     z      = RLTokenEncoder(prefix, p)                       (Z,)  a light Transformer, RL token read out, Z = 2048
     m_i    ~ MessageHead(z, p) = N(mu, sigma^2)              (16,) V5 only: sampled in training, mu at evaluation
     delta  = ResidualActor(z, p, ref, FiLM(m_j))             (C, A) conditioned on the partner's message
-    a      = clip(ref + s * tanh(delta), -1, 1),  s = max_radius * sigmoid(rho)       (eq. 1)
+    a      = clip(ref + s * tanh(delta), -1, 1),  s = bound * sigmoid(rho)            (eq. 1)
+
+where ``bound`` is max_radius (0.10) in every action dimension, the paper's; ``gripper_radius`` optionally gives the
+gripper dimensions a bound of their own.
 
 and the critics read (z, p, [m_j], a): twin Q and V, LayerNorm in every trunk layer. FiLM is the identity at a zero
 message by construction (bias-free generator with tanh inside, f(0) = 0), so a missing message (ROS: stale or
@@ -23,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from coop_transport.constants import ARM_ACTION_DIM, GRIPPER_INDEX
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -157,18 +162,35 @@ class FiLM(nn.Module):
         return (1.0 + gamma) * h + beta
 
 
+def gripper_dims(action_dim: int) -> tuple[int, ...]:
+    """The gripper dimensions of an action row: 6 for one arm (7-D), 6 and 13 for both (14-D, V3)."""
+    return tuple(range(GRIPPER_INDEX, action_dim, ARM_ACTION_DIM))
+
+
 class ResidualActor(nn.Module):
     """(z, p, ref, [m_j]) -> Δ (B, C, A) and the bounded executed chunk.
 
-    a = clip(ref + s * tanh(Δ), -1, 1) with s = max_radius * sigmoid(ρ) per action dimension: |a - ref| ≤ s <
-    max_radius before the final clip, for any weights and inputs (tanh ∈ [-1, 1], sigmoid ∈ (0, 1]).
+    a = clip(ref + s * tanh(Δ), -1, 1) with s = bound * sigmoid(ρ) per action dimension: |a - ref| ≤ s < bound
+    before the final clip, for any weights and inputs (tanh ∈ [-1, 1], sigmoid ∈ (0, 1]). ``bound`` is max_radius
+    in every dimension, or ``gripper_radius`` in the gripper dimensions (``gripper_dims``) when that is given; every
+    dimension starts at the same fraction init_radius / max_radius of its bound (ρ0 is shared).
+
+    Why a gripper bound of its own: robosuite's Panda gripper integrates the sign of its command, and the mean-of-4
+    reference's gripper value lies at ±0.5 or ±1 on all but a few steps, so a residual within 0.10 can change what
+    the gripper does only where the π0 samples split evenly; the release at the hand-over is out of its reach.
     """
 
     def __init__(self, latent_dim: int, proprio_dim: int, chunk: int, action_dim: int, message_dim: int = 0,
-                 hidden: int = 512, max_radius: float = 0.10, init_radius: float = 0.05):
+                 hidden: int = 512, max_radius: float = 0.10, init_radius: float = 0.05,
+                 gripper_radius: float | None = None, gripper_dims: tuple[int, ...] = ()):
         super().__init__()
         self.chunk, self.action_dim, self.message_dim = chunk, action_dim, message_dim
         self.max_radius = float(max_radius)
+        bound = torch.full((action_dim,), self.max_radius)
+        if gripper_radius is not None:
+            bound[list(gripper_dims)] = float(gripper_radius)
+        # not persistent: the bound follows from the run's config, so checkpoints of either kind load unchanged
+        self.register_buffer("bound", bound, persistent=False)
         in_dim = latent_dim + proprio_dim + chunk * action_dim
         self.layer1 = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden))
         self.layer2 = nn.Sequential(nn.Linear(hidden, hidden), nn.LayerNorm(hidden))
@@ -181,8 +203,8 @@ class ResidualActor(nn.Module):
         self.rho = nn.Parameter(torch.full((action_dim,), math.log(p / (1.0 - p))))
 
     def scale(self) -> torch.Tensor:
-        """s (A,): the learned residual radius per action dimension, in (0, max_radius]."""
-        return self.max_radius * torch.sigmoid(self.rho)
+        """s (A,): the learned residual radius per action dimension, in (0, bound]."""
+        return self.bound * torch.sigmoid(self.rho)
 
     def delta(self, z: torch.Tensor, proprio: torch.Tensor, ref: torch.Tensor,
               message: torch.Tensor | None = None) -> torch.Tensor:
@@ -257,7 +279,8 @@ class ResidualAgent(nn.Module):
         self.message_head = MessageHead(z, proprio_dim, learned_message_dim) if learned_message_dim else None
         self.message_decoder = MessageDecoder(learned_message_dim) if learned_message_dim else None
         self.actor = ResidualActor(z, proprio_dim, chunk, action_dim, received_dim, config.hidden_dim,
-                                   config.max_radius, config.init_radius)
+                                   config.max_radius, config.init_radius, config.gripper_radius,
+                                   gripper_dims(action_dim))
         self.q = TwinQ(z, proprio_dim, chunk, action_dim, received_dim, config.hidden_dim)
         self.q_target = TwinQ(z, proprio_dim, chunk, action_dim, received_dim, config.hidden_dim)
         self.q_target.load_state_dict(self.q.state_dict())

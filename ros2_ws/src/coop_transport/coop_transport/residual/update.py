@@ -26,6 +26,7 @@ from torch import nn
 from coop_transport.constants import ARMS
 from coop_transport.residual.losses import (awr_loss, awr_weights, expectile_loss, gaussian_kl,
                                             message_supervision_loss, td_loss, td_target)
+from coop_transport.residual.networks import gripper_dims
 
 
 def polyak_update(target: nn.Module, source: nn.Module, rate: float) -> None:
@@ -91,6 +92,7 @@ class AgentLearner:
             if cfg.actor_data == "online" and "from_demo" in b:
                 actor_rows = (~b["from_demo"]).to(weights.dtype)
         predicted = agent.actor.residual_action(z, p, b["ref"], m)
+        grippers = list(gripper_dims(agent.actor.action_dim))
         # mean over the rows the actor learns from (all of them, or the online ones); none: no actor step
         loss_pi = awr_loss(predicted, a, weights * actor_rows) / actor_rows.mean().clamp(min=1e-12)
         if actor_rows.any():
@@ -104,6 +106,8 @@ class AgentLearner:
             "charts/awr_weight_max": (weights * actor_rows).max().item(),
             "charts/residual_radius": agent.actor.scale().mean().item(),
             "charts/residual_magnitude": (predicted - b["ref"]).abs().mean().item(),
+            "charts/gripper_radius": agent.actor.scale()[grippers].mean().item(),
+            "charts/gripper_residual": (predicted - b["ref"])[..., grippers].abs().mean().item(),
         }
 
         # 4. the sender's own message: supervision of its decoder + KL to N(0, I)
