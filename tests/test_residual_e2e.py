@@ -318,7 +318,7 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
 
     registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "gate_margin": -1e9}),
                         EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
-    assert registry["gate"] == {"agent_chunks": 2 * HORIZON // CHUNK, "residual_rate": 1.0}
+    assert registry["gate"] == {"agent_chunks": 2 * HORIZON // CHUNK, "residual_rate": 1.0, "margin": -1e9}
     assert "gate" not in evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu"}),
                                   EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)
     again = reevaluate(config, 0, pool)  # a finished evaluation runs anew, with the same outcomes
@@ -518,8 +518,9 @@ def test_a_cut_off_evaluation_of_a_prior_replaced_in_place_is_refused(assets, po
 
 def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4 then its
-    gated evaluation), a first call whose deadline leaves no time for any job, then the same command to the end and
-    the report."""
+    gated evaluation, each listed before its training job: a lane runs a seed's training first), a first call whose
+    deadline leaves no time for any job, then the same command to the end and the report. A gated evaluation of a
+    seed that is not trained and not in JOBS is refused by name."""
     import os
     import subprocess
 
@@ -527,7 +528,7 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
             f"{CHUNK} --num-samples 2 --horizon {HORIZON} --latent-dim 32 --encoder-width 16 --encoder-heads 2 "
             "--encoder-layers 1 --hidden-dim 32 --batch-size 8 --learning-starts 1 --encoder-steps 3 "
             "--encoder-batch 4 --encoder-pool 16 --eval-every 0 --eval-episodes 1 --save-every 2 --log-every 2")
-    env = {**os.environ, "JOBS": "V5:0 V4:0 V5:0:probes V4:0:gate=0.0", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
+    env = {**os.environ, "JOBS": "V5:0:probes V4:0:gate=0.0 V5:0 V4:0", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
            "DATA": str(assets / "demos.hdf5"), "PROBE_EPISODES": "1", "EXTRA": tiny, "PYTHON": sys.executable}
     out = tmp_path / "runs"
     script = ["bash", str(ROOT / "training" / "reproduce_residual.sh"), str(out)]
@@ -537,6 +538,10 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     assert "4 of 4 jobs not done: rerun the same command" in first.stdout
     assert "no seed finished yet: no report" in first.stdout and "Traceback" not in first.stdout
     assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
+    alone = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": "V6:0:gate=0"}, capture_output=True, text=True,
+                           timeout=120)
+    assert "V6 seed 0 gate=0: seed 0 of V6 is not trained (add V6:0 to JOBS)" in alone.stdout, alone.stdout
+    assert "1 of 1 jobs not done" in alone.stdout and not (out / "V6").exists()
     done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "all jobs done" in done.stdout, done.stdout

@@ -10,9 +10,10 @@
 #
 # A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed, or
 # ARCH:SEED:gate=M for the evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M;
-# the report shows it as the method "ARCH gate M", paired with the ungated one). Probes and gate jobs need their
-# seed's training job done first in the same lane: lane l takes jobs l, l + LANES, ... and runs them in order, so
-# such a job goes LANES places after its seed's training job. EXTRA="--eval-every 0" evaluates only the final networks
+# the report shows it as the method "ARCH gate M", paired with the ungated one). A probes or gate job runs in the
+# lane of its seed's training job, after it, wherever it stands in JOBS; without that job in JOBS it needs the seed
+# trained by an earlier call. Lanes take the training jobs in turn (job k of them goes to lane k mod LANES), each with
+# the jobs that need it. EXTRA="--eval-every 0" evaluates only the final networks
 # (residual.py's default also evaluates every 1,000 chunks, 100 episodes each time). With
 # DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation stops there too, keeping
 # its finished episodes), and the same command resumes each job where it stopped: rerun it until it prints "all
@@ -68,8 +69,8 @@ run_job() {
         gate=*) args+=(--mode eval --gate-margin "${mode#gate=}") ;;
         *) args+=(--mode "$mode") ;;
     esac
-    [[ $mode == gate=* && ! -f $(marker "$arch" "$seed" train) ]] && {
-        echo "$arch seed $seed $mode: its training job has not finished (put it LANES places earlier)"; return 2; }
+    [[ $mode != train && ! -f $(marker "$arch" "$seed" train) ]] && {
+        echo "$arch seed $seed $mode: seed $seed of $arch is not trained (add $arch:$seed to JOBS)"; return 2; }
     while [[ ! -f "$marker" ]]; do
         s=$(left)
         (( s < 90 )) && return 1
@@ -102,11 +103,27 @@ lane() {
 }
 
 read -r -a jobs <<<"$JOBS"
+# Groups: each training job, then the jobs that need it (its probes, its gated evaluations) in the order of JOBS; a
+# job whose training job is not in JOBS is a group of its own.
+groups=()
+declare -A group_of=()
+for job in "${jobs[@]}"; do
+    IFS=: read -r arch seed mode <<<"$job"
+    [[ -z $mode ]] || continue
+    group_of["$arch:$seed"]=${#groups[@]}
+    groups+=("$job")
+done
+for job in "${jobs[@]}"; do
+    IFS=: read -r arch seed mode <<<"$job"
+    [[ -n $mode ]] || continue
+    g=${group_of["$arch:$seed"]:-}
+    if [[ -n $g ]]; then groups[g]+=" $job"; else groups+=("$job"); fi
+done
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 pids=()
 for (( l = 0; l < LANES; l++ )); do
     mine=()
-    for (( j = l; j < ${#jobs[@]}; j += LANES )); do mine+=("${jobs[j]}"); done
+    for (( g = l; g < ${#groups[@]}; g += LANES )); do read -r -a members <<<"${groups[g]}"; mine+=("${members[@]}"); done
     (( ${#mine[@]} )) || continue
     if (( ngpu > 0 )); then export CUDA_VISIBLE_DEVICES=$(( l % ngpu )); fi
     lane "${mine[@]}" > "$OUT/logs/lane$l.out" 2>&1 &

@@ -166,7 +166,7 @@ def _worker_run(job: tuple[int, str | None, str, int]) -> dict:
 
 
 def _stats_delta(before: dict, after: dict) -> dict:
-    """Per-episode counter increments (controllers keep running totals)."""
+    """Per-episode counter increments (controllers keep running totals); other values (settings) pass as they are."""
     out = {}
     for key, value in after.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key in before:
@@ -304,6 +304,9 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     gate_chunks = sum(r["stats"].get("gate_chunks", 0) for r in results)  # residual policies with the critic gate
     kept = sum(r["stats"].get("gate_residual_chunks", 0) for r in results)
     gate = {"agent_chunks": gate_chunks, "residual_rate": kept / gate_chunks} if gate_chunks else None
+    margins = {r["stats"]["gate_settings"]["margin"] for r in results if "gate_settings" in r["stats"]}
+    if gate and len(margins) == 1:  # a setting, passed through per episode, not summed like the counters
+        gate["margin"] = margins.pop()
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
