@@ -279,6 +279,16 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     assert again["interventions"] == payload["interventions"]
     assert again["linear_probe"] == payload["linear_probe"]
 
+    # a probe cut off after its first episode continues with the second: the same outcomes as in one go
+    gaussian = probes_dir / "gaussian"
+    first = (gaussian / "episodes.jsonl").read_text().splitlines()[0]
+    for stale in ("probe.json", "summary.json"):
+        (gaussian / stale).unlink()
+    (gaussian / "episodes.jsonl").write_text(first + "\n")
+    continued = run_probes(config, 0, pool)
+    assert json.loads((gaussian / "summary.json").read_text())["resumed_episodes"] == 1
+    assert continued["interventions"] == payload["interventions"]
+
 
 def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
     """--mode eval --gate-margin: a margin no critic gain reaches executes π0's reference chunks (the B1 chunks of
@@ -337,7 +347,7 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
 def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     from coop_transport.residual.report import run_ablation
 
-    config = make_config(assets, "V4", runs / "V4", mode="ablation")
+    config = make_config(assets, "V4", runs / "V4", mode="ablation", eval_episodes=2)
     if not (config.run_dir(0) / "best.json").is_file():
         pytest.skip("needs test_every_architecture_runs_end_to_end")
     payload = run_ablation(config, 0, pool)
@@ -345,6 +355,22 @@ def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     assert len(rates) == 4 and rates[3] is None  # chunk 25 does not apply to 2-step residual chunks
     assert all(0.0 <= r <= 1.0 for r in rates[:3])
     assert payload["rows"][0]["recipe"]["num_samples"] == 1 and payload["rows"][2]["recipe"]["clip_sigma"] == 2.0
+
+    # resumable row by row: finished rows are read back, a cut-off row continues, the deadline stops the call
+    rows = config.run_dir(0) / "ablation"
+    kept = (rows / "row_0" / "summary.json").stat().st_mtime_ns
+    (rows / "row_1" / "summary.json").unlink()  # row 1 cut off after its first episode
+    log = rows / "row_1" / "episodes.jsonl"
+    log.write_text(log.read_text().splitlines()[0] + "\n")
+    (config.run_dir(0) / "ablation.json").unlink()
+    stopped = run_ablation(config.replace(stop_after_s=1e-9), 0, pool)
+    assert stopped["out_of_time"] and stopped["done"] == [payload["rows"][0]["name"]]
+    assert not (config.run_dir(0) / "ablation.json").exists()
+    (rows / "row_2" / "summary.json").unlink()
+    (rows / "row_2" / "episodes.jsonl").unlink()  # row 2 from its first episode
+    again = run_ablation(config, 0, pool)
+    assert again == payload and (rows / "row_0" / "summary.json").stat().st_mtime_ns == kept
+    assert json.loads((rows / "row_1" / "summary.json").read_text())["resumed_episodes"] == 1
 
 
 # ------------------------------------------------------------------------------------------- demonstration buffer
@@ -528,20 +554,23 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
             f"{CHUNK} --num-samples 2 --horizon {HORIZON} --latent-dim 32 --encoder-width 16 --encoder-heads 2 "
             "--encoder-layers 1 --hidden-dim 32 --batch-size 8 --learning-starts 1 --encoder-steps 3 "
             "--encoder-batch 4 --encoder-pool 16 --eval-every 0 --eval-episodes 1 --save-every 2 --log-every 2")
-    env = {**os.environ, "JOBS": "V5:0:probes V4:0:gate=0.0 V5:0 V4:0", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
+    env = {**os.environ, "JOBS": "V5:0:probes V4:0:gate=0.0 V5:0 V4:0 V4:0:ablation", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
            "DATA": str(assets / "demos.hdf5"), "PROBE_EPISODES": "1", "EXTRA": tiny, "PYTHON": sys.executable}
     out = tmp_path / "runs"
     script = ["bash", str(ROOT / "training" / "reproduce_residual.sh"), str(out)]
     first = subprocess.run(script, cwd=ROOT, env={**env, "DEADLINE_S": "60"}, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "4 of 4 jobs not done: rerun the same command" in first.stdout
+    assert "5 of 5 jobs not done: rerun the same command" in first.stdout
     assert "no seed finished yet: no report" in first.stdout and "Traceback" not in first.stdout
     assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
     alone = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": "V6:0:gate=0"}, capture_output=True, text=True,
                            timeout=120)
     assert "V6 seed 0 gate=0: seed 0 of V6 is not trained (add V6:0 to JOBS)" in alone.stdout, alone.stdout
     assert "1 of 1 jobs not done" in alone.stdout and not (out / "V6").exists()
+    typo = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": "V4:0:prob"}, capture_output=True, text=True,
+                          timeout=120)
+    assert "V4:0:prob: unknown job" in typo.stdout, typo.stdout
     done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "all jobs done" in done.stdout, done.stdout
@@ -551,6 +580,8 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     gated = json.loads((out / "V4" / "seed_0" / "gate_0" / "result.json").read_text())
     assert gated["gate"]["margin"] == 0.0 and 0.0 <= gated["gate"]["residual_rate"] <= 1.0
     assert set(probes["interventions"]) >= {"none", "zeros"}
+    assert len(json.loads((out / "V4" / "seed_0" / "ablation.json").read_text())["rows"]) == 4
+    assert "## Table 2: inference-recipe ablation on V4" in (out / "report" / "report.md").read_text()
     report = (out / "report" / "report.md").read_text()
     assert "| **V4 " in report and "| **V5 " in report and "Communication probes" in report
     assert "critic gate 0** |" in report and "| V4 gate 0 ≥ B1" not in report

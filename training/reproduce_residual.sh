@@ -8,11 +8,12 @@
 #   JOBS="V4:0 V4:1 V5:0 V5:1 V4:0:gate=0 V4:1:gate=0 V5:0:gate=0 V5:1:gate=0" LANES=4 ENVS=7 \
 #       bash training/reproduce_residual.sh runs/residual             # each seed then its critic-gated evaluation
 #
-# A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed, or
-# ARCH:SEED:gate=M for the evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M;
-# the report shows it as the method "ARCH gate M", paired with the ungated one). A probes or gate job runs in the
-# lane of its seed's training job, after it, wherever it stands in JOBS; without that job in JOBS it needs the seed
-# trained by an earlier call. Lanes take the training jobs in turn (job k of them goes to lane k mod LANES), each with
+# A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed,
+# ARCH:SEED:ablation for Table 2's recipe ladder on a trained seed (--mode ablation), or ARCH:SEED:gate=M for the
+# evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M; the report shows it as
+# the method "ARCH gate M", paired with the ungated one). A probes, ablation or gate job runs in the lane of its
+# seed's training job, after it, wherever it stands in JOBS; without that job in JOBS it needs the seed trained by an
+# earlier call. Each of them continues an evaluation cut off by DEADLINE_S where it stopped. Lanes take the training jobs in turn (job k of them goes to lane k mod LANES), each with
 # the jobs that need it. EXTRA="--eval-every 0" evaluates only the final networks
 # (residual.py's default also evaluates every 1,000 chunks, 100 episodes each time). With
 # DEADLINE_S, every job gets --stop-after-s for the time this call has left (an evaluation stops there too, keeping
@@ -47,11 +48,12 @@ left() { [[ -z "$DEADLINE_S" ]] && echo 999999 || echo $(( DEADLINE_S - ($(date 
 # A gate margin as training/residual.py names its directory (Python's format "g": 0.0 -> 0, 1e-3 -> 0.001).
 margin() { $PY -c "import sys; print(f'{float(sys.argv[1]):g}')" "$1"; }
 
-# The file a finished job leaves: result.json of a seed, probes.json of its probes, gate_M/result.json of a gated
-# evaluation.
+# The file a finished job leaves: result.json of a seed, probes.json of its probes, ablation.json of its recipe
+# ladder, gate_M/result.json of a gated evaluation.
 marker() {
     case $3 in
         probes) echo "$OUT/$1/seed_$2/probes.json" ;;
+        ablation) echo "$OUT/$1/seed_$2/ablation.json" ;;
         gate=*) echo "$OUT/$1/seed_$2/gate_$(margin "${3#gate=}")/result.json" ;;
         *) echo "$OUT/$1/seed_$2/result.json" ;;
     esac
@@ -65,9 +67,12 @@ run_job() {
     local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --data "$DATA"
                 --no-progress)
     case $mode in
+        train) args+=(--mode train) ;;
         probes) args+=(--mode probes --eval-episodes "$PROBE_EPISODES") ;;
+        ablation) args+=(--mode ablation) ;;
         gate=*) args+=(--mode eval --gate-margin "${mode#gate=}") ;;
-        *) args+=(--mode "$mode") ;;
+        *) echo "$arch:$seed:$mode: unknown job (ARCH:SEED, ARCH:SEED:probes, ARCH:SEED:ablation, ARCH:SEED:gate=M)"
+           return 2 ;;
     esac
     [[ $mode != train && ! -f $(marker "$arch" "$seed" train) ]] && {
         echo "$arch seed $seed $mode: seed $seed of $arch is not trained (add $arch:$seed to JOBS)"; return 2; }
@@ -90,7 +95,7 @@ run_job() {
         esac
     done
     echo "[$(date +%T)] $arch seed $seed $mode done: $($PY -c "import json,sys; r=json.load(open(sys.argv[1]))
-print(f\"success {r['success_rate']:.2f}\" if 'success_rate' in r else 'probes written')" "$marker")"
+print(f\"success {r['success_rate']:.2f}\" if 'success_rate' in r else 'written: ' + sys.argv[1])" "$marker")"
     return 0
 }
 

@@ -122,26 +122,29 @@ class Interventions:
     def override(self, name: str):
         if name == "none":
             return None
-        # Random draws of each probe from its own stream: a probe's result does not depend on which probes ran
-        # before it (so a resumed probe run matches an uninterrupted one).
+        # Random draws from a stream of each (probe, episode, chunk boundary): a probe episode's outcome depends
+        # neither on which probes ran before it nor on the episodes simulated beside it, so a probe cut off and
+        # continued, or run with another number of workers, matches an uninterrupted one.
         index = PROBES.index(name) if name in PROBES else len(PROBES)
-        rng = np.random.default_rng([self.seed, index])
-        torch_gen = torch.Generator().manual_seed(self.seed * 1000 + index)
+
+        def row_rng(seed, k) -> np.random.Generator:
+            return np.random.default_rng([self.seed, index, int(seed), int(k)])
 
         def fn(b, ctx):
             e, a, m = b.received.shape
             if name == "zeros":
                 return torch.zeros_like(b.received)
             if name == "gaussian":
-                noise = torch.randn((e, a, m), generator=torch_gen).to(b.received.device)
-                if self.learned:
-                    return noise
-                return noise * torch.as_tensor(self.msg_std, device=noise.device) + torch.as_tensor(
-                    self.msg_mean, device=noise.device)
+                noise = np.stack([row_rng(seed, k).standard_normal((a, m))
+                                  for seed, k in zip(ctx["seeds"], ctx["boundary_index"])])
+                if not self.learned:  # V6's channel carries chunks: noise of their mean and spread
+                    noise = noise * self.msg_std + self.msg_mean
+                return torch.as_tensor(noise, dtype=torch.float32, device=b.received.device)
             if name in ("shuffle_time", "shuffle_episode"):
                 out = np.empty((e, a, m), dtype=np.float32)
                 seeds = sorted(self.rec.lengths)
                 for row, (seed, k) in enumerate(zip(ctx["seeds"], ctx["boundary_index"])):
+                    rng = row_rng(seed, k)
                     for i in range(a):
                         if name == "shuffle_time":
                             n = self.rec.lengths.get(seed, 1)
@@ -211,23 +214,26 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------------------- run
-def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -> dict:
+def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, started: float | None = None) -> dict:
     """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/).
 
     Resumable: each finished probe leaves ``probes/<name>/probe.json`` and the recorded pass ``probes/recording.npz``;
-    a rerun evaluates only the probes without a result. ``config.stop_after_s`` stops before a probe that would not
-    finish in time (judged by the longest probe so far) and returns ``{"out_of_time": True, ...}``.
+    a rerun evaluates only the probes without a result, and continues a probe that ``config.stop_after_s`` (counted
+    from ``started``) or a kill cut off with the episodes it had not finished; it then returns
+    ``{"out_of_time": True, ...}``. The recorded pass ("none") records every episode's messages, so it always runs
+    whole.
     """
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
-    from coop_transport.residual.train import evaluate_system, sim_config_for
+    from coop_transport.residual.train import call_deadline, continues_cut_off, evaluate_system, sim_config_for
 
-    started = time.perf_counter()
+    deadline = call_deadline(config, started if started is not None else time.perf_counter())
     run = config.run_dir(seed)
     system = load_policy(run, config.device)
     if system.spec.message == "none":
         raise ValueError(f"{system.spec.name} has no message channel: probes apply to V5 and V6")
     checkpoint = str(resolve_policy_dir(run))
+    weights = system.weights_digest()
     out_dir = run / "probes"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -236,14 +242,16 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -
         if not path.is_file():
             return None
         saved = json.loads(path.read_text())
-        same = saved.get("checkpoint") == checkpoint and saved.get("episodes") == config.eval_episodes
-        return saved["result"] if same else None  # another checkpoint or episode count: evaluate again
+        same = (saved.get("checkpoint"), saved.get("episodes"), saved.get("weights")) == (
+            checkpoint, config.eval_episodes, weights)
+        return saved["result"] if same else None  # another checkpoint, its weights or episode count: evaluate again
 
     def finish(name: str, summary: dict) -> dict:
         result = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates",
                                           "handover_outcomes") if k in summary}
         (out_dir / name / "probe.json").write_text(json.dumps(
-            {"checkpoint": checkpoint, "episodes": config.eval_episodes, "result": result}, indent=1))
+            {"checkpoint": checkpoint, "episodes": config.eval_episodes, "weights": weights, "result": result},
+            indent=1))
         return result
 
     results = {name: saved for name in dict.fromkeys(("none", *probes)) if (saved := done(name)) is not None}
@@ -257,30 +265,26 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES) -
     if own:
         pool = make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
                          config.ray_address)
-    longest = 0.0
     try:
         if rec is None:
-            t0 = time.perf_counter()
             rec = Recording(system)
             summary = evaluate_system(system, pool, config.eval_episodes, out_dir / "none", "probe none",
                                       {"checkpoint": checkpoint, "probe": "none"}, recorder=rec,
                                       progress=config.progress)
             rec.save(out_dir / "recording.npz")
             results["none"] = finish("none", summary)
-            longest = time.perf_counter() - t0
         interventions = Interventions(system, rec, seed)
         for name in todo:
-            elapsed = time.perf_counter() - started
-            if config.stop_after_s is not None and elapsed + longest > config.stop_after_s:
-                print(f"stopping the probes of {run} before '{name}' after {elapsed:.0f} s (--stop-after-s "
-                      f"{config.stop_after_s:g}); the same command resumes")
-                return {"arch": system.spec.name, "seed": seed, "out_of_time": True, "done": sorted(results)}
-            t0 = time.perf_counter()
-            summary = evaluate_system(system, pool, config.eval_episodes, out_dir / name, f"probe {name}",
+            out = out_dir / name
+            summary = evaluate_system(system, pool, config.eval_episodes, out, f"probe {name}",
                                       {"checkpoint": checkpoint, "probe": name},
-                                      message_override=interventions.override(name), progress=config.progress)
+                                      message_override=interventions.override(name), progress=config.progress,
+                                      resume=continues_cut_off(config, out), deadline=deadline)
+            if summary is None:
+                print(f"stopping the probes of {run} in '{name}' (--stop-after-s {config.stop_after_s:g}); the same "
+                      "command continues it")
+                return {"arch": system.spec.name, "seed": seed, "out_of_time": True, "done": sorted(results)}
             results[name] = finish(name, summary)
-            longest = max(longest, time.perf_counter() - t0)
     finally:
         if own:
             pool.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -505,21 +506,25 @@ def probes_markdown(probes: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ Table 2 evaluation
-def run_ablation(config, seed: int, pool=None) -> dict:
+def run_ablation(config, seed: int, pool=None, started: float | None = None) -> dict:
     """Evaluate a run's best checkpoint under every row of ``recipe.ABLATION_LADDER`` -> <run>/ablation.json.
 
     The ladder's chunk-10 rows run at the residual's trained chunk; a row with another chunk length (chunk 25) does
-    not apply to a residual policy, whose deltas are C steps long (n/a, the paper's "where applicable")."""
+    not apply to a residual policy, whose deltas are C steps long (n/a, the paper's "where applicable").
+
+    Resumable row by row: a rerun reads back each row whose summary matches this checkpoint, its weights and the
+    episode count, and continues a row that ``config.stop_after_s`` (counted from ``started``) or a kill cut off;
+    it then returns ``{"out_of_time": True, ...}`` and writes no ablation.json."""
     from coop_transport.recipe import ABLATION_LADDER
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
-    from coop_transport.residual.train import evaluate_system, sim_config_for
+    from coop_transport.residual.train import call_deadline, continues_cut_off, evaluate_system, sim_config_for
 
+    deadline = call_deadline(config, time.perf_counter() if started is None else started)
     run = config.run_dir(seed)
     base = load_policy(run, config.device)
+    checkpoint, weights = str(resolve_policy_dir(run)), base.weights_digest()
     own = pool is None
-    pool = pool or make_pool(config.envs, sim_config_for(config, base.vla.image_size, False), config.gamma,
-                             config.ray_address)
     rows = []
     try:
         base_chunk = next(iter(ABLATION_LADDER.values())).execute_steps  # the ladder's training chunk (10)
@@ -529,15 +534,38 @@ def run_ablation(config, seed: int, pool=None) -> dict:
             if base.spec.residual and recipe.execute_steps != base.chunk:
                 rows.append({"name": name, "recipe": recipe.__dict__, "success_rate": None})
                 continue
-            system = base.with_recipe(recipe)
-            summary = evaluate_system(system, pool, config.eval_episodes, run / "ablation" / f"row_{i}", name,
-                                      {"checkpoint": str(resolve_policy_dir(run)), "recipe": recipe.__dict__},
-                                      progress=config.progress)
+            out = run / "ablation" / f"row_{i}"
+            args = {"checkpoint": checkpoint, "recipe": recipe.__dict__, "weights": weights}
+            summary = _finished_row(out, args, config.eval_episodes)
+            if summary is None:
+                if pool is None:
+                    pool = make_pool(config.envs, sim_config_for(config, base.vla.image_size, False), config.gamma,
+                                     config.ray_address)
+                summary = evaluate_system(base.with_recipe(recipe), pool, config.eval_episodes, out, name, args,
+                                          progress=config.progress, resume=continues_cut_off(config, out),
+                                          deadline=deadline)
+            if summary is None:
+                print(f"stopping the ablation of {run} in '{name}' (--stop-after-s {config.stop_after_s:g}); the same "
+                      "command continues it")
+                return {"arch": base.spec.name, "seed": seed, "out_of_time": True, "done": [r["name"] for r in rows]}
             rows.append({"name": name, "recipe": recipe.__dict__, "success_rate": summary["success_rate"],
                          "successes": summary["successes"], "episodes": summary["episodes"]})
     finally:
-        if own:
+        if own and pool is not None:
             pool.close()
     payload = {"arch": base.spec.name, "seed": seed, "chunk": base.chunk, "rows": rows}
     (run / ABLATION_JSON).write_text(json.dumps(payload, indent=2))
     return payload
+
+
+def _finished_row(out: Path, args: dict, episodes: int) -> dict | None:
+    """The summary of an ablation row evaluated before with the same arguments (checkpoint, recipe, weights) and
+    episode count, or None."""
+    from coop_transport.utils.jsonable import to_jsonable
+
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary.get("controller", {}).get("args") == json.loads(json.dumps(to_jsonable(args)))
+    return summary if same and summary.get("episodes") == episodes else None

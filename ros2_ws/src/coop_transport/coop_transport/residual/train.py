@@ -218,7 +218,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
         pool = make_pool(config.envs, sim_config_for(config, vla.image_size), config.gamma, config.ray_address)
     try:
         if not spec.residual:
-            return evaluate_baseline(config, seed, pool, vla, device, _deadline(config, call_start))
+            return evaluate_baseline(config, seed, pool, vla, device, call_deadline(config, call_start))
         system = ResidualSystem(spec, config, vla, make_agents(spec, config, vla), device)
         learner = Learner(system, config)
         generator = torch.Generator().manual_seed(seed)  # batch sampling, message noise in updates, demo π0 noise
@@ -238,7 +238,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             print(f"resuming {run} at chunk {progress_state['chunks']}")
             if progress_state.pop("eval_pending", False):  # cut off by --stop-after-s: the networks of that chunk
                 if not _evaluate_checkpoint(config, seed, run, system, pool, progress_state, resume=True,
-                                            deadline=_deadline(config, call_start)):
+                                            deadline=call_deadline(config, call_start)):
                     print(f"stopping {run} in the evaluation at chunk {progress_state['chunks']} (--stop-after-s "
                           f"{config.stop_after_s:g}); the same command continues it")
                     return {"arch": spec.name, "seed": seed, "stopped_at": progress_state["chunks"],
@@ -299,7 +299,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             eval_cut = False
             if eval_due:
                 eval_cut = not _evaluate_checkpoint(config, seed, run, system, pool, ps,
-                                                    deadline=_deadline(config, call_start))
+                                                    deadline=call_deadline(config, call_start))
                 if not final and not eval_cut:
                     collector.restore_envs()
             out_of_time = eval_cut or (config.stop_after_s is not None and not final
@@ -348,7 +348,7 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
             pool.close()
 
 
-def _deadline(config: ResidualConfig, call_start: float) -> float | None:
+def call_deadline(config: ResidualConfig, call_start: float) -> float | None:
     """The time.perf_counter() value at which --stop-after-s ends this call (None: no limit)."""
     return None if config.stop_after_s is None else call_start + config.stop_after_s
 
@@ -415,11 +415,11 @@ def run(config: ResidualConfig, pool: EnvPool | None = None) -> list[dict]:
     if config.mode == "ablation":
         from coop_transport.residual.report import run_ablation
 
-        return [run_ablation(config, s, pool) for s in seeds]
+        return [run_ablation(config, s, pool, started=started) for s in seeds]
     if config.mode == "probes":
         from coop_transport.residual.probes import run_probes
 
-        return [run_probes(config, s, pool) for s in seeds]
+        return [run_probes(config, s, pool, started=started) for s in seeds]
     return [reevaluate(config, s, pool, started) for s in seeds]
 
 
@@ -461,7 +461,7 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
         out = run / "eval" / name
         summary = evaluate_system(system, pool, config.eval_episodes, out, f"{config.arch}/{name}", args,
                                   progress=config.progress, resume=continues_cut_off(config, out),
-                                  deadline=_deadline(config, started if started is not None else time.perf_counter()))
+                                  deadline=call_deadline(config, time.perf_counter() if started is None else started))
     finally:
         if own:
             pool.close()
