@@ -136,6 +136,39 @@ def test_gripper_radius_bounds_the_gripper_dimensions_alone(arch):
         ResidualConfig(arch="B1", gripper_radius=2.0)
 
 
+@pytest.mark.parametrize("arch", ["V3", "V5"])
+def test_gripper_exploration_has_its_own_noise(arch):
+    """--gripper-explore-std 0: exploring chunks move the arm rows only (the gripper rows equal the deterministic
+    chunk's); unset, every row draws explore_std exactly as before the option existed."""
+    system = fake_system(arch)
+    spec, cfg = system.spec, system.config
+    n, e = len(spec.agents), 3
+    grippers = [6] if spec.action_dim == 7 else [6, 13]
+    arm_rows = [d for d in range(spec.action_dim) if d not in grippers]
+    g = torch.Generator().manual_seed(0)
+    b = Boundary(ref=torch.rand(e, n, C, spec.action_dim, generator=g) * 1.6 - 0.8,
+                 proprio=torch.randn(e, n, spec.proprio_dim, generator=g),
+                 latent=torch.randn(e, n, cfg.latent_dim, generator=g), sent=None, received=None)
+    received_dim = spec.message_dim(cfg.message_dim, C)
+    if received_dim:
+        b.received = torch.randn(e, n, received_dim, generator=g)
+    plain = ResidualSystem.act(system, b, torch.Generator().manual_seed(1), explore=False)
+    system.config = cfg.replace(gripper_explore_std=0.0)
+    quiet = ResidualSystem.act(system, b, torch.Generator().manual_seed(1), explore=True)
+    assert torch.equal(quiet[..., grippers], plain[..., grippers])
+    assert not torch.allclose(quiet[..., arm_rows], plain[..., arm_rows])
+    system.config = cfg  # unset: the draw of the paper's recipe, noise = explore_std * randn on every row
+    explored = ResidualSystem.act(system, b, torch.Generator().manual_seed(1), explore=True)
+    g = torch.Generator().manual_seed(1)
+    expected = torch.stack([system.agents[a].actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i],
+                                                   b.received[:, i] if received_dim else None,
+                                                   cfg.explore_std * torch.randn(b.ref[:, i].shape, generator=g))
+                            for i, a in enumerate(spec.agents)], dim=1)
+    assert torch.equal(explored, expected)
+    with pytest.raises(ValueError, match="gripper_explore_std"):
+        small_config(arch, gripper_explore_std=-0.1)
+
+
 def test_film_is_identity_at_zero_message():
     torch.manual_seed(0)
     film = FiLM(message_dim=16, features=32)

@@ -32,7 +32,7 @@ from coop_transport.adapters import arm_images, joint_images, joint_proprio, pol
 from coop_transport.constants import ARMS
 from coop_transport.recipe import ClipCounters, RecipeConfig, reduce_chunk
 from coop_transport.residual.architectures import ArchSpec
-from coop_transport.residual.networks import ResidualAgent
+from coop_transport.residual.networks import ResidualAgent, gripper_dims
 from coop_transport.sim.env import arm_observation
 
 
@@ -86,6 +86,14 @@ def critic_gate(agent, latent, proprio, ref, received, action, margin: float,
         counters.chunks += keep.numel()
         counters.residual_chunks += int(keep.sum())
     return torch.where(keep.view(-1, *[1] * (action.dim() - 1)), action, ref)
+
+
+def exploration_std(config, action_dim: int, device) -> torch.Tensor:
+    """(D,) exploration noise per action dimension: explore_std, or gripper_explore_std in the gripper rows."""
+    std = torch.full((action_dim,), float(config.explore_std), device=device)
+    if config.gripper_explore_std is not None:
+        std[list(gripper_dims(action_dim))] = float(config.gripper_explore_std)
+    return std
 
 
 def make_agents(spec: ArchSpec, config, vla) -> nn.ModuleDict:
@@ -309,11 +317,12 @@ class ResidualSystem:
         """Executed chunks (E, A, C, D) from a boundary's latents, references and received messages; ``gated``
         applies the critic gate when ``config.gate_margin`` is set."""
         actions = []
+        std = exploration_std(self.config, self.spec.action_dim, self.device)
         for i, name in enumerate(self.agent_names):
             agent = self.agents[name]
             noise = None
-            if explore and self.config.explore_std > 0:
-                noise = self.config.explore_std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
+            if explore and bool((std > 0).any()):
+                noise = std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
             received = b.received[:, i] if b.received is not None else None
             action = agent.actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, noise)
             if gated and self.config.gate_margin is not None:
