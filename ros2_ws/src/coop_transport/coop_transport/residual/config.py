@@ -92,8 +92,8 @@ class ResidualConfig:
     """Exploration noise added to Δ before the tanh while collecting (the bound still holds); 0 disables."""
     gripper_explore_std: float | None = None
     """Exploration noise of the gripper rows (None: explore_std). With ``gripper_radius`` 2 the noise times a radius
-    near 1.3 moves a gripper command of ±0.5 across zero at about one step in five, and the last training episodes
-    of the twenty-second session's runs mostly failed; 0 explores the arm rows alone."""
+    near 1.3 moves a gripper command of ±0.5 across zero at about one step in five (computed at Δ = 0), and the last
+    training episodes of the twenty-second session's runs mostly failed; 0 explores the arm rows alone."""
     gate_margin: float | None = None
     """Critic gate of evaluation and deployment (not of training's exploration): an agent executes its residual
     chunk only where both of its critics rate it above π0's reference chunk by more than this margin, and the
