@@ -33,6 +33,21 @@ def fake_system(arch: str, seed: int = 0):
                            pose_mean=torch.zeros(6), pose_std=torch.ones(6), device=torch.device("cpu"))
 
 
+def random_boundary(system, envs: int, ref_range: float = 1.0) -> Boundary:
+    """A chunk boundary of ``envs`` environments: references uniform in ±ref_range, random latents, proprioception
+    and (where the architecture has one) received messages."""
+    spec, cfg = system.spec, system.config
+    n = len(spec.agents)
+    g = torch.Generator().manual_seed(0)
+    b = Boundary(ref=(torch.rand(envs, n, C, spec.action_dim, generator=g) * 2 - 1) * ref_range,
+                 proprio=torch.randn(envs, n, spec.proprio_dim, generator=g),
+                 latent=torch.randn(envs, n, cfg.latent_dim, generator=g), sent=None, received=None)
+    received_dim = spec.message_dim(cfg.message_dim, C)
+    if received_dim:
+        b.received = torch.randn(envs, n, received_dim, generator=g)
+    return b
+
+
 def random_batch(system, n: int = 8, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     spec, cfg = system.spec, system.config
@@ -142,16 +157,11 @@ def test_gripper_exploration_has_its_own_noise(arch):
     chunk's); unset, every row draws explore_std exactly as before the option existed."""
     system = fake_system(arch)
     spec, cfg = system.spec, system.config
-    n, e = len(spec.agents), 3
+    e = 3
     grippers = [6] if spec.action_dim == 7 else [6, 13]
     arm_rows = [d for d in range(spec.action_dim) if d not in grippers]
-    g = torch.Generator().manual_seed(0)
-    b = Boundary(ref=torch.rand(e, n, C, spec.action_dim, generator=g) * 1.6 - 0.8,
-                 proprio=torch.randn(e, n, spec.proprio_dim, generator=g),
-                 latent=torch.randn(e, n, cfg.latent_dim, generator=g), sent=None, received=None)
+    b = random_boundary(system, e, ref_range=0.8)
     received_dim = spec.message_dim(cfg.message_dim, C)
-    if received_dim:
-        b.received = torch.randn(e, n, received_dim, generator=g)
     plain = ResidualSystem.act(system, b, torch.Generator().manual_seed(1), explore=False)
     system.config = cfg.replace(gripper_explore_std=0.0)
     quiet = ResidualSystem.act(system, b, torch.Generator().manual_seed(1), explore=True)
@@ -331,13 +341,8 @@ def test_gated_acting_with_real_critics_and_agent_independence(arch):
     system.gate_counters = GateCounters()
     e, spec, cfg = 4, system.spec, system.config
     n = len(spec.agents)
-    g = torch.Generator().manual_seed(0)
-    b = Boundary(ref=torch.rand(e, n, C, spec.action_dim, generator=g) * 2 - 1,
-                 proprio=torch.randn(e, n, spec.proprio_dim, generator=g),
-                 latent=torch.randn(e, n, cfg.latent_dim, generator=g), sent=None, received=None)
-    received_dim = spec.message_dim(cfg.message_dim, C)
-    if received_dim:
-        b.received = torch.randn(e, n, received_dim, generator=g)
+    g = torch.Generator().manual_seed(1)
+    b = random_boundary(system, e)
     for agent in system.agents.values():  # a residual far from zero
         torch.nn.init.normal_(agent.actor.out.weight, std=1.0)
     ungated = ResidualSystem.act(system, b, g, explore=False)
