@@ -8,6 +8,7 @@ scripted demonstration file with 32 px images. Episodes last 6 steps and chunks 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -271,10 +272,10 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     # random probes draw from their own streams, so the results equal the uninterrupted run's
     probes_dir = config.run_dir(0) / "probes"
     for name in ("gaussian", "shuffle_time"):
-        (probes_dir / name / "probe.json").unlink()
+        shutil.rmtree(probes_dir / name)
     stopped = run_probes(config.replace(stop_after_s=1e-9), 0, pool)
     assert stopped["out_of_time"] and "gaussian" not in stopped["done"]
-    assert not (probes_dir / "gaussian" / "probe.json").exists()
+    assert not (probes_dir / "gaussian" / "summary.json").exists()
     again = run_probes(config, 0, pool)
     assert again["interventions"] == payload["interventions"]
     assert again["linear_probe"] == payload["linear_probe"]
@@ -282,8 +283,7 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
     # a probe cut off after its first episode continues with the second: the same outcomes as in one go
     gaussian = probes_dir / "gaussian"
     first = (gaussian / "episodes.jsonl").read_text().splitlines()[0]
-    for stale in ("probe.json", "summary.json"):
-        (gaussian / stale).unlink()
+    (gaussian / "summary.json").unlink()
     (gaussian / "episodes.jsonl").write_text(first + "\n")
     continued = run_probes(config, 0, pool)
     assert json.loads((gaussian / "summary.json").read_text())["resumed_episodes"] == 1

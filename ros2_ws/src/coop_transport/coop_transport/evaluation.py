@@ -161,11 +161,11 @@ def _worker_run(job: tuple[int, str | None, str, int]) -> dict:
     controller = _WORKER["controller"]
     before = controller.stats()
     result = run_episode(_WORKER["sim"], controller, seed, Path(video) if video else None, camera, size)
-    result["stats"] = _stats_delta(before, controller.stats())
+    result["stats"] = stats_delta(before, controller.stats())
     return result
 
 
-def _stats_delta(before: dict, after: dict) -> dict:
+def stats_delta(before: dict, after: dict) -> dict:
     """Per-episode counter increments (controllers keep running totals); other values (settings) pass as they are."""
     out = {}
     for key, value in after.items():
@@ -303,10 +303,12 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
     gate_chunks = sum(r["stats"].get("gate_chunks", 0) for r in results)  # residual policies with the critic gate
     kept = sum(r["stats"].get("gate_residual_chunks", 0) for r in results)
-    gate = {"agent_chunks": gate_chunks, "residual_rate": kept / gate_chunks} if gate_chunks else None
     margins = {r["stats"]["gate_settings"]["margin"] for r in results if "gate_settings" in r["stats"]}
-    if gate and len(margins) == 1:  # a setting, passed through per episode, not summed like the counters
-        gate["margin"] = margins.pop()
+    gate = None
+    if gate_chunks or margins:  # a gated policy; no chunk at all when every episode came from an earlier call
+        gate = {"agent_chunks": gate_chunks, "residual_rate": kept / gate_chunks if gate_chunks else None}
+        if len(margins) == 1:  # a setting, passed through per episode, not summed like the counters
+            gate["margin"] = margins.pop()
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),

@@ -48,10 +48,8 @@ class ResidualController:
 
     def stats(self) -> dict:
         c = self.system.counters
-        margin = self.system.config.gate_margin  # the run's own or the evaluation's: the summary names it
         return {"clip_actions": c.actions, "clip_clipped_actions": c.clipped_actions, "clip_per_dim": c.per_dim,
-                "chunks": self.chunks, **self.system.gate_stats(),
-                **({"gate_settings": {"margin": margin}} if margin is not None else {})}
+                "chunks": self.chunks, **self.system.gate_stats()}
 
 
 def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None,

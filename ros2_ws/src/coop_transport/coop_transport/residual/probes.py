@@ -217,15 +217,17 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
 def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, started: float | None = None) -> dict:
     """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/).
 
-    Resumable: each finished probe leaves ``probes/<name>/probe.json`` and the recorded pass ``probes/recording.npz``;
-    a rerun evaluates only the probes without a result, and continues a probe that ``config.stop_after_s`` (counted
+    Resumable: each finished probe leaves its ``probes/<name>/summary.json`` and the recorded pass
+    ``probes/recording.npz``; a rerun reads back the probes finished with the same checkpoint, weights and episode
+    count (``train.finished_summary``), evaluates the others, and continues a probe that ``config.stop_after_s`` (counted
     from ``started``) or a kill cut off with the episodes it had not finished; it then returns
     ``{"out_of_time": True, ...}``. The recorded pass ("none") records every episode's messages, so it always runs
     whole.
     """
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
-    from coop_transport.residual.train import call_deadline, continues_cut_off, evaluate_system, sim_config_for
+    from coop_transport.residual.train import (call_deadline, continues_cut_off, evaluate_system, finished_summary,
+                                               measured, sim_config_for)
 
     deadline = call_deadline(config, started if started is not None else time.perf_counter())
     run = config.run_dir(seed)
@@ -237,22 +239,12 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
     out_dir = run / "probes"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def done(name: str) -> dict | None:
-        path = out_dir / name / "probe.json"
-        if not path.is_file():
-            return None
-        saved = json.loads(path.read_text())
-        same = (saved.get("checkpoint"), saved.get("episodes"), saved.get("weights")) == (
-            checkpoint, config.eval_episodes, weights)
-        return saved["result"] if same else None  # another checkpoint, its weights or episode count: evaluate again
+    def args(name: str) -> dict:
+        return {"checkpoint": checkpoint, "probe": name, "weights": weights}
 
-    def finish(name: str, summary: dict) -> dict:
-        result = {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates",
-                                          "handover_outcomes") if k in summary}
-        (out_dir / name / "probe.json").write_text(json.dumps(
-            {"checkpoint": checkpoint, "episodes": config.eval_episodes, "weights": weights, "result": result},
-            indent=1))
-        return result
+    def done(name: str) -> dict | None:  # another checkpoint, its weights or episode count: evaluate again
+        summary = finished_summary(out_dir / name, args(name), config.eval_episodes)
+        return measured(summary) if summary is not None else None
 
     results = {name: saved for name in dict.fromkeys(("none", *probes)) if (saved := done(name)) is not None}
     rec = None
@@ -269,22 +261,20 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
         if rec is None:
             rec = Recording(system)
             summary = evaluate_system(system, pool, config.eval_episodes, out_dir / "none", "probe none",
-                                      {"checkpoint": checkpoint, "probe": "none"}, recorder=rec,
-                                      progress=config.progress)
+                                      args("none"), recorder=rec, progress=config.progress)
             rec.save(out_dir / "recording.npz")
-            results["none"] = finish("none", summary)
+            results["none"] = measured(summary)
         interventions = Interventions(system, rec, seed)
         for name in todo:
             out = out_dir / name
-            summary = evaluate_system(system, pool, config.eval_episodes, out, f"probe {name}",
-                                      {"checkpoint": checkpoint, "probe": name},
+            summary = evaluate_system(system, pool, config.eval_episodes, out, f"probe {name}", args(name),
                                       message_override=interventions.override(name), progress=config.progress,
                                       resume=continues_cut_off(config, out), deadline=deadline)
             if summary is None:
                 print(f"stopping the probes of {run} in '{name}' (--stop-after-s {config.stop_after_s:g}); the same "
                       "command continues it")
                 return {"arch": system.spec.name, "seed": seed, "out_of_time": True, "done": sorted(results)}
-            results[name] = finish(name, summary)
+            results[name] = measured(summary)
     finally:
         if own:
             pool.close()

@@ -518,7 +518,8 @@ def run_ablation(config, seed: int, pool=None, started: float | None = None) -> 
     from coop_transport.recipe import ABLATION_LADDER
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
-    from coop_transport.residual.train import call_deadline, continues_cut_off, evaluate_system, sim_config_for
+    from coop_transport.residual.train import (call_deadline, continues_cut_off, evaluate_system, finished_summary,
+                                               sim_config_for)
 
     deadline = call_deadline(config, time.perf_counter() if started is None else started)
     run = config.run_dir(seed)
@@ -536,7 +537,7 @@ def run_ablation(config, seed: int, pool=None, started: float | None = None) -> 
                 continue
             out = run / "ablation" / f"row_{i}"
             args = {"checkpoint": checkpoint, "recipe": recipe.__dict__, "weights": weights}
-            summary = _finished_row(out, args, config.eval_episodes)
+            summary = finished_summary(out, args, config.eval_episodes)
             if summary is None:
                 if pool is None:
                     pool = make_pool(config.envs, sim_config_for(config, base.vla.image_size, False), config.gamma,
@@ -557,15 +558,3 @@ def run_ablation(config, seed: int, pool=None, started: float | None = None) -> 
     (run / ABLATION_JSON).write_text(json.dumps(payload, indent=2))
     return payload
 
-
-def _finished_row(out: Path, args: dict, episodes: int) -> dict | None:
-    """The summary of an ablation row evaluated before with the same arguments (checkpoint, recipe, weights) and
-    episode count, or None."""
-    from coop_transport.utils.jsonable import to_jsonable
-
-    path = out / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    same = summary.get("controller", {}).get("args") == json.loads(json.dumps(to_jsonable(args)))
-    return summary if same and summary.get("episodes") == episodes else None

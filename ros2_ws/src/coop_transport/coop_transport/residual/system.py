@@ -168,10 +168,13 @@ class ResidualSystem:
         return {"vla": getattr(self.vla, "weights_sha256", None), "residual": residual}
 
     def gate_stats(self) -> dict:
-        """The critic gate's running counters as ``evaluation.summarize`` sums them (none without the gate)."""
+        """The critic gate's running counters and its margin, as ``evaluation.stats_delta`` takes per-episode
+        differences of the counters (passing the margin through) and ``evaluation.summarize`` sums them (none
+        without the gate)."""
         if self.config.gate_margin is None:
             return {}
-        return {"gate_chunks": self.gate_counters.chunks, "gate_residual_chunks": self.gate_counters.residual_chunks}
+        return {"gate_chunks": self.gate_counters.chunks, "gate_residual_chunks": self.gate_counters.residual_chunks,
+                "gate_settings": {"margin": self.config.gate_margin}}
 
     def with_gate(self, margin: float | None) -> "ResidualSystem":
         """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""

@@ -71,7 +71,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     """
     from tqdm import tqdm
 
-    from coop_transport.evaluation import ControllerSpec, EpisodeLog, EvalConfig, summarize, write_summary
+    from coop_transport.evaluation import (ControllerSpec, EpisodeLog, EvalConfig, stats_delta, summarize,
+                                           write_summary)
     from coop_transport.utils.jsonable import to_jsonable
 
     seeds = list(range(1, episodes + 1))
@@ -104,15 +105,13 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
         r["stats"] = {}
     after = {"clip_actions": system.counters.actions, "clip_clipped_actions": system.counters.clipped_actions,
              **system.gate_stats()}
-    results[0]["stats"] = {k: after[k] - before[k] for k in after}  # this call's counters, summed by summarize
+    results[0]["stats"] = stats_delta(before, after)  # this call's counters, summed by summarize
     spec = ControllerSpec("residual", args, label)
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)
     summary["this_call_only"] = ["clip activation rate", "wall time"]
-    if system.config.gate_margin is not None:  # no chunk this call (every episode resumed): no share
-        summary["gate"] = {**summary.get("gate", {"agent_chunks": 0, "residual_rate": None}),
-                           "margin": system.config.gate_margin}
+    if system.config.gate_margin is not None:
         summary["this_call_only"].append("critic gate share")
     if out is not None:
         write_summary(summary, Path(out))
@@ -131,6 +130,20 @@ def continues_cut_off(config: ResidualConfig, out: Path) -> bool:
     from coop_transport.evaluation import EPISODE_LOG
 
     return config.resume and (out / EPISODE_LOG).exists() and not (out / "summary.json").exists()
+
+
+def finished_summary(out: Path, args: dict, episodes: int) -> dict | None:
+    """The summary of the evaluation under ``out`` if it finished with these controller arguments (checkpoint,
+    weights, and what else distinguishes it: a recipe, a probe) and this episode count, else None: the probes and
+    Table 2's ladder read their finished rows back with it."""
+    from coop_transport.utils.jsonable import to_jsonable
+
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    same = summary.get("controller", {}).get("args") == json.loads(json.dumps(to_jsonable(args)))
+    return summary if same and summary.get("episodes") == episodes else None
 
 
 def _write_result(run: Path, payload: dict) -> None:
