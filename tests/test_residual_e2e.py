@@ -344,6 +344,75 @@ def test_gated_evaluation_of_a_trained_run(assets, pool, runs):
         reevaluate(make_config(assets, "B1", runs / "B1", mode="eval", gate_margin=0.0), 0, pool)
 
 
+def test_best_of_k_evaluation_of_a_trained_run(assets, pool, runs):
+    """--mode eval --candidates K: draw 0 of each agent is the one-draw reference of the same noise; each agent
+    executes its actor's chunk over the draw its own critics rate highest; the result is the method "V4 best-of-K"
+    in the report, and training/evaluate.py's registry path reports the same choice counts."""
+    from coop_transport.adapters import arm_images, policy_state
+    from coop_transport.evaluation import ControllerSpec, EvalConfig, evaluate
+    from coop_transport.residual.checkpoint import load_policy
+    from coop_transport.residual.report import write_report
+    from coop_transport.residual.rollout import episode_generator
+    from coop_transport.residual.train import gated_run_dir, reevaluate
+
+    run = runs / "V4" / "seed_0"
+    if not (run / "best.json").is_file():
+        pytest.skip("needs test_every_architecture_runs_end_to_end")
+    system = load_policy(run, "cpu")
+    sim = pool.workers[0].sim
+    sim.reset(3)
+    obs = sim.observation
+    one = system.boundary([obs], episode_generator(7, 3), explore=False, deterministic=True)
+    three = system.with_candidates(3).boundary([obs], episode_generator(7, 3), explore=False, deterministic=True)
+    assert three.candidates.shape == (1, 2, 3, CHUNK, 7)
+    # the same noise; π0's batch of 3 x N samples per row may round differently from one of N (seen: 6e-4)
+    assert torch.allclose(three.candidates[:, :, 0], one.ref, atol=5e-3)
+    assert not torch.allclose(three.candidates[:, :, 1], three.candidates[:, :, 0])  # draws of their own noise
+    for i, arm in enumerate(system.agent_names):
+        agent = system.agents[arm]
+        with torch.no_grad():
+            values = [torch.minimum(*agent.q(three.latent[:, i], three.proprio[:, i],
+                                             agent.actor(three.latent[:, i], three.proprio[:, i],
+                                                         three.candidates[:, i, j]))) for j in range(3)]
+        best = int(torch.stack(values).argmax())
+        assert torch.equal(three.ref[:, i], three.candidates[:, i, best])
+    arm_obs = sim.arm_observation("robot0")  # the ROS node's path: one agent alone
+    agent, proprio = system.agents["robot0"], system.normalize_proprio([arm_obs["proprio"]])
+    for seed in range(20):  # the first noise for which the critics prefer another draw than the first
+        plan, _ = system.with_candidates(3).agent_plan("robot0", arm_obs, torch.Generator().manual_seed(seed), None)
+        refs, prefix, mask = system.vla_draws([arm_images(arm_obs)], [policy_state(arm_obs, system.vla.state_history)],
+                                              [system.vla.prompts["robot0"]], torch.Generator().manual_seed(seed), 3)
+        with torch.no_grad():
+            z = agent.encoder(prefix, mask, proprio)
+            proposals = [agent.actor(z, proprio, refs[:, j]) for j in range(3)]
+            best = int(torch.stack([torch.minimum(*agent.q(z, proprio, a)) for a in proposals]).argmax())
+        if best:
+            break
+    assert best, "in 20 noise seeds the critics always preferred the first draw"
+    np.testing.assert_allclose(plan, proposals[best][0].numpy(), atol=1e-4)
+    training_like = system.with_candidates(3).boundary([obs], torch.Generator().manual_seed(0), explore=True,
+                                                       deterministic=False)
+    assert training_like.candidates is None  # exploration acts on one draw
+
+    config = make_config(assets, "V4", runs / "V4", mode="eval", candidates=2)
+    summary = reevaluate(config, 0, pool)
+    chunks = 2 * HORIZON // CHUNK
+    assert summary["candidates"]["agent_chunks"] == chunks and summary["candidates"]["candidates"] == 2
+    assert "gate" not in summary
+    rate = summary["candidates"]["switch_rate"]
+    md = (run / "eval" / "best_best_of_2" / "summary.md").read_text()
+    assert f"| critics' choice | 2 π0 draws: {100 * rate:.1f}% of {chunks} agent chunks took another" in md
+    registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "candidates": 2}),
+                        EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
+    assert registry["candidates"] == summary["candidates"]
+    result = json.loads((gated_run_dir(run, None, 2) / "result.json").read_text())
+    assert result["candidates"]["candidates"] == 2 and not result["gated"] and result["config"]["candidates"] == 2
+    report = write_report([runs / "V4"], runs / "report_best")
+    assert "V4 best-of-2" in report["table1"] and "V4 best-of-2" in (runs / "report_best" / "report.md").read_text()
+    with pytest.raises(ValueError, match="no critics"):
+        reevaluate(make_config(assets, "B1", runs / "B1", mode="eval", candidates=2), 0, pool)
+
+
 def test_recipe_ablation_of_a_trained_v4(assets, pool, runs):
     from coop_transport.residual.report import run_ablation
 
@@ -544,9 +613,10 @@ def test_a_cut_off_evaluation_of_a_prior_replaced_in_place_is_refused(assets, po
 
 def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     """training/reproduce_residual.sh with the tiny stand-ins on CPU: two lanes (V5 then its probes; V4 then its
-    gated evaluation, each listed before its training job: a lane runs a seed's training first), a first call whose
-    deadline leaves no time for any job, then the same command to the end and the report. A gated evaluation of a
-    seed that is not trained and not in JOBS is refused by name."""
+    gated evaluation, each listed before its training job: a lane runs a seed's training first; V5's evaluation with
+    its critics choosing among 2 draws), a first call whose deadline leaves no time for any job, then the same
+    command to the end and the report. A gated evaluation of a seed that is not trained and not in JOBS is refused
+    by name, and so are unknown job kinds."""
     import os
     import subprocess
 
@@ -554,14 +624,14 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
             f"{CHUNK} --num-samples 2 --horizon {HORIZON} --latent-dim 32 --encoder-width 16 --encoder-heads 2 "
             "--encoder-layers 1 --hidden-dim 32 --batch-size 8 --learning-starts 1 --encoder-steps 3 "
             "--encoder-batch 4 --encoder-pool 16 --eval-every 0 --eval-episodes 1 --save-every 2 --log-every 2")
-    env = {**os.environ, "JOBS": "V5:0:probes V4:0:gate=0.0 V5:0 V4:0 V4:0:ablation", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
+    env = {**os.environ, "JOBS": "V5:0:probes V4:0:gate=0.0 V5:0 V4:0 V4:0:ablation V5:0:best=2", "LANES": "2", "ENVS": "0", "DEVICE": "cpu",
            "DATA": str(assets / "demos.hdf5"), "PROBE_EPISODES": "1", "EXTRA": tiny, "PYTHON": sys.executable}
     out = tmp_path / "runs"
     script = ["bash", str(ROOT / "training" / "reproduce_residual.sh"), str(out)]
     first = subprocess.run(script, cwd=ROOT, env={**env, "DEADLINE_S": "60"}, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "5 of 5 jobs not done: rerun the same command" in first.stdout
+    assert "6 of 6 jobs not done: rerun the same command" in first.stdout
     assert "no seed finished yet: no report" in first.stdout and "Traceback" not in first.stdout
     assert not (out / "V5" / "seed_0" / "config.json").exists()  # under 90 s left: no job starts
     alone = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": "V6:0:gate=0"}, capture_output=True, text=True,
@@ -571,6 +641,9 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     typo = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": "V4:0:prob"}, capture_output=True, text=True,
                           timeout=120)
     assert "V4:0:prob: unknown job" in typo.stdout, typo.stdout
+    for job in ("V4:0:best=1", "V4:0:best=2,gat=0"):  # best=1 is the plain run; a misspelt part
+        typo = subprocess.run(script, cwd=ROOT, env={**env, "JOBS": job}, capture_output=True, text=True, timeout=120)
+        assert f"{job}: unknown job" in typo.stdout, typo.stdout
     done = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "all jobs done" in done.stdout, done.stdout
@@ -579,12 +652,15 @@ def test_reproduce_script_runs_lanes_resumes_and_reports(assets, tmp_path):
     probes = json.loads((out / "V5" / "seed_0" / "probes.json").read_text())
     gated = json.loads((out / "V4" / "seed_0" / "gate_0" / "result.json").read_text())
     assert gated["gate"]["margin"] == 0.0 and 0.0 <= gated["gate"]["residual_rate"] <= 1.0
+    chosen = json.loads((out / "V5" / "seed_0" / "best_of_2" / "result.json").read_text())
+    assert chosen["candidates"]["candidates"] == 2 and 0.0 <= chosen["candidates"]["switch_rate"] <= 1.0
     assert set(probes["interventions"]) >= {"none", "zeros"}
     assert len(json.loads((out / "V4" / "seed_0" / "ablation.json").read_text())["rows"]) == 4
     assert "## Table 2: inference-recipe ablation on V4" in (out / "report" / "report.md").read_text()
     report = (out / "report" / "report.md").read_text()
     assert "| **V4 " in report and "| **V5 " in report and "Communication probes" in report
     assert "critic gate 0** |" in report and "| V4 gate 0 ≥ B1" not in report
+    assert "critic best-of-2** |" in report
     assert "| V5 ≥ V4 | V5 − V4 = " in report and "| V5 ≥ 75% | V5 = " in report  # the targets B1-free runs allow
 
 
@@ -634,7 +710,7 @@ class _ExpertDrivenSystem:
         from coop_transport.sim.expert import ExpertConfig, ScriptedExpert
 
         self.sim, self.expert = sim, ScriptedExpert(ExpertConfig())
-        self.config = SimpleNamespace(horizon=horizon, gate_margin=None)
+        self.config = SimpleNamespace(horizon=horizon, gate_margin=None, candidates=1)
         self.counters = SimpleNamespace(actions=0, clipped_actions=0)
 
     def boundary(self, observations, generator, context, **kwargs):
@@ -648,7 +724,7 @@ class _ExpertDrivenSystem:
     def weights_digest(self) -> dict:
         return {"expert": True}
 
-    def gate_stats(self) -> dict:
+    def choice_stats(self) -> dict:
         return {}
 
 

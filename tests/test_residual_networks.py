@@ -363,3 +363,62 @@ def test_gated_acting_with_real_critics_and_agent_independence(arch):
                 p.normal_()
         after = ResidualSystem.act(system, b, g, explore=False, gated=True)
         assert torch.equal(before[:, 1], after[:, 1])
+
+
+# ------------------------------------------------------------------------------------ the critics' choice of draws
+def test_choose_candidate_takes_the_draw_the_doubting_critic_rates_highest():
+    """Hand-made agent: the actor adds 0.1 to every action, Q1 = sum(a), Q2 = sum(a) - 10 * a[0, 0]. Each row
+    executes the actor's chunk over the draw whose lower critic value is highest; ties go to the first draw."""
+    from coop_transport.residual.system import CandidateCounters, choose_candidate
+
+    agent = SimpleNamespace(actor=lambda z, p, ref, m: ref + 0.1,
+                            q=lambda z, p, a, m: (a.flatten(1).sum(1), a.flatten(1).sum(1) - 10 * a[:, 0, 0]))
+    candidates = torch.zeros(3, 3, C, 7)  # (rows, draws, C, D)
+    candidates[0, 1] += 0.2  # row 0: draw 1 is better by both critics
+    candidates[1, 1] += 0.2  # row 1: draw 1 has the larger Q1, but Q2 punishes its a[0, 0] ...
+    candidates[1, 1, 0, 0] = 1.0
+    candidates[1, 2] += 0.05  # ... so draw 2 has the highest lower value
+    counters = CandidateCounters()  # row 2: all draws equal, the first one wins
+    ref, action = choose_candidate(agent, torch.zeros(3, 4), torch.zeros(3, 2), candidates, None, counters)
+    assert torch.equal(ref, candidates[[0, 1, 2], [1, 2, 0]]) and torch.equal(action, ref + 0.1)
+    assert (counters.chunks, counters.switched_chunks) == (3, 2)
+
+
+@pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])
+def test_acting_on_draws_with_real_networks_and_agent_independence(arch):
+    """ResidualSystem.act with K draws per agent: each agent executes its actor's chunk over the draw its own
+    critics rate highest, and the boundary's reference becomes that draw; one draw repeated K times acts as the
+    plain boundary; in V4 robot1's choice does not depend on robot0's critics."""
+    from coop_transport.residual.system import CandidateCounters
+
+    system = fake_system(arch)
+    system.candidate_counters = CandidateCounters()
+    e, k, spec = 4, 3, system.spec
+    g = torch.Generator().manual_seed(2)
+    b = random_boundary(system, e)
+    plain = ResidualSystem.act(system, random_boundary(system, e), g, explore=False)
+    b.candidates = b.ref[:, :, None].repeat(1, 1, k, 1, 1)
+    assert torch.equal(ResidualSystem.act(system, b, g, explore=False), plain)
+    draws = (torch.rand(e, len(spec.agents), k, C, spec.action_dim, generator=g) * 2 - 1)
+    b.candidates = draws
+    action = ResidualSystem.act(system, b, g, explore=False)
+    for i, name in enumerate(spec.agents):
+        agent, received = system.agents[name], (b.received[:, i] if b.received is not None else None)
+        score = torch.stack([torch.minimum(*agent.q(b.latent[:, i], b.proprio[:, i],
+                                                    agent.actor(b.latent[:, i], b.proprio[:, i], draws[:, i, j],
+                                                                received), received))
+                             for j in range(k)], 1)  # (E, K)
+        best = score.argmax(1)
+        chosen = draws[torch.arange(e), i, best]
+        assert torch.equal(b.ref[:, i], chosen)
+        assert torch.allclose(action[:, i], agent.actor(b.latent[:, i], b.proprio[:, i], chosen, received), atol=1e-6)
+    assert system.candidate_counters.chunks == 2 * e * len(spec.agents)
+    assert system.candidate_counters.switched_chunks > 0  # the choice is not always the first draw
+    if arch == "V4":
+        before = b.ref.clone()
+        with torch.no_grad():
+            for p in system.agents["robot0"].q.parameters():
+                p.normal_()
+        b.candidates = draws
+        ResidualSystem.act(system, b, g, explore=False)
+        assert torch.equal(before[:, 1], b.ref[:, 1])

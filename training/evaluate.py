@@ -44,6 +44,9 @@ class Config:
     gate_margin: float | None = None
     """--controller residual: evaluate with the critic gate at this margin (coop_transport.residual.config.
     ResidualConfig.gate_margin); default: the run's own setting."""
+    candidates: int | None = None
+    """--controller residual: the critics choose among this many π0 draws per agent and chunk (coop_transport.
+    residual.config.ResidualConfig.candidates); default: the run's own setting."""
     policy: Path | None = None
     """Checkpoint directory, an export directory (export/export.py; with --backend onnxruntime or tensorrt), or a folder
     of step_* checkpoints; default: the shipped per-arm policy."""
@@ -148,6 +151,11 @@ def main(cfg: Config) -> dict:
                              horizon=cfg.horizon)
     if cfg.gate_margin is not None and cfg.controller != "residual":
         raise ValueError("--gate-margin gates a residual policy's chunks by its critics: it needs --controller residual")
+    if cfg.candidates is not None and cfg.controller != "residual":
+        raise ValueError("--candidates lets a residual policy's critics choose among π0's draws: it needs "
+                         "--controller residual")
+    if cfg.candidates is not None and cfg.candidates < 1:
+        raise ValueError(f"--candidates {cfg.candidates}: must be >= 1")
     if cfg.controller == "expert":
         spec = ControllerSpec("expert", {"handover": cfg.expert_handover}, label=f"expert ({cfg.expert_handover})")
         summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
@@ -159,7 +167,8 @@ def main(cfg: Config) -> dict:
                              "or one of its checkpoints/chunk_* directories (it is not served)")
         recipe = recipe_overrides(cfg)
         args = {"checkpoint": str(cfg.policy), "device": cfg.device, **({"recipe": recipe} if recipe else {}),
-                **({"gate_margin": cfg.gate_margin} if cfg.gate_margin is not None else {})}
+                **({"gate_margin": cfg.gate_margin} if cfg.gate_margin is not None else {}),
+                **({"candidates": cfg.candidates} if cfg.candidates is not None else {})}
         spec = ControllerSpec("residual", args, label=f"residual {cfg.policy}")
         summary = evaluate(spec, eval_config, cfg.out, progress=cfg.progress, resume=cfg.resume)
         print(f"{spec.label}: {summary['successes']}/{summary['episodes']} "

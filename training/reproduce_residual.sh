@@ -7,11 +7,14 @@
 #   DEADLINE_S=540 bash training/reproduce_residual.sh runs/residual    # machines that limit one command's time
 #   JOBS="V4:0 V4:1 V5:0 V5:1 V4:0:gate=0 V4:1:gate=0 V5:0:gate=0 V5:1:gate=0" LANES=4 ENVS=7 \
 #       bash training/reproduce_residual.sh runs/residual             # each seed then its critic-gated evaluation
+#   JOBS="V4:0 V4:0:best=4 V4:0:best=4,gate=0" bash training/reproduce_residual.sh runs/residual   # critics choose
 #
 # A job is ARCH:SEED (B1 B2 V3 V4 V5 V6), ARCH:SEED:probes for the communication probes of a trained V5/V6 seed,
 # ARCH:SEED:ablation for Table 2's recipe ladder on a trained seed (--mode ablation), or ARCH:SEED:gate=M for the
 # evaluation of a trained seed with the critic gate at margin M (--mode eval --gate-margin M; the report shows it as
-# the method "ARCH gate M", paired with the ungated one). A probes, ablation or gate job runs in the lane of its
+# the method "ARCH gate M", paired with the ungated one), ARCH:SEED:best=K for one with the critics choosing among K
+# π0 draws per agent and chunk (--mode eval --candidates K: "ARCH best-of-K"), or ARCH:SEED:best=K,gate=M for both.
+# A probes, ablation, gate or best job runs in the lane of its
 # seed's training job, after it, wherever it stands in JOBS; without that job in JOBS it needs the seed trained by an
 # earlier call. Each of them continues an evaluation cut off by DEADLINE_S where it stopped. Lanes take the training jobs in turn (job k of them goes to lane k mod LANES), each with
 # the jobs that need it. EXTRA="--eval-every 0" evaluates only the final networks
@@ -45,35 +48,61 @@ fi
 
 left() { [[ -z "$DEADLINE_S" ]] && echo 999999 || echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 
-# A gate margin as training/residual.py names its directory (Python's format "g": 0.0 -> 0, 1e-3 -> 0.001).
-margin() { $PY -c "import sys; print(f'{float(sys.argv[1]):g}')" "$1"; }
+# The directory of an evaluation in which the critics choose, as training/residual.py names it (residual.train.
+# selection_name; margins in Python's format "g": 0.0 -> 0, 1e-3 -> 0.001): gate=M -> gate_M, best=K -> best_of_K,
+# best=K,gate=M -> best_of_K_gate_M.
+selection() { $PY -c "import sys
+s = dict(p.split('=', 1) for p in sys.argv[1].split(','))
+k, m = int(s.get('best', 1)), s.get('gate')
+print('_'.join(([f'best_of_{k}'] if k > 1 else []) + ([f'gate_{float(m):g}'] if m is not None else [])))" "$1"; }
+
+# training/residual.py's flags of a job's critic selection: gate=M -> --gate-margin M, best=K -> --candidates K
+# (comma-separated, K > 1); nothing and status 1 for anything else.
+selection_flags() {
+    local part flags=()
+    IFS=, read -r -a parts <<<"$1"
+    for part in "${parts[@]}"; do
+        case $part in
+            gate=?*) flags+=(--gate-margin "${part#gate=}") ;;
+            best=?*) [[ ${part#best=} =~ ^[0-9]+$ ]] && (( ${part#best=} > 1 )) || return 1  # best=1: the plain run
+                     flags+=(--candidates "${part#best=}") ;;
+            *) return 1 ;;
+        esac
+    done
+    echo "${flags[@]}"
+}
 
 # The file a finished job leaves: result.json of a seed, probes.json of its probes, ablation.json of its recipe
-# ladder, gate_M/result.json of a gated evaluation.
+# ladder, <selection>/result.json of an evaluation in which the critics choose.
 marker() {
     case $3 in
         probes) echo "$OUT/$1/seed_$2/probes.json" ;;
         ablation) echo "$OUT/$1/seed_$2/ablation.json" ;;
-        gate=*) echo "$OUT/$1/seed_$2/gate_$(margin "${3#gate=}")/result.json" ;;
+        gate=*|best=*) echo "$OUT/$1/seed_$2/$(selection "$3")/result.json" ;;
         *) echo "$OUT/$1/seed_$2/result.json" ;;
     esac
 }
 
 # One job until done (or out of time): 0 done, 1 out of time, 2 failed.
 run_job() {
-    local arch=$1 seed=$2 mode=$3 marker log s budget
-    marker=$(marker "$arch" "$seed" "$mode")
-    log="$OUT/logs/$arch.s$seed.${mode/=/}.log"
+    local arch=$1 seed=$2 mode=$3 marker log s budget flags
+    log="$OUT/logs/$arch.s$seed.${mode//[=,]/}.log"
     local args=(--arch "$arch" --seed "$seed" --out "$OUT/$arch" --envs "$ENVS" --device "$DEVICE" --data "$DATA"
                 --no-progress)
     case $mode in
         train) args+=(--mode train) ;;
         probes) args+=(--mode probes --eval-episodes "$PROBE_EPISODES") ;;
         ablation) args+=(--mode ablation) ;;
-        gate=*) args+=(--mode eval --gate-margin "${mode#gate=}") ;;
-        *) echo "$arch:$seed:$mode: unknown job (ARCH:SEED, ARCH:SEED:probes, ARCH:SEED:ablation, ARCH:SEED:gate=M)"
-           return 2 ;;
+        gate=*|best=*) if flags=$(selection_flags "$mode"); then read -r -a flags <<<"$flags"
+                       args+=(--mode eval "${flags[@]}"); else mode=unknown; fi ;;
+        *) mode=unknown ;;
     esac
+    if [[ $mode == unknown ]]; then
+        echo "$arch:$seed:$3: unknown job (ARCH:SEED, ARCH:SEED:probes, ARCH:SEED:ablation, ARCH:SEED:gate=M," \
+             "ARCH:SEED:best=K, ARCH:SEED:best=K,gate=M)"
+        return 2
+    fi
+    marker=$(marker "$arch" "$seed" "$mode")
     [[ $mode != train && ! -f $(marker "$arch" "$seed" train) ]] && {
         echo "$arch seed $seed $mode: seed $seed of $arch is not trained (add $arch:$seed to JOBS)"; return 2; }
     while [[ ! -f "$marker" ]]; do
@@ -108,7 +137,7 @@ lane() {
 }
 
 read -r -a jobs <<<"$JOBS"
-# Groups: each training job, then the jobs that need it (its probes, its gated evaluations) in the order of JOBS; a
+# Groups: each training job, then the jobs that need it (its probes, ladder and critic-selected evaluations) in the order of JOBS; a
 # job whose training job is not in JOBS is a group of its own.
 groups=()
 declare -A group_of=()

@@ -162,14 +162,15 @@ def make_pi0(policy: str | None = None, recipe: dict | None = None, device: str 
 
 @register_controller("residual")
 def make_residual(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None,
-                  gate_margin: float | None = None):
+                  gate_margin: float | None = None, candidates: int | None = None):
     """A residual-RL policy (V3-V6) from a checkpoint or a run directory (its best checkpoint); see
     ``coop_transport.residual.policy``. ``recipe`` overrides fields of the trained recipe (e.g. num_samples);
-    ``gate_margin`` turns on the critic gate (``ResidualConfig.gate_margin``)."""
+    ``gate_margin`` turns on the critic gate (``ResidualConfig.gate_margin``), ``candidates`` the critics' choice
+    among π0's draws (``ResidualConfig.candidates``)."""
     from coop_transport.residual.policy import make_residual_controller
 
     return make_residual_controller(checkpoint, device=device, threads=threads, recipe=recipe,
-                                    gate_margin=gate_margin)
+                                    gate_margin=gate_margin, candidates=candidates)
 
 
 @register_controller("state-bc")

@@ -301,14 +301,8 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     lo, hi = wilson_interval(wins, n)
     clip_actions = sum(r["stats"].get("clip_actions", 0) for r in results)
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
-    gate_chunks = sum(r["stats"].get("gate_chunks", 0) for r in results)  # residual policies with the critic gate
-    kept = sum(r["stats"].get("gate_residual_chunks", 0) for r in results)
-    margins = {r["stats"]["gate_settings"]["margin"] for r in results if "gate_settings" in r["stats"]}
-    gate = None
-    if gate_chunks or margins:  # a gated policy; no chunk at all when every episode came from an earlier call
-        gate = {"agent_chunks": gate_chunks, "residual_rate": kept / gate_chunks if gate_chunks else None}
-        if len(margins) == 1:  # a setting, passed through per episode, not summed like the counters
-            gate["margin"] = margins.pop()
+    gate = choice_summary(results, "gate", "residual", "residual_rate", "margin")  # residual policies' critic gate
+    candidates = choice_summary(results, "candidate", "switched", "switch_rate", "candidates")  # choice of π0 draws
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
@@ -324,8 +318,26 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
         "mean_milestones": float(np.mean([len(r.get("milestones", ())) for r in results])),
         "wall_s": wall_s,
         **({"gate": gate} if gate else {}),
+        **({"candidates": candidates} if candidates else {}),
         "per_seed": results,
     }
+
+
+def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting: str) -> dict | None:
+    """A residual policy's per-chunk choice over the episodes (the critic gate, the critics' choice among π0's
+    draws): the episodes' ``<name>_chunks`` and ``<name>_<hit>_chunks`` counters summed into agent chunks and
+    ``rate``, and the ``setting`` passed through from ``<name>_settings`` (a setting, not summed like the
+    counters). None for a policy without it; a policy with it and no chunk at all (every episode came from an
+    earlier call) keeps its setting."""
+    chunks = sum(r["stats"].get(f"{name}_chunks", 0) for r in results)
+    hits = sum(r["stats"].get(f"{name}_{hit}_chunks", 0) for r in results)
+    settings = {r["stats"][f"{name}_settings"][setting] for r in results if f"{name}_settings" in r["stats"]}
+    if not (chunks or settings):
+        return None
+    out = {"agent_chunks": chunks, rate: hits / chunks if chunks else None}
+    if len(settings) == 1:
+        out[setting] = settings.pop()
+    return out
 
 
 def milestone_rates(results: list[dict]) -> dict[str, float]:
@@ -369,6 +381,12 @@ def markdown_summary(summary: dict) -> str:
         margin = f"margin {gate['margin']:g}: " if gate.get("margin") is not None else ""
         rate = "—" if gate["residual_rate"] is None else f"{100 * gate['residual_rate']:.1f}%"
         lines.append(f"| critic gate | {margin}{rate} of {gate['agent_chunks']} agent chunks kept their residual |")
+    chosen = summary.get("candidates")
+    if chosen:
+        draws = f"{chosen['candidates']} π0 draws: " if chosen.get("candidates") is not None else ""
+        rate = "—" if chosen["switch_rate"] is None else f"{100 * chosen['switch_rate']:.1f}%"
+        lines.append(f"| critics' choice | {draws}{rate} of {chosen['agent_chunks']} agent chunks took another "
+                     "than the first |")
     lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:

@@ -100,6 +100,15 @@ class ResidualConfig:
     reference chunk otherwise (None: always the residual, the paper). A residual fitted to critics learned from a
     few dozen episodes lowered success in every measured run; the gate falls back to π0 wherever the critics do not
     agree that the change helps. ``--mode eval --gate-margin M`` evaluates a trained run gated."""
+    candidates: int = 1
+    """Reference chunks π0 draws per agent and boundary at evaluation and deployment (not in training's
+    exploration); the actor proposes an executed chunk over each, and the agent executes the one its critics rate
+    highest (the lower of the twin critics' values). 1: one reference, the paper. π0's episodes succeed or fail
+    with its sampling noise (two noise streams over one set of reset seeds agreed on 63 of 100 episodes), and a
+    critic choosing among draws of π0 itself stays on the distribution it learned from, unlike the residual's own
+    change. With ``gate_margin`` the gate then compares the chosen chunk with its own reference. V6 agents send
+    their first draw's reference (the partner's choice depends on what it receives). ``--mode eval --candidates K``
+    evaluates a trained run this way."""
 
     # ---- objective
     expectile: float = 0.6
@@ -217,6 +226,10 @@ class ResidualConfig:
             bad.append(f"gate_margin={self.gate_margin} (must be finite or None)")
         if self.gate_margin is not None and not get_arch(self.arch).residual:
             bad.append(f"gate_margin={self.gate_margin}: {self.arch} has no residual and no critics to gate it")
+        if self.candidates < 1:
+            bad.append(f"candidates={self.candidates} (must be >= 1)")
+        if self.candidates > 1 and not get_arch(self.arch).residual:
+            bad.append(f"candidates={self.candidates}: {self.arch} has no critics to choose among π0's draws")
         if self.clip_sigma is not None and self.clip_sigma <= 0:
             bad.append(f"clip_sigma={self.clip_sigma} (must be positive or None)")
         if bad:

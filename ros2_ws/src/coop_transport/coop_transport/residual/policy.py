@@ -49,13 +49,14 @@ class ResidualController:
     def stats(self) -> dict:
         c = self.system.counters
         return {"clip_actions": c.actions, "clip_clipped_actions": c.clipped_actions, "clip_per_dim": c.per_dim,
-                "chunks": self.chunks, **self.system.gate_stats()}
+                "chunks": self.chunks, **self.system.choice_stats()}
 
 
 def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int = 1, recipe: dict | None = None,
-                             gate_margin: float | None = None):
+                             gate_margin: float | None = None, candidates: int | None = None):
     """Factory of the ``"residual"`` controller kind: (controller, SimConfig overrides). ``gate_margin`` turns
-    on the critic gate (``ResidualConfig.gate_margin``); None keeps the checkpoint's setting."""
+    on the critic gate (``ResidualConfig.gate_margin``), ``candidates`` the critics' choice among π0's draws
+    (``ResidualConfig.candidates``); None keeps the checkpoint's setting."""
     from coop_transport.residual.checkpoint import load_policy
 
     torch.set_num_threads(threads)
@@ -64,6 +65,8 @@ def make_residual_controller(checkpoint: str, device: str = "cpu", threads: int 
         system = system.with_recipe(system.recipe.with_(**recipe))
     if gate_margin is not None:
         system = system.with_gate(gate_margin)
+    if candidates is not None:
+        system = system.with_candidates(candidates)
     overrides = {"wrist_cameras": True, "agentview": True, "image_size": system.vla.image_size}
     return ResidualController(system), overrides
 
@@ -119,6 +122,9 @@ class ResidualArmPolicy:
                "architecture": self.architecture}
         if self.system.config.gate_margin is not None:
             out["gate_residual_rate"] = g.residual_rate
+        k = self.system.candidate_counters
+        if self.system.config.candidates > 1:
+            out["candidate_switch_rate"] = k.switched_chunks / max(k.chunks, 1)
         return out
 
 

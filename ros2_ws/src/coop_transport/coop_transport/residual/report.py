@@ -34,8 +34,9 @@ PAIRED_COMPARISONS = (("V4", "V5"), ("V4", "V6"), ("V5", "V6"))
 
 
 def paired_comparisons(methods) -> list[tuple[str, str]]:
-    """The paper's pairs among the ungated methods and among those of each gate margin, and each gated method
-    against its own ungated evaluation (the same checkpoints, the same reset seeds: the gate's effect)."""
+    """The paper's pairs among the plain methods and among those of each critic selection (gate margin, best-of-K),
+    and each selected method against its own plain evaluation (the same checkpoints, the same reset seeds: the
+    selection's effect)."""
     methods = list(methods)
     suffixes = sorted({gate_suffix(m) for m in methods})
     pairs = [(a + s, b + s) for s in suffixes for a, b in PAIRED_COMPARISONS]
@@ -65,10 +66,13 @@ def run_settings(result: dict) -> dict:
 
 
 def method_name(result: dict) -> str:
-    """A result's row in the tables: its architecture, or "<arch> gate <M>" for an evaluation with the critic gate
-    (``--mode eval --gate-margin M``), a method of its own beside the ungated one."""
-    margin = result.get("config", {}).get("gate_margin")
-    return result["arch"] if margin is None else f"{result['arch']} gate {margin:g}"
+    """A result's row in the tables: its architecture, or for an evaluation in which the critics choose a method
+    of its own beside the plain one: "<arch> gate <M>" with the critic gate (``--mode eval --gate-margin M``),
+    "<arch> best-of-<K>" with their choice among K π0 draws (``--candidates K``), or both."""
+    config = result.get("config", {})
+    margin, candidates = config.get("gate_margin"), config.get("candidates", 1)
+    return (result["arch"] + (f" best-of-{candidates}" if candidates > 1 else "")
+            + (f" gate {margin:g}" if margin is not None else ""))
 
 
 def base_arch(method: str) -> str:
@@ -76,7 +80,7 @@ def base_arch(method: str) -> str:
 
 
 def gate_suffix(method: str) -> str:
-    """What a method's name adds to its architecture: "" or " gate M"."""
+    """What a method's name adds to its architecture: "", " gate M", " best-of-K" or " best-of-K gate M"."""
     return method[len(base_arch(method)):]
 
 

@@ -9,6 +9,8 @@
    send their reference chunk; agent i receives its partner's (``received``); an optional ``message_override``
    replaces what is received (the communication probes);
 4. each agent's actor gives the executed chunk clip(ref + s tanh(Δ + noise), -1, 1) (noise only when exploring);
+   with ``config.candidates`` K > 1, evaluation draws K reference chunks per agent in step 1 and each agent executes
+   the actor's chunk over the one its critics rate highest (``choose_candidate``);
 5. with ``config.gate_margin`` set, evaluation (deterministic, no exploration) keeps an agent's residual chunk only
    where both of its critics rate it above the reference chunk by more than the margin (``critic_gate``), and executes
    the reference otherwise. Each agent consults its own critics only, so V4's agents stay independent.
@@ -46,6 +48,7 @@ class Boundary:
     sent: torch.Tensor | None  # (E, A, M) messages each agent emits (None without a message)
     received: torch.Tensor | None  # (E, A, M) messages each agent receives
     action: torch.Tensor | None = None  # (E, A, C, D) executed chunks
+    candidates: torch.Tensor | None = None  # (E, A, K, C, D) π0 draws the critics choose among (K > 1); ref: the chosen
     prefix: torch.Tensor | None = None  # (E * A, L, D_vlm) π0 prefix tokens (kept on request)
     prefix_mask: torch.Tensor | None = None  # (E * A, L)
 
@@ -69,6 +72,36 @@ class GateCounters:
     @property
     def residual_rate(self) -> float:
         return self.residual_chunks / max(self.chunks, 1)
+
+
+@dataclass
+class CandidateCounters:
+    """How often the critics chose another of π0's draws than the first: agent chunks chosen, and of those, the
+    ones that switched."""
+
+    chunks: int = 0
+    switched_chunks: int = 0
+
+
+def choose_candidate(agent, latent, proprio, candidates, received,
+                     counters: CandidateCounters | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, executed chunk) per row: of the K reference chunks ``candidates`` (B, K, C, D), the one whose
+    executed chunk (the actor's, without exploration) the lower of ``agent``'s twin critics rates highest. Ties go
+    to the earliest draw. Reads nothing but this agent's own networks and inputs."""
+    b, k = candidates.shape[:2]
+
+    def repeat(x):
+        return None if x is None else x.repeat_interleave(k, dim=0)
+
+    refs = candidates.flatten(0, 1)
+    actions = agent.actor(repeat(latent), repeat(proprio), refs, repeat(received))
+    q1, q2 = agent.q(repeat(latent), repeat(proprio), actions, repeat(received))
+    best = torch.minimum(q1, q2).view(b, k).argmax(dim=1)
+    if counters is not None:
+        counters.chunks += b
+        counters.switched_chunks += int((best != 0).sum())
+    rows = torch.arange(b, device=best.device)
+    return refs.view(b, k, *refs.shape[1:])[rows, best], actions.view(b, k, *actions.shape[1:])[rows, best]
 
 
 def critic_gate(agent, latent, proprio, ref, received, action, margin: float,
@@ -143,6 +176,7 @@ class ResidualSystem:
         self.state_std = torch.as_tensor(vla.state_std[:spec.proprio_dim], device=self.device)
         self.counters = ClipCounters()
         self.gate_counters = GateCounters()
+        self.candidate_counters = CandidateCounters()
         self.pose_mean = torch.zeros(6, device=self.device)  # sender-pose standardization for V5 (set from demos)
         self.pose_std = torch.ones(6, device=self.device)
 
@@ -167,19 +201,30 @@ class ResidualSystem:
             residual = digest.hexdigest()
         return {"vla": getattr(self.vla, "weights_sha256", None), "residual": residual}
 
-    def gate_stats(self) -> dict:
-        """The critic gate's running counters and its margin, as ``evaluation.stats_delta`` takes per-episode
-        differences of the counters (passing the margin through) and ``evaluation.summarize`` sums them (none
-        without the gate)."""
-        if self.config.gate_margin is None:
-            return {}
-        return {"gate_chunks": self.gate_counters.chunks, "gate_residual_chunks": self.gate_counters.residual_chunks,
-                "gate_settings": {"margin": self.config.gate_margin}}
+    def choice_stats(self) -> dict:
+        """The critic gate's and the candidate choice's running counters and settings, as
+        ``evaluation.stats_delta`` takes per-episode differences of the counters (passing the settings through) and
+        ``evaluation.summarize`` sums them (none with neither)."""
+        out = {}
+        if self.config.gate_margin is not None:
+            out.update(gate_chunks=self.gate_counters.chunks, gate_residual_chunks=self.gate_counters.residual_chunks,
+                       gate_settings={"margin": self.config.gate_margin})
+        if self.config.candidates > 1:
+            out.update(candidate_chunks=self.candidate_counters.chunks,
+                       candidate_switched_chunks=self.candidate_counters.switched_chunks,
+                       candidate_settings={"candidates": self.config.candidates})
+        return out
 
     def with_gate(self, margin: float | None) -> "ResidualSystem":
         """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""
         other = self.with_recipe(self.recipe)
         other.config = self.config.replace(gate_margin=margin)
+        return other
+
+    def with_candidates(self, candidates: int) -> "ResidualSystem":
+        """The same π0, networks and recipe, choosing among ``candidates`` draws of π0 per agent and boundary."""
+        other = self.with_recipe(self.recipe)
+        other.config = self.config.replace(candidates=candidates)
         return other
 
     @property
@@ -231,21 +276,32 @@ class ResidualSystem:
 
         ``generator``: one for all rows, or a list of G generators, each drawing the noise of its R / G consecutive
         rows (one environment's agents: evaluation episodes with noise streams of their own)."""
-        vla, n = self.vla, self.recipe.num_samples
+        ref, prefix, mask = self.vla_draws(images, states, prompts, generator, 1, keep_prefix)
+        return ref[:, 0], prefix, mask
+
+    @torch.no_grad()
+    def vla_draws(self, images, states, prompts, generator: torch.Generator | list[torch.Generator],
+                  draws: int, keep_prefix: bool = True):
+        """``vla_infer`` with ``draws`` reference chunks per row, each the recipe's mean of its own N samples:
+        (R, K, C, D). π0's prefix is computed once per row. Each generator draws the noise of draw 0 of all its rows
+        first, as ``vla_infer`` would, then draw 1's, and so on: draw 0 is the reference of one draw. The clip
+        counters count every draw's actions."""
+        vla, per_draw = self.vla, self.recipe.num_samples
+        n = per_draw * draws
         batch = vla.make_batch(images, states, prompts)
         rows = len(states)
-        pc = vla.config
-        if isinstance(generator, torch.Generator):
-            noise = torch.randn((rows * n, pc.action_horizon, pc.action_pad_dim), generator=generator)
-        else:
-            if rows % len(generator):
-                raise ValueError(f"{rows} rows cannot be split over {len(generator)} generators")
-            per = rows // len(generator) * n
-            noise = torch.cat([torch.randn((per, pc.action_horizon, pc.action_pad_dim), generator=g)
-                               for g in generator])
+        shape = (vla.config.action_horizon, vla.config.action_pad_dim)
+        generators = [generator] if isinstance(generator, torch.Generator) else generator
+        if rows % len(generators):
+            raise ValueError(f"{rows} rows cannot be split over {len(generators)} generators")
+        per = rows // len(generators)
+        # (rows of a generator, draws, N) in the row-major order sample_batch takes (a row's samples together)
+        noise = torch.cat([torch.stack([torch.randn((per, per_draw, *shape), generator=g) for _ in range(draws)], 1)
+                           for g in generators]).reshape(rows * n, *shape)
         samples, cache = vla.sample_batch(batch, n, noise=noise.to(self.device), return_prefix=True)
-        refs = np.stack([reduce_chunk(s, self.recipe, vla.action_mean, vla.action_std, self.counters,
-                                      vla.action_min, vla.action_max) for s in samples])  # (R, C, D)
+        refs = np.stack([[reduce_chunk(s[k * per_draw:(k + 1) * per_draw], self.recipe, vla.action_mean,
+                                       vla.action_std, self.counters, vla.action_min, vla.action_max)
+                          for k in range(draws)] for s in samples])  # (R, K, C, D)
         prefix = cache.prefix_embeddings if self.config.prefix_source == "embeddings" else cache.prefix_hidden
         ref = torch.as_tensor(refs, dtype=torch.float32, device=self.device)
         return ref, (prefix.float() if keep_prefix else None), cache.prefix_mask
@@ -283,10 +339,14 @@ class ResidualSystem:
                 raise ValueError("per-environment generators serve deterministic evaluation only (no exploration, "
                                  "message means)")
         images, states, prompts = self.rows(observations)
-        ref, prefix, mask = self.vla_infer(images, states, prompts, generator)
-        ref = ref.view(e, n_agents, *ref.shape[1:])
+        choose = deterministic and not explore and self.agents is not None and self.config.candidates > 1
+        draws, prefix, mask = self.vla_draws(images, states, prompts, generator,
+                                             self.config.candidates if choose else 1)
+        draws = draws.view(e, n_agents, *draws.shape[1:])
+        ref = draws[:, :, 0]  # until the critics choose: what V6 agents send
         proprio = self.normalize_proprio(states).view(e, n_agents, -1)
-        out = Boundary(ref=ref, proprio=proprio, latent=None, sent=None, received=None)
+        out = Boundary(ref=ref, proprio=proprio, latent=None, sent=None, received=None,
+                       candidates=draws if choose else None)
         if keep_prefix:
             out.prefix, out.prefix_mask = prefix, mask
         if self.agents is None:
@@ -318,20 +378,28 @@ class ResidualSystem:
 
     def act(self, b: Boundary, generator: torch.Generator, explore: bool, gated: bool = False) -> torch.Tensor:
         """Executed chunks (E, A, C, D) from a boundary's latents, references and received messages; ``gated``
-        applies the critic gate when ``config.gate_margin`` is set."""
-        actions = []
+        applies the critic gate when ``config.gate_margin`` is set. With ``b.candidates`` each agent's critics
+        choose among π0's draws first, and ``b.ref`` becomes the chosen reference."""
+        actions, refs = [], []
         std = exploration_std(self.config, self.spec.action_dim, self.device)
         for i, name in enumerate(self.agent_names):
             agent = self.agents[name]
-            noise = None
-            if explore and bool((std > 0).any()):
-                noise = std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
             received = b.received[:, i] if b.received is not None else None
-            action = agent.actor(b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, noise)
+            ref = b.ref[:, i]
+            if b.candidates is not None:
+                ref, action = choose_candidate(agent, b.latent[:, i], b.proprio[:, i], b.candidates[:, i], received,
+                                               self.candidate_counters)
+            else:
+                noise = None
+                if explore and bool((std > 0).any()):
+                    noise = std * torch.randn(ref.shape, generator=generator).to(self.device)
+                action = agent.actor(b.latent[:, i], b.proprio[:, i], ref, received, noise)
             if gated and self.config.gate_margin is not None:
-                action = critic_gate(agent, b.latent[:, i], b.proprio[:, i], b.ref[:, i], received, action,
+                action = critic_gate(agent, b.latent[:, i], b.proprio[:, i], ref, received, action,
                                      self.config.gate_margin, self.gate_counters)
             actions.append(action)
+            refs.append(ref)
+        b.ref = torch.stack(refs, dim=1)
         return torch.stack(actions, dim=1)
 
     # ------------------------------------------------------------------------------------ one agent (ROS node)
@@ -343,9 +411,10 @@ class ResidualSystem:
         FiLM maps to the identity."""
         if self.spec.vla_variant != "per-arm":
             raise ValueError(f"{self.spec.name} is not a per-arm architecture")
-        ref, prefix, mask = self.vla_infer([arm_images(arm_obs)], [policy_state(arm_obs, self.vla.state_history)],
-                                           [self.vla.prompts[arm]],
-                                           generator)
+        draws = self.config.candidates if self.agents is not None else 1
+        refs, prefix, mask = self.vla_draws([arm_images(arm_obs)], [policy_state(arm_obs, self.vla.state_history)],
+                                            [self.vla.prompts[arm]], generator, draws)
+        ref = refs[:, 0]
         if self.agents is None:
             return ref[0].cpu().numpy(), None
         agent = self.agents[arm]
@@ -365,7 +434,10 @@ class ResidualSystem:
                     raise ValueError(f"partner message has {flat.shape[0]} values, {self.spec.name} expects "
                                      f"{agent.received_dim}")
                 message = torch.as_tensor(flat, device=self.device)[None]
-        action = agent.actor(z, proprio, ref, message)
+        if draws > 1:
+            ref, action = choose_candidate(agent, z, proprio, refs, message, self.candidate_counters)
+        else:
+            action = agent.actor(z, proprio, ref, message)
         if self.config.gate_margin is not None:
             action = critic_gate(agent, z, proprio, ref, message, action, self.config.gate_margin, self.gate_counters)
         return action[0].cpu().numpy(), sent

@@ -85,7 +85,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     todo = [s for s in seeds if s not in done]
 
     before = {"clip_actions": system.counters.actions, "clip_clipped_actions": system.counters.clipped_actions,
-              **system.gate_stats()}
+              **system.choice_stats()}
     start = time.perf_counter()
     bar = tqdm(total=episodes, initial=len(done), desc=f"eval {label}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -104,7 +104,7 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     for r in results:
         r["stats"] = {}
     after = {"clip_actions": system.counters.actions, "clip_clipped_actions": system.counters.clipped_actions,
-             **system.gate_stats()}
+             **system.choice_stats()}
     results[0]["stats"] = stats_delta(before, after)  # this call's counters, summed by summarize
     spec = ControllerSpec("residual", args, label)
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
@@ -113,6 +113,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     summary["this_call_only"] = ["clip activation rate", "wall time"]
     if system.config.gate_margin is not None:
         summary["this_call_only"].append("critic gate share")
+    if system.config.candidates > 1:
+        summary["this_call_only"].append("critics' choice share")
     if out is not None:
         write_summary(summary, Path(out))
     return summary
@@ -447,26 +449,43 @@ def _train_seeds(config: ResidualConfig, seeds: list[int], pool: EnvPool, starte
     return results
 
 
-def gated_run_dir(run: Path, margin: float) -> Path:
-    """Where ``--mode eval --gate-margin M`` writes a run's gated result (a result.json that report.py reads as the
-    method "<arch> gate M")."""
-    return run / f"gate_{margin:g}"
+def selection_name(margin: float | None, candidates: int = 1) -> str | None:
+    """The name of an evaluation in which the critics choose (``gate_M``, ``best_of_K``, ``best_of_K_gate_M``), or
+    None for the run's plain evaluation."""
+    parts = ([f"best_of_{candidates}"] if candidates > 1 else []) + ([f"gate_{margin:g}"] if margin is not None
+                                                                      else [])
+    return "_".join(parts) or None
+
+
+def gated_run_dir(run: Path, margin: float | None, candidates: int = 1) -> Path:
+    """Where ``--mode eval --gate-margin M`` and / or ``--candidates K`` write a run's result (a result.json that
+    report.py reads as the method "<arch> gate M", "<arch> best-of-K" or "<arch> best-of-K gate M")."""
+    name = selection_name(margin, candidates)
+    if name is None:
+        raise ValueError("neither a gate margin nor more than one candidate: the run's own result.json is its result")
+    return run / name
 
 
 def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, started: float | None = None) -> dict:
-    """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best; with ``--gate-margin M``,
-    gated by its critics, under <run>/eval/best_gate_M, and its result.json under ``gated_run_dir``. The episodes
-    are logged as they end: a rerun after ``--stop-after-s`` (or a kill) continues the evaluation; a rerun of a
-    finished one evaluates anew."""
+    """Evaluate a run's best checkpoint again (``--mode eval``), under <run>/eval/best; with ``--gate-margin M``
+    and / or ``--candidates K``, the critics choosing, under <run>/eval/best_<selection_name>, and its result.json
+    under ``gated_run_dir``. The episodes are logged as they end: a rerun after ``--stop-after-s`` (or a kill)
+    continues the evaluation; a rerun of a finished one evaluates anew."""
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
 
     run = config.run_dir(seed)
     system = load_policy(run, config.device)
     checkpoint = resolve_policy_dir(run)
     name, args = "best", {"checkpoint": str(checkpoint)}
-    if config.gate_margin is not None:
-        system = system.with_gate(config.gate_margin)
-        name, args = f"best_gate_{config.gate_margin:g}", {**args, "gate_margin": config.gate_margin}
+    selection = selection_name(config.gate_margin, config.candidates)
+    if selection is not None:
+        if config.gate_margin is not None:
+            system = system.with_gate(config.gate_margin)
+        if config.candidates > 1:
+            system = system.with_candidates(config.candidates)
+        name = f"best_{selection}"
+        args = {**args, **({"gate_margin": config.gate_margin} if config.gate_margin is not None else {}),
+                **({"candidates": config.candidates} if config.candidates > 1 else {})}
     own = pool is None
     pool = pool or make_pool(config.envs, sim_config_for(config, system.vla.image_size, False), config.gamma,
                              config.ray_address)
@@ -482,13 +501,13 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
         print(f"stopping the evaluation of {run} after --stop-after-s {config.stop_after_s:g}; the same command "
               "continues it")
         return {"arch": config.arch, "seed": seed, "out_of_time": True}
-    if config.gate_margin is not None:
+    if selection is not None:
         trained = json.loads((run / RESULT_JSON).read_text()) if (run / RESULT_JSON).is_file() else {}
-        result = {"arch": system.spec.name, "seed": seed, "trains": True, "gated": True,
+        result = {"arch": system.spec.name, "seed": seed, "trains": True, "gated": config.gate_margin is not None,
                   "evaluated_checkpoint": str(checkpoint.relative_to(run)) if checkpoint.is_relative_to(run)
                   else str(checkpoint),
-                  **measured(summary), "gate": summary["gate"],
+                  **measured(summary), **{k: summary[k] for k in ("gate", "candidates") if k in summary},
                   "ungated_success_rate": trained.get("success_rate"),
                   "config": config_to_json(system.config)}
-        _write_result(gated_run_dir(run, config.gate_margin), result)
+        _write_result(gated_run_dir(run, config.gate_margin, config.candidates), result)
     return summary
