@@ -444,8 +444,9 @@ def test_policy_node_loads_an_exported_policy(exported):
 
 @pytest.fixture(scope="module")
 def tiny_with_residual(tmp_path_factory):
-    """The tiny config with a V5 residual run (RL token encoders, communication heads, residual actors), its weights
-    forced into .onnx.data files (the path π0-3B's >2 GB graphs take)."""
+    """The tiny config with a V5 residual run (RL token encoders, communication heads, residual actors, and the
+    critics its gate and its choice among 2 π0 draws consult), its weights forced into .onnx.data files (the path
+    π0-3B's >2 GB graphs take)."""
     from coop_transport.pi0_policy import Pi0Policy
     from coop_transport.residual.checkpoint import save_policy
     from coop_transport.residual.config import ResidualConfig
@@ -455,7 +456,7 @@ def tiny_with_residual(tmp_path_factory):
     checkpoint = make_checkpoint(root / "ckpt", name="tiny")
     vla = Pi0Policy.load(checkpoint, device="cpu")
     config = ResidualConfig(arch="V5", vla=checkpoint, chunk=4, latent_dim=32, encoder_width=16, encoder_heads=2,
-                            encoder_layers=1, hidden_dim=32)
+                            encoder_layers=1, hidden_dim=32, gate_margin=0.0, candidates=2)
     torch.manual_seed(0)
     agents = make_agents(config.spec, config, vla)
     for p in agents.parameters():  # move zero-initialized layers (FiLM, actor output) off zero
@@ -470,12 +471,17 @@ def tiny_with_residual(tmp_path_factory):
 def test_residual_networks_exported_with_parity(tiny_with_residual):
     manifest = tiny_with_residual["manifest"]
     kinds = {name: g["kind"] for name, g in manifest["graphs"].items()}
-    assert kinds == {"pi0_chunk_b1_n4": "pi0_chunk_sampler", "pi0_chunk_prefix_b1_n4": "pi0_chunk_sampler_prefix",
+    assert kinds == {"pi0_chunk_b1_n4": "pi0_chunk_sampler", "pi0_chunk_prefix_b1_n8": "pi0_chunk_sampler_prefix",
                      **{f"{k}_{a}": k for k in ("rl_token_encoder", "communication_head", "residual_actor")
-                        for a in ("robot0", "robot1")}}
+                        for a in ("robot0", "robot1")},
+                     "critic_robot0": "twin_critic", "critic_robot1": "twin_critic"}
     actor = manifest["graphs"]["residual_actor_robot0"]
     assert [i["name"] for i in actor["inputs"]] == ["latent", "proprio", "reference", "message"]
     assert actor["outputs"][0]["shape"] == [1, 4, 7]
+    critic = manifest["graphs"]["critic_robot0"]  # 2 draws of N = 4 in one sampler call, rated by the critics
+    assert [i["name"] for i in critic["inputs"]] == ["latent", "proprio", "actions", "message"]
+    assert [o["name"] for o in critic["outputs"]] == ["q1", "q2"]
+    assert manifest["graphs"]["pi0_chunk_prefix_b1_n8"]["settings"]["draws"] == 2
     assert manifest["residual"]["architecture"] == "V5"
     assert manifest["residual"]["vla"]["weights_sha256"] == manifest["source_checkpoint"]["weights_sha256"]
     graphs = manifest["parity"]["graphs"]

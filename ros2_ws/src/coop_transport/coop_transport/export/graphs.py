@@ -182,9 +182,11 @@ class Pi0ChunkSamplerWithPrefix(Pi0ChunkSampler):
 @register_exporter("residual")
 def residual_items(source: ExportSource) -> list[ExportItem]:
     """A residual-RL policy's networks per agent (coop_transport.residual): the RL token encoder, the communication
-    (message) head where the architecture learns one (V5), the residual actor; plus the π0 chunk graph that also
-    outputs the prefix tokens the encoder reads, at the run's N. Batch 1: one agent's boundary, as a ROS node runs.
-    The run must have been trained on the exported π0 checkpoint (weights sha256)."""
+    (message) head where the architecture learns one (V5), the residual actor, and the twin critics where the policy
+    consults them when it acts (the critic gate, the choice among K π0 draws); plus the π0 chunk graph that also
+    outputs the prefix tokens the encoder reads, at the run's K·N samples (draw k: samples k·N to (k+1)·N - 1).
+    Batch 1: one agent's boundary, as a ROS node runs. The run must have been trained on the exported π0
+    checkpoint (weights sha256)."""
     if source.residual is None:
         return []
     from coop_transport.residual.checkpoint import POLICY_JSON, load_policy, resolve_policy_dir, sha256
@@ -200,7 +202,7 @@ def residual_items(source: ExportSource) -> list[ExportItem]:
     spec, cfg, pc = system.spec, system.config, source.config
     length, width = pc.num_prefix_tokens, pc.vlm.width
     proprio_dim, chunk, action_dim, latent = spec.proprio_dim, system.chunk, spec.action_dim, cfg.latent_dim
-    n = system.recipe.num_samples
+    n = system.recipe.num_samples * cfg.candidates
     steps = source.num_flow_steps or pc.num_flow_steps
     system.agents.float().eval()
 
@@ -215,7 +217,8 @@ def residual_items(source: ExportSource) -> list[ExportItem]:
         module=Pi0ChunkSamplerWithPrefix(source.model, n, steps, cfg.prefix_source).eval(),
         inputs=chunk_sampler_inputs(pc, 1, n),
         outputs=chunk_sampler_outputs(pc, 1, n) + [prefix, prefix_mask],
-        settings={"batch_size": 1, "num_samples": n, "num_flow_steps": steps, "prefix_source": cfg.prefix_source},
+        settings={"batch_size": 1, "num_samples": n, "num_flow_steps": steps, "prefix_source": cfg.prefix_source,
+                  "draws": cfg.candidates, "samples_per_draw": system.recipe.num_samples},
         example=fake_inputs(chunk_sampler_inputs(pc, 1, n), seed=2000 + n, vocab_size=pc.vocab_size),
     )]
     for agent in spec.agents:
@@ -237,6 +240,14 @@ def residual_items(source: ExportSource) -> list[ExportItem]:
             f"residual_actor_{agent}", "residual_actor", nets.actor, actor_inputs,
             [TensorSpec("actions", (1, chunk, action_dim), "float32", "executed chunk clip(ref + s tanh(delta), -1, 1)")],
             settings))
+        if cfg.gate_margin is not None or cfg.candidates > 1:  # the policy consults its critics when it acts
+            critic_inputs = [z, proprio, TensorSpec("actions", (1, chunk, action_dim), "float32",
+                                                    "a chunk to rate: the actor's over a draw, or the clipped reference")]
+            critic_inputs += actor_inputs[3:]  # the partner's message, where the architecture has one
+            items.append(ExportItem(
+                f"critic_{agent}", "twin_critic", nets.q, critic_inputs,
+                [TensorSpec(f"q{i}", (1,), "float32", f"critic {i}'s value; the policy acts on the lower of the two")
+                 for i in (1, 2)], settings))
     meta = system.checkpoint_meta
     source.sections["residual"] = {
         "checkpoint": {"path": str(path.resolve()), "weights_sha256": meta["weights_sha256"],
