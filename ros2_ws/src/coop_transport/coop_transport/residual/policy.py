@@ -122,9 +122,8 @@ class ResidualArmPolicy:
                "architecture": self.architecture}
         if self.system.config.gate_margin is not None:
             out["gate_residual_rate"] = g.residual_rate
-        k = self.system.candidate_counters
         if self.system.config.candidates > 1:
-            out["candidate_switch_rate"] = k.switched_chunks / max(k.chunks, 1)
+            out["candidate_switch_rate"] = self.system.candidate_counters.switch_rate
         return out
 
 

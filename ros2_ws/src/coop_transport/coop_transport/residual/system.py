@@ -82,6 +82,10 @@ class CandidateCounters:
     chunks: int = 0
     switched_chunks: int = 0
 
+    @property
+    def switch_rate(self) -> float:
+        return self.switched_chunks / max(self.chunks, 1)
+
 
 def choose_candidate(agent, latent, proprio, candidates, received,
                      counters: CandidateCounters | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +123,22 @@ def critic_gate(agent, latent, proprio, ref, received, action, margin: float,
         counters.chunks += keep.numel()
         counters.residual_chunks += int(keep.sum())
     return torch.where(keep.view(-1, *[1] * (action.dim() - 1)), action, ref)
+
+
+def agent_chunk(system, agent, latent, proprio, ref, received, candidates=None, noise=None,
+                gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, executed chunk) of one agent's rows, as the batched boundary and the ROS node's single agent
+    both decide it: with ``candidates`` (B, K, C, D) the agent's critics choose among π0's draws
+    (``choose_candidate``), else its actor acts on ``ref`` (with exploration ``noise``); then, where ``gated`` and
+    ``system.config.gate_margin`` is set, the critic gate against the (chosen) reference."""
+    if candidates is not None:
+        ref, action = choose_candidate(agent, latent, proprio, candidates, received, system.candidate_counters)
+    else:
+        action = agent.actor(latent, proprio, ref, received, noise)
+    if gated and system.config.gate_margin is not None:
+        action = critic_gate(agent, latent, proprio, ref, received, action, system.config.gate_margin,
+                             system.gate_counters)
+    return ref, action
 
 
 def exploration_std(config, action_dim: int, device) -> torch.Tensor:
@@ -215,17 +235,20 @@ class ResidualSystem:
                        candidate_settings={"candidates": self.config.candidates})
         return out
 
+    def with_config(self, **changes) -> "ResidualSystem":
+        """The same π0, networks and recipe under a config with ``changes`` (settings of acting, not of the
+        networks' shapes)."""
+        other = self.with_recipe(self.recipe)
+        other.config = self.config.replace(**changes)
+        return other
+
     def with_gate(self, margin: float | None) -> "ResidualSystem":
         """The same π0, networks and recipe with the critic gate at ``margin`` (None: off)."""
-        other = self.with_recipe(self.recipe)
-        other.config = self.config.replace(gate_margin=margin)
-        return other
+        return self.with_config(gate_margin=margin)
 
     def with_candidates(self, candidates: int) -> "ResidualSystem":
         """The same π0, networks and recipe, choosing among ``candidates`` draws of π0 per agent and boundary."""
-        other = self.with_recipe(self.recipe)
-        other.config = self.config.replace(candidates=candidates)
-        return other
+        return self.with_config(candidates=candidates)
 
     @property
     def agent_names(self) -> tuple[str, ...]:
@@ -381,22 +404,14 @@ class ResidualSystem:
         applies the critic gate when ``config.gate_margin`` is set. With ``b.candidates`` each agent's critics
         choose among π0's draws first, and ``b.ref`` becomes the chosen reference."""
         actions, refs = [], []
-        std = exploration_std(self.config, self.spec.action_dim, self.device)
+        std = exploration_std(self.config, self.spec.action_dim, self.device) if explore else None
         for i, name in enumerate(self.agent_names):
-            agent = self.agents[name]
             received = b.received[:, i] if b.received is not None else None
-            ref = b.ref[:, i]
-            if b.candidates is not None:
-                ref, action = choose_candidate(agent, b.latent[:, i], b.proprio[:, i], b.candidates[:, i], received,
-                                               self.candidate_counters)
-            else:
-                noise = None
-                if explore and bool((std > 0).any()):
-                    noise = std * torch.randn(ref.shape, generator=generator).to(self.device)
-                action = agent.actor(b.latent[:, i], b.proprio[:, i], ref, received, noise)
-            if gated and self.config.gate_margin is not None:
-                action = critic_gate(agent, b.latent[:, i], b.proprio[:, i], ref, received, action,
-                                     self.config.gate_margin, self.gate_counters)
+            noise = None
+            if std is not None and b.candidates is None and bool((std > 0).any()):
+                noise = std * torch.randn(b.ref[:, i].shape, generator=generator).to(self.device)
+            ref, action = agent_chunk(self, self.agents[name], b.latent[:, i], b.proprio[:, i], b.ref[:, i], received,
+                                      b.candidates[:, i] if b.candidates is not None else None, noise, gated)
             actions.append(action)
             refs.append(ref)
         b.ref = torch.stack(refs, dim=1)
@@ -434,10 +449,5 @@ class ResidualSystem:
                     raise ValueError(f"partner message has {flat.shape[0]} values, {self.spec.name} expects "
                                      f"{agent.received_dim}")
                 message = torch.as_tensor(flat, device=self.device)[None]
-        if draws > 1:
-            ref, action = choose_candidate(agent, z, proprio, refs, message, self.candidate_counters)
-        else:
-            action = agent.actor(z, proprio, ref, message)
-        if self.config.gate_margin is not None:
-            action = critic_gate(agent, z, proprio, ref, message, action, self.config.gate_margin, self.gate_counters)
+        _, action = agent_chunk(self, agent, z, proprio, ref, message, refs if draws > 1 else None)
         return action[0].cpu().numpy(), sent

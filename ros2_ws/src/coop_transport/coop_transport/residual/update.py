@@ -92,22 +92,24 @@ class AgentLearner:
             if cfg.actor_data == "online" and "from_demo" in b:
                 actor_rows = (~b["from_demo"]).to(weights.dtype)
         predicted = agent.actor.residual_action(z, p, b["ref"], m)
-        grippers = list(gripper_dims(agent.actor.action_dim))
         # mean over the rows the actor learns from (all of them, or the online ones); none: no actor step
         loss_pi = awr_loss(predicted, a, weights * actor_rows) / actor_rows.mean().clamp(min=1e-12)
         if actor_rows.any():
             self._step(self.actor_opt, loss_pi, agent.actor.parameters(), cfg.actor_grad_clip)
 
+        with torch.no_grad():  # for the logs: the radius after this step, the residual of the chunk it learned from
+            radius, residual = agent.actor.scale(), (predicted - b["ref"]).abs()
+        grippers = list(gripper_dims(agent.actor.action_dim))
         metrics = {
             "losses/v": loss_v.item(), "losses/q": loss_q.item(), "losses/actor": loss_pi.item(),
             "charts/q": q1.mean().item(), "charts/v": v.mean().item(), "charts/td_target": y.mean().item(),
             "charts/advantage": advantage.mean().item(), "charts/advantage_std": advantage.std().item(),
             "charts/awr_weight": (weights * actor_rows).sum().item() / max(actor_rows.sum().item(), 1.0),
             "charts/awr_weight_max": (weights * actor_rows).max().item(),
-            "charts/residual_radius": agent.actor.scale().mean().item(),
-            "charts/residual_magnitude": (predicted - b["ref"]).abs().mean().item(),
-            "charts/gripper_radius": agent.actor.scale()[grippers].mean().item(),
-            "charts/gripper_residual": (predicted - b["ref"])[..., grippers].abs().mean().item(),
+            "charts/residual_radius": radius.mean().item(),
+            "charts/residual_magnitude": residual.mean().item(),
+            "charts/gripper_radius": radius[grippers].mean().item(),
+            "charts/gripper_residual": residual[..., grippers].mean().item(),
         }
 
         # 4. the sender's own message: supervision of its decoder + KL to N(0, I)
