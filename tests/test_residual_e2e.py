@@ -259,8 +259,12 @@ def test_probes_on_a_trained_v5(assets, pool, runs):
         pytest.skip("needs test_every_architecture_runs_end_to_end")
     payload = run_probes(config, 0, pool)
     assert set(payload["interventions"]) == set(PROBES)
-    for r in payload["interventions"].values():
+    none = payload["interventions"]["none"]
+    for name, r in payload["interventions"].items():
         assert 0.0 <= r["success_rate"] <= 1.0 and r["episodes"] == 2
+        if name != "none":  # paired with the unchanged message on the same reset seeds
+            paired = r["against_none"]
+            assert paired["episodes"] == 2 and paired["won"] - paired["lost"] == r["successes"] - none["successes"]
     probe = payload["linear_probe"]
     for key in ("phase", "gripper", "ready"):
         assert 0.0 <= probe[key]["accuracy"] <= 1.0 and 0.0 < probe[key]["chance"] <= 1.0
@@ -407,8 +411,14 @@ def test_best_of_k_evaluation_of_a_trained_run(assets, pool, runs):
     assert registry["candidates"] == summary["candidates"]
     result = json.loads((gated_run_dir(run, None, 2) / "result.json").read_text())
     assert result["candidates"]["candidates"] == 2 and not result["gated"] and result["config"]["candidates"] == 2
+    assert result["outcome_by_reset_seed"] == {str(r["seed"]): r["success"] for r in summary["per_seed"]}
+    plain = json.loads((run / "result.json").read_text())
+    assert set(plain["outcome_by_reset_seed"]) == set(result["outcome_by_reset_seed"])  # the same reset seeds
     report = write_report([runs / "V4"], runs / "report_best")
     assert "V4 best-of-2" in report["table1"] and "V4 best-of-2" in (runs / "report_best" / "report.md").read_text()
+    pairs = report["selection_vs_plain"]["V4 best-of-2"]  # episode by episode against the plain evaluation
+    differ = sum(plain["outcome_by_reset_seed"][k] != v for k, v in result["outcome_by_reset_seed"].items())
+    assert pairs["per_seed"][0]["episodes"] == summary["episodes"] and pairs["won"] + pairs["lost"] == differ
     with pytest.raises(ValueError, match="no critics"):
         reevaluate(make_config(assets, "B1", runs / "B1", mode="eval", candidates=2), 0, pool)
 

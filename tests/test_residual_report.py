@@ -6,6 +6,7 @@ import math
 import pytest
 
 from coop_transport.residual.report import paired_test, write_report
+from coop_transport.utils.stats import mcnemar_exact
 
 
 def result(arch: str, seed: int, rate: float, trains: bool = True) -> dict:
@@ -224,3 +225,73 @@ def test_gated_evaluations_are_methods_of_their_own_paired_with_the_ungated_ones
     assert check["measured"] == "V4 gate 0 − B1 = +10.0 pp" and check["meets"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| V4 gate 0 - V4 | +9.00 pp | 4 |" in md and "| **V4 Per-arm residual RL, no message, critic gate 0** | 60.0% |" in md
+
+
+def test_mcnemar_exact_hand_values():
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # all 5 discordant pairs one way: 2 * 0.5^5
+    assert mcnemar_exact(5, 1) == pytest.approx(2 * (1 + 6) / 64)  # 2 * P(X <= 1), X ~ Bin(6, 1/2)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_exact(-1, 2)
+
+
+def test_critics_choice_is_paired_with_its_plain_evaluation_by_reset_seed(tmp_path):
+    """A best-of-K (or gated) method against its own plain evaluation, reset seed by reset seed, pooled over
+    training seeds with the exact McNemar p; outcomes come from the result itself or, for results written before
+    they recorded them, from their evaluation's summary.json (only when it counts the same successes)."""
+    def outcomes(wins: set[int]) -> dict[str, bool]:
+        return {str(k): k in wins for k in range(1, 11)}
+
+    plain_wins = {0: {1, 2, 3, 4}, 1: {1, 2, 3, 4, 5}}
+    chosen_wins = {0: {1, 2, 3, 4, 5, 6, 7}, 1: {2, 3, 4, 5, 6, 7, 8, 9}}  # seed 0: won 5-7; seed 1: won 6-9, lost 1
+    for seed in range(2):
+        d = tmp_path / "V4" / f"seed_{seed}"
+        (d / "best_of_4").mkdir(parents=True)
+        plain = {**result("V4", seed, len(plain_wins[seed]) / 10), "episodes": 10, "successes": len(plain_wins[seed])}
+        chosen = {**result("V4", seed, len(chosen_wins[seed]) / 10), "episodes": 10,
+                  "successes": len(chosen_wins[seed]), "evaluated_checkpoint": "checkpoints/chunk_003000",
+                  "outcome_by_reset_seed": outcomes(chosen_wins[seed]), "config": {"arch": "V4", "candidates": 4}}
+        if seed == 0:
+            plain["outcome_by_reset_seed"] = outcomes(plain_wins[0])
+        else:  # an older result: its outcomes only in eval/<best checkpoint>/summary.json
+            (d / "eval" / "chunk_003000").mkdir(parents=True)
+            per_seed = [{"seed": k, "success": k in plain_wins[1]} for k in range(1, 11)]
+            (d / "eval" / "chunk_003000" / "summary.json").write_text(json.dumps(
+                {"successes": 5, "episodes": 10, "per_seed": per_seed}))
+        (d / "result.json").write_text(json.dumps(plain))
+        (d / "best_of_4" / "result.json").write_text(json.dumps(chosen))
+    payload = write_report([tmp_path], tmp_path / "report")
+    pairs = payload["selection_vs_plain"]["V4 best-of-4"]
+    assert pairs["against"] == "V4" and [(s["won"], s["lost"]) for s in pairs["per_seed"]] == [(3, 0), (4, 1)]
+    assert (pairs["won"], pairs["lost"]) == (7, 1)
+    assert pairs["p_mcnemar"] == pytest.approx(2 * (1 + 8) / 2 ** 8)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| V4 best-of-4 | V4 | 2 | 3/0, 4/1 | 7 | 1 | 0.070 |" in md
+
+    # a summary that does not count the result's successes is not the result's evaluation: seed 1 is left out
+    (tmp_path / "V4" / "seed_1" / "eval" / "chunk_003000" / "summary.json").write_text(json.dumps(
+        {"successes": 6, "episodes": 10, "per_seed": []}))
+    pairs = write_report([tmp_path], tmp_path / "report")["selection_vs_plain"]["V4 best-of-4"]
+    assert [s["seed"] for s in pairs["per_seed"]] == [0] and (pairs["won"], pairs["lost"]) == (3, 0)
+
+
+def test_a_probe_is_paired_with_the_unchanged_message_by_reset_seed(tmp_path):
+    from coop_transport.residual.probes import against_none
+
+    none = {"outcome_by_reset_seed": {"1": True, "2": True, "3": False, "4": False, "5": True}}
+    zeros = {"outcome_by_reset_seed": {"1": True, "2": False, "3": True, "4": True, "5": False}}
+    assert against_none(zeros, none) == {"episodes": 5, "won": 2, "lost": 2, "p_mcnemar": 1.0}
+    assert against_none(none, zeros) == {"episodes": 5, "won": 2, "lost": 2, "p_mcnemar": 1.0}
+    never = {"outcome_by_reset_seed": {k: False for k in none["outcome_by_reset_seed"]}}
+    assert against_none(never, none) == {"episodes": 5, "won": 0, "lost": 3, "p_mcnemar": 0.25}
+    probes = {"arch": "V5", "seed": 0, "interventions": {
+        "none": {"success_rate": 0.6}, "zeros": {"success_rate": 0.0, "against_none": against_none(never, none)}},
+        "linear_probe": {k: {"accuracy": 0.5, "chance": 0.5} for k in ("phase", "gripper", "ready")} | {
+            "pose": {"r2": 0.1}}}
+    d = tmp_path / "V5" / "seed_0"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps(result("V5", 0, 0.6)))
+    (d / "probes.json").write_text(json.dumps(probes))
+    write_report([tmp_path], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| V5 | 0 | zeros | 0.0% | 0 / 3, p = 0.250 |" in md and "| V5 | 0 | none | 60.0% | — |" in md

@@ -214,6 +214,18 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------------------- run
+def against_none(probe: dict, none: dict) -> dict:
+    """A probe paired with the unchanged message by reset seed: episodes it won (succeeded where the unchanged
+    message failed) and lost, and the exact McNemar p (two-sided)."""
+    from coop_transport.utils.stats import mcnemar_exact
+
+    mine, theirs = probe["outcome_by_reset_seed"], none["outcome_by_reset_seed"]
+    shared = [k for k in mine if k in theirs]
+    won = sum(mine[k] and not theirs[k] for k in shared)
+    lost = sum(theirs[k] and not mine[k] for k in shared)
+    return {"episodes": len(shared), "won": won, "lost": lost, "p_mcnemar": mcnemar_exact(won, lost)}
+
+
 def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, started: float | None = None) -> dict:
     """All probes on a run's best checkpoint -> <run>/probes.json (and eval summaries under <run>/probes/).
 
@@ -227,7 +239,10 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
     from coop_transport.residual.train import (call_deadline, continues_cut_off, evaluate_system, finished_summary,
-                                               measured, sim_config_for)
+                                               measured, outcome_by_reset_seed, sim_config_for)
+
+    def row(summary: dict) -> dict:  # the figures, and each reset seed's outcome for the pairing with "none"
+        return {**measured(summary), "outcome_by_reset_seed": outcome_by_reset_seed(summary)}
 
     deadline = call_deadline(config, started if started is not None else time.perf_counter())
     run = config.run_dir(seed)
@@ -244,7 +259,7 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
 
     def done(name: str) -> dict | None:  # another checkpoint, its weights or episode count: evaluate again
         summary = finished_summary(out_dir / name, args(name), config.eval_episodes)
-        return measured(summary) if summary is not None else None
+        return row(summary) if summary is not None else None
 
     results = {name: saved for name in dict.fromkeys(("none", *probes)) if (saved := done(name)) is not None}
     rec = None
@@ -263,7 +278,7 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
             summary = evaluate_system(system, pool, config.eval_episodes, out_dir / "none", "probe none",
                                       args("none"), recorder=rec, progress=config.progress)
             rec.save(out_dir / "recording.npz")
-            results["none"] = measured(summary)
+            results["none"] = row(summary)
         interventions = Interventions(system, rec, seed)
         for name in todo:
             out = out_dir / name
@@ -274,7 +289,7 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
                 print(f"stopping the probes of {run} in '{name}' (--stop-after-s {config.stop_after_s:g}); the same "
                       "command continues it")
                 return {"arch": system.spec.name, "seed": seed, "out_of_time": True, "done": sorted(results)}
-            results[name] = measured(summary)
+            results[name] = row(summary)
     finally:
         if own:
             pool.close()
@@ -285,8 +300,11 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
         per_agent[name] = linear_probe(sent[sel], [lab for lab, s in zip(rec.labels, sel) if s], seeds[sel])
     mean = {key: {k: float(np.mean([per_agent[a][key][k] for a in per_agent])) for k in per_agent[
         system.agent_names[0]][key]} for key in ("phase", "gripper", "ready", "pose")}
-    payload = {"arch": system.spec.name, "seed": seed, "checkpoint": checkpoint,
-               "interventions": {name: results[name] for name in probes},
+    interventions = {name: dict(results[name]) for name in probes}
+    for name, row_of_probe in interventions.items():
+        if name != "none":  # the recorded pass is what every other probe is paired with
+            row_of_probe["against_none"] = against_none(row_of_probe, results["none"])
+    payload = {"arch": system.spec.name, "seed": seed, "checkpoint": checkpoint, "interventions": interventions,
                "linear_probe": {**mean, "per_agent": per_agent}, "samples": int(len(sent))}
     (run / "probes.json").write_text(json.dumps(payload, indent=2))
     return payload

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from coop_transport.residual.architectures import ARCHS
-from coop_transport.utils.stats import wilson_interval
+from coop_transport.utils.stats import mcnemar_exact, wilson_interval
 
 RESULT_JSON = "result.json"
 ABLATION_JSON = "ablation.json"
@@ -121,6 +121,68 @@ def find_results(paths: list[Path]) -> dict[str, list[dict]]:
                                  "one result per seed")
             seen[r["seed"]] = r["_dir"]
     return out
+
+
+def episode_outcomes(result: dict) -> dict[int, bool] | None:
+    """reset seed -> success of the evaluation behind ``result`` (as ``find_results`` loads it), or None where
+    nothing records it. Results record it themselves (``outcome_by_reset_seed``); for those written before they did,
+    it is read from their evaluation's summary.json in the layout training/residual.py writes (a trained seed's
+    best checkpoint under eval/<checkpoint>, B1 / B2 under eval/final, an evaluation in which the critics choose
+    under its run's eval/best_<selection>), and only if that summary counts the same successes and episodes."""
+    recorded = result.get("outcome_by_reset_seed")
+    if recorded is not None:
+        return {int(k): bool(v) for k, v in recorded.items()}
+    where = Path(result.get("_dir", ""))
+    if "evaluated_checkpoint" in result:  # <run>/<selection>/result.json
+        summary_file = where.parent / "eval" / f"best_{where.name}" / "summary.json"
+    elif result.get("best_checkpoint"):
+        summary_file = where / "eval" / Path(result["best_checkpoint"]).name / "summary.json"
+    else:
+        summary_file = where / "eval" / "final" / "summary.json"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    if (summary.get("successes"), summary.get("episodes")) != (result.get("successes"), result.get("episodes")):
+        return None
+    return {int(r["seed"]): bool(r["success"]) for r in summary.get("per_seed", [])}
+
+
+def selection_pairs(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each method in which the critics choose (gate, best-of-K) against its own plain evaluation, episode by
+    episode: the same checkpoints on the same reset seeds, with π0's first draw on the same noise, so a reset seed
+    whose outcome differs is one the choice won or lost. Per training seed and pooled over seeds: won, lost, and
+    the exact McNemar p (two-sided) of the pooled counts. Seeds without recorded outcomes on either side are left
+    out."""
+    pairs = {}
+    for method, rows in results.items():
+        plain = {r["seed"]: r for r in results.get(base_arch(method), [])}
+        if method == base_arch(method) or not plain:
+            continue
+        per_seed = []
+        for r in rows:
+            chosen = episode_outcomes(r)
+            own = episode_outcomes(plain[r["seed"]]) if r["seed"] in plain else None
+            if chosen is None or own is None:
+                continue
+            shared = sorted(set(chosen) & set(own))
+            per_seed.append({"seed": r["seed"], "episodes": len(shared),
+                             "won": sum(chosen[k] and not own[k] for k in shared),
+                             "lost": sum(own[k] and not chosen[k] for k in shared)})
+        if per_seed:
+            won, lost = sum(p["won"] for p in per_seed), sum(p["lost"] for p in per_seed)
+            pairs[method] = {"against": base_arch(method), "per_seed": per_seed, "won": won, "lost": lost,
+                             "p_mcnemar": mcnemar_exact(won, lost)}
+    return pairs
+
+
+def selection_pairs_markdown(pairs: dict[str, dict]) -> str:
+    lines = ["| Method | Against | Seeds | Won / lost per seed | Won | Lost | McNemar p (two-sided, exact) |",
+             "|---|---|---|---|---|---|---|"]
+    for method, p in pairs.items():
+        per_seed = ", ".join(f"{s['won']}/{s['lost']}" for s in p["per_seed"])
+        lines.append(f"| {method} | {p['against']} | {len(p['per_seed'])} | {per_seed} | {p['won']} | {p['lost']} | "
+                     f"{p['p_mcnemar']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def find_ablations(paths: list[Path]) -> list[dict]:
@@ -476,12 +538,18 @@ def write_report(paths: list[Path], out: Path) -> dict:
                       f"{t['p_two_sided']:.3f} | {t['p_one_sided']:.3f} ({b} > {a}) | "
                       f"{t['p_sign_flip_two_sided']:.3f} | {'yes' if t['same_direction'] else 'no'} |")
         md.append("")
+    choice = selection_pairs(results)
+    if choice:
+        md += ["## The critics' choice against the plain evaluation, paired by reset seed", "",
+               "Won: reset seeds the method succeeded on and its plain evaluation failed; lost: the reverse (the same "
+               "checkpoints, π0's first draw on the same noise).", "", selection_pairs_markdown(choice)]
     probes = [json.loads(f.read_text()) for p in paths for f in sorted(Path(p).rglob("probes.json"))]
     if probes:
         md += ["## Communication probes", "", probes_markdown(probes)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     payload = {"table1": rows, "funnel": funnel_rows, "handover": handover_rows, "table2": ladder, "paired": paired,
-               "paired_v4_v5": paired.get("V5-V4"), "targets": checks, "probes": probes}
+               "paired_v4_v5": paired.get("V5-V4"), "selection_vs_plain": choice, "targets": checks,
+               "probes": probes}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     plot_table1(rows, results, out / "table1.png")
     plot_curves(results, out / "curves.png")
@@ -489,10 +557,13 @@ def write_report(paths: list[Path], out: Path) -> dict:
 
 
 def probes_markdown(probes: list[dict]) -> str:
-    lines = ["| Arch | Seed | Probe | Success |", "|---|---|---|---|"]
+    lines = ["| Arch | Seed | Probe | Success | Against the unchanged message: won / lost, McNemar p |",
+             "|---|---|---|---|---|"]
     for p in probes:
         for name, r in p["interventions"].items():
-            lines.append(f"| {p['arch']} | {p['seed']} | {name} | {100 * r['success_rate']:.1f}% |")
+            paired = r.get("against_none")  # probes.json files before the pairing lack it
+            versus = f"{paired['won']} / {paired['lost']}, p = {paired['p_mcnemar']:.3f}" if paired else "—"
+            lines.append(f"| {p['arch']} | {p['seed']} | {name} | {100 * r['success_rate']:.1f}% | {versus} |")
     lines += ["", "Linear probe: test accuracy (chance as the test set's majority class / uniform over the classes, "
               "the paper's 20%, 50%, 50%).", "",
               "| Arch | Seed | Phase acc (chance) | Gripper acc (chance) | Ready acc (chance) | Pose R² |",

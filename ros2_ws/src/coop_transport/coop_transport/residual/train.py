@@ -126,6 +126,12 @@ def measured(summary: dict) -> dict:
                                     "handover_outcomes")}
 
 
+def outcome_by_reset_seed(summary: dict) -> dict[str, bool]:
+    """Each evaluated reset seed's success (keys are the seeds as strings, JSON's keys): what pairs two evaluations
+    of one checkpoint episode by episode in the report (``report.selection_pairs``)."""
+    return {str(r["seed"]): bool(r["success"]) for r in sorted(summary["per_seed"], key=lambda r: r["seed"])}
+
+
 def continues_cut_off(config: ResidualConfig, out: Path) -> bool:
     """Whether the evaluation under ``out`` continues: one that a deadline or a kill cut off (an episode log without
     a summary) does; a finished one runs anew."""
@@ -187,7 +193,7 @@ def evaluate_baseline(config: ResidualConfig, seed: int, pool: EnvPool, vla, dev
               "continues it")
         return {"arch": spec.name, "seed": seed, "out_of_time": True}
     result = {"arch": spec.name, "seed": seed, "trains": False, "best_checkpoint": None, **measured(summary),
-              "evals": [],
+              "outcome_by_reset_seed": outcome_by_reset_seed(summary), "evals": [],
               "wall_s": time.perf_counter() - start, "config": config_to_json(config)}
     _write_result(run, result)
     return result
@@ -340,13 +346,16 @@ def train(config: ResidualConfig, seed: int, pool: EnvPool | None = None, stop_a
         if not ps["evals"]:  # a state saved at the last chunk before its evaluation ran (older runs)
             _evaluate_checkpoint(config, seed, run, system, pool, ps)
         best = max(ps["evals"], key=lambda e: (e["success_rate"], e["chunks"]))
+        best_summary = run / "eval" / Path(best["checkpoint"]).name / "summary.json"
         wall = ps["prepare_s"] + ps["collect_s"] + ps["update_s"]
         result = {
             "arch": spec.name, "seed": seed, "trains": True, "best_checkpoint": best["checkpoint"],
             "success_rate": best["success_rate"], "successes": best["successes"], "episodes": best["episodes"],
             "wilson95": best["wilson95"], "milestone_rates": best.get("milestone_rates"),
-            "handover_outcomes": best.get("handover_outcomes"), "evals": ps["evals"],
-            "chunks": ps["chunks"], "updates": ps["updates"],
+            "handover_outcomes": best.get("handover_outcomes"),
+            "outcome_by_reset_seed": (outcome_by_reset_seed(json.loads(best_summary.read_text()))
+                                      if best_summary.is_file() else None),
+            "evals": ps["evals"], "chunks": ps["chunks"], "updates": ps["updates"],
             "training_episodes": len(ps["episodes"]),
             "training_success_rate": float(np.mean([e["success"] for e in ps["episodes"]])) if ps["episodes"] else 0.0,
             "speed": {"env_steps_per_s": ps["env_steps"] / max(ps["collect_s"], 1e-9),
@@ -506,7 +515,8 @@ def reevaluate(config: ResidualConfig, seed: int, pool: EnvPool | None = None, s
         result = {"arch": system.spec.name, "seed": seed, "trains": True, "gated": config.gate_margin is not None,
                   "evaluated_checkpoint": str(checkpoint.relative_to(run)) if checkpoint.is_relative_to(run)
                   else str(checkpoint),
-                  **measured(summary), **{k: summary[k] for k in ("gate", "candidates") if k in summary},
+                  **measured(summary), "outcome_by_reset_seed": outcome_by_reset_seed(summary),
+                  **{k: summary[k] for k in ("gate", "candidates") if k in summary},
                   "ungated_success_rate": trained.get("success_rate"),
                   "config": config_to_json(system.config)}
         _write_result(gated_run_dir(run, config.gate_margin, config.candidates), result)

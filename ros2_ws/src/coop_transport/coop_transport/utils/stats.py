@@ -18,6 +18,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(won: int, lost: int) -> float:
+    """Two-sided exact McNemar p of paired binary outcomes with ``won`` and ``lost`` discordant pairs: under no
+    difference each discordant pair goes either way with probability 1/2 (a binomial test on won + lost)."""
+    if won < 0 or lost < 0:
+        raise ValueError(f"counts must be non-negative, got {won} and {lost}")
+    n, k = won + lost, min(won, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 def format_rate(successes: int, n: int) -> str:
     """'73.0% [63.6, 80.7] (73/100)'."""
     lo, hi = wilson_interval(successes, n)
