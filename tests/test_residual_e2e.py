@@ -405,7 +405,8 @@ def test_best_of_k_evaluation_of_a_trained_run(assets, pool, runs):
     assert "gate" not in summary
     rate = summary["candidates"]["switch_rate"]
     md = (run / "eval" / "best_best_of_2" / "summary.md").read_text()
-    assert f"| critics' choice | 2 π0 draws: {100 * rate:.1f}% of {chunks} agent chunks took another" in md
+    assert (f"| critics' choice | 2 π0 draws: {100 * rate:.1f}% of {chunks} agent chunks took another than the "
+            "first (a choice at random: 50.0%) |") in md
     registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "candidates": 2}),
                         EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
     assert registry["candidates"] == summary["candidates"]

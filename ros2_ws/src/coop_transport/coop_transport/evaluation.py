@@ -385,8 +385,10 @@ def markdown_summary(summary: dict) -> str:
     if chosen:
         draws = f"{chosen['candidates']} π0 draws: " if chosen.get("candidates") is not None else ""
         rate = "—" if chosen["switch_rate"] is None else f"{100 * chosen['switch_rate']:.1f}%"
+        k = chosen.get("candidates")
+        at_random = f" (a choice at random: {100 * (1 - 1 / k):.1f}%)" if k else ""  # what no preference gives
         lines.append(f"| critics' choice | {draws}{rate} of {chosen['agent_chunks']} agent chunks took another "
-                     "than the first |")
+                     f"than the first{at_random} |")
     lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:
