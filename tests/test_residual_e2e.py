@@ -407,6 +407,8 @@ def test_best_of_k_evaluation_of_a_trained_run(assets, pool, runs):
     md = (run / "eval" / "best_best_of_2" / "summary.md").read_text()
     assert (f"| critics' choice | 2 π0 draws: {100 * rate:.1f}% of {chunks} agent chunks took another than the "
             "first (a choice at random: 50.0%) |") in md
+    spread, gap = summary["candidates"]["mean_value_spread"], summary["candidates"]["mean_critic_gap"]
+    assert spread > 0 and gap > 0 and f"| critics' values over the draws | spread {spread:.4g} " in md
     registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "candidates": 2}),
                         EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
     assert registry["candidates"] == summary["candidates"]

@@ -382,6 +382,10 @@ def test_choose_candidate_takes_the_draw_the_doubting_critic_rates_highest():
     ref, action = choose_candidate(agent, torch.zeros(3, 4), torch.zeros(3, 2), candidates, None, counters)
     assert torch.equal(ref, candidates[[0, 1, 2], [1, 2, 0]]) and torch.equal(action, ref + 0.1)
     assert (counters.chunks, counters.switched_chunks) == (3, 2)
+    # C = 3, D = 7: 21 entries. Lower values per draw: row 0 1.1, 3.3, 1.1; row 1 1.1, 7.1 - 11 = -3.9, 1.65; row 2
+    # 1.1 three times. |Q1 - Q2| = 10 * a[0, 0]: row 0 1, 3, 1; row 1 1, 11, 1.5; row 2 1, 1, 1
+    assert counters.value_spread == pytest.approx((3.3 - 1.1) + (1.65 + 3.9) + 0.0, abs=1e-5)
+    assert counters.critic_gap == pytest.approx(5 / 3 + 13.5 / 3 + 1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])

@@ -302,7 +302,8 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     clip_actions = sum(r["stats"].get("clip_actions", 0) for r in results)
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
     gate = choice_summary(results, "gate", "residual", "residual_rate", "margin")  # residual policies' critic gate
-    candidates = choice_summary(results, "candidate", "switched", "switch_rate", "candidates")  # choice of π0 draws
+    candidates = choice_summary(results, "candidate", "switched", "switch_rate", "candidates",  # choice of π0 draws
+                                means=("value_spread", "critic_gap"))
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
@@ -323,18 +324,23 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     }
 
 
-def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting: str) -> dict | None:
+def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting: str,
+                   means: tuple[str, ...] = ()) -> dict | None:
     """A residual policy's per-chunk choice over the episodes (the critic gate, the critics' choice among π0's
     draws): the episodes' ``<name>_chunks`` and ``<name>_<hit>_chunks`` counters summed into agent chunks and
-    ``rate``, and the ``setting`` passed through from ``<name>_settings`` (a setting, not summed like the
-    counters). None for a policy without it; a policy with it and no chunk at all (every episode came from an
-    earlier call) keeps its setting."""
+    ``rate``, each of ``means`` (``<name>_<mean>``, a sum over agent chunks) as ``mean_<mean>`` per agent chunk, and
+    the ``setting`` passed through from ``<name>_settings`` (a setting, not summed like the counters). None for a
+    policy without it; a policy with it and no chunk at all (every episode came from an earlier call) keeps its
+    setting."""
     chunks = sum(r["stats"].get(f"{name}_chunks", 0) for r in results)
     hits = sum(r["stats"].get(f"{name}_{hit}_chunks", 0) for r in results)
     settings = {r["stats"][f"{name}_settings"][setting] for r in results if f"{name}_settings" in r["stats"]}
     if not (chunks or settings):
         return None
     out = {"agent_chunks": chunks, rate: hits / chunks if chunks else None}
+    for key in means:
+        total = sum(r["stats"].get(f"{name}_{key}", 0.0) for r in results)
+        out[f"mean_{key}"] = total / chunks if chunks else None
     if len(settings) == 1:
         out[setting] = settings.pop()
     return out
@@ -389,6 +395,10 @@ def markdown_summary(summary: dict) -> str:
         at_random = f" (a choice at random: {100 * (1 - 1 / k):.1f}%)" if k else ""  # what no preference gives
         lines.append(f"| critics' choice | {draws}{rate} of {chosen['agent_chunks']} agent chunks took another "
                      f"than the first{at_random} |")
+        if chosen.get("mean_value_spread") is not None:  # a ranking within the critics' own disagreement is noise
+            lines.append(f"| critics' values over the draws | spread {chosen['mean_value_spread']:.4g} (max − min of "
+                         f"the lower critic, mean per agent chunk); the twin critics differ by "
+                         f"{chosen['mean_critic_gap']:.4g} (mean abs(Q1 − Q2)) |")
     lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:

@@ -77,10 +77,14 @@ class GateCounters:
 @dataclass
 class CandidateCounters:
     """How often the critics chose another of π0's draws than the first: agent chunks chosen, and of those, the
-    ones that switched."""
+    ones that switched. Beside them, summed over the agent chunks, two sizes that say whether the choice rests on
+    more than the critics' own disagreement: the spread of the lower critic's values over the K draws (max - min)
+    and the twin critics' mean absolute difference over the draws."""
 
     chunks: int = 0
     switched_chunks: int = 0
+    value_spread: float = 0.0
+    critic_gap: float = 0.0
 
     @property
     def switch_rate(self) -> float:
@@ -100,10 +104,13 @@ def choose_candidate(agent, latent, proprio, candidates, received,
     refs = candidates.flatten(0, 1)
     actions = agent.actor(repeat(latent), repeat(proprio), refs, repeat(received))
     q1, q2 = agent.q(repeat(latent), repeat(proprio), actions, repeat(received))
-    best = torch.minimum(q1, q2).view(b, k).argmax(dim=1)
+    value = torch.minimum(q1, q2).view(b, k)
+    best = value.argmax(dim=1)
     if counters is not None:
         counters.chunks += b
         counters.switched_chunks += int((best != 0).sum())
+        counters.value_spread += float((value.max(dim=1).values - value.min(dim=1).values).sum())
+        counters.critic_gap += float((q1 - q2).abs().view(b, k).mean(dim=1).sum())
     rows = torch.arange(b, device=best.device)
     return refs.view(b, k, *refs.shape[1:])[rows, best], actions.view(b, k, *actions.shape[1:])[rows, best]
 
@@ -230,8 +237,9 @@ class ResidualSystem:
             out.update(gate_chunks=self.gate_counters.chunks, gate_residual_chunks=self.gate_counters.residual_chunks,
                        gate_settings={"margin": self.config.gate_margin})
         if self.config.candidates > 1:
-            out.update(candidate_chunks=self.candidate_counters.chunks,
-                       candidate_switched_chunks=self.candidate_counters.switched_chunks,
+            c = self.candidate_counters
+            out.update(candidate_chunks=c.chunks, candidate_switched_chunks=c.switched_chunks,
+                       candidate_value_spread=c.value_spread, candidate_critic_gap=c.critic_gap,
                        candidate_settings={"candidates": self.config.candidates})
         return out
 
