@@ -1,5 +1,6 @@
 """The paper's tables from run directories: Table 1 (architectures), Table 2 (recipe ablation on V4), plots,
-paired tests across seeds (V5 - V4, V6 - V4, V6 - V5) and the issue's targets checked against Table 1.
+paired tests across seeds (V5 - V4, V6 - V4, V6 - V5), the issue's targets checked against Table 1, and each
+evaluation in which the critics choose (gate, best-of-K) paired with its plain evaluation reset seed by reset seed.
 
 Inputs are the ``result.json`` files ``training/residual.py`` writes (one per seed: the best checkpoint's success
 at n episodes on reset seeds 1..n) and the ``ablation.json`` files of ``--mode ablation``. ``write_report`` writes
@@ -9,7 +10,8 @@ at n episodes on reset seeds 1..n) and the ``ablation.json`` files of ``--mode a
 Statistics: a method with several seeds is reported as the mean ± standard error over seeds (per-seed range
 beside it); a single run (B1, B2, one seed) as its success with the Wilson 95% interval. The paired tests pair two
 architectures by seed: paired t-test (two- and one-sided) and the exact sign-flip permutation test (with 4 seeds
-its smallest two-sided p is 2/16 = 0.125).
+its smallest two-sided p is 2/16 = 0.125). The critics' choice is paired with the plain evaluation of the same
+checkpoints episode by episode (won, lost, exact McNemar p), which one seed can already test.
 """
 
 from __future__ import annotations
