@@ -324,6 +324,12 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     }
 
 
+def outcome_by_reset_seed(summary: dict) -> dict[str, bool]:
+    """Each evaluated reset seed's success in a summary (keys are the seeds as strings, JSON's keys): what pairs two
+    evaluations episode by episode (``residual.report.selection_pairs``, ``residual.probes.against_none``)."""
+    return {str(r["seed"]): bool(r["success"]) for r in sorted(summary["per_seed"], key=lambda r: r["seed"])}
+
+
 def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting: str,
                    means: tuple[str, ...] = ()) -> dict | None:
     """A residual policy's per-chunk choice over the episodes (the critic gate, the critics' choice among π0's

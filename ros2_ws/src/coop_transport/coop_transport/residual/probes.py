@@ -217,13 +217,10 @@ def linear_probe(messages: np.ndarray, labels: list[dict], episodes: np.ndarray,
 def against_none(probe: dict, none: dict) -> dict:
     """A probe paired with the unchanged message by reset seed: episodes it won (succeeded where the unchanged
     message failed) and lost, and the exact McNemar p (two-sided)."""
-    from coop_transport.utils.stats import mcnemar_exact
+    from coop_transport.utils.stats import discordant_pairs, mcnemar_exact
 
-    mine, theirs = probe["outcome_by_reset_seed"], none["outcome_by_reset_seed"]
-    shared = [k for k in mine if k in theirs]
-    won = sum(mine[k] and not theirs[k] for k in shared)
-    lost = sum(theirs[k] and not mine[k] for k in shared)
-    return {"episodes": len(shared), "won": won, "lost": lost, "p_mcnemar": mcnemar_exact(won, lost)}
+    pairs = discordant_pairs(probe["outcome_by_reset_seed"], none["outcome_by_reset_seed"])
+    return {**pairs, "p_mcnemar": mcnemar_exact(pairs["won"], pairs["lost"])}
 
 
 def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, started: float | None = None) -> dict:
@@ -238,8 +235,9 @@ def run_probes(config, seed: int, pool=None, probes: tuple[str, ...] = PROBES, s
     """
     from coop_transport.residual.checkpoint import load_policy, resolve_policy_dir
     from coop_transport.residual.rollout import make_pool
+    from coop_transport.evaluation import outcome_by_reset_seed
     from coop_transport.residual.train import (call_deadline, continues_cut_off, evaluate_system, finished_summary,
-                                               measured, outcome_by_reset_seed, sim_config_for)
+                                               measured, sim_config_for)
 
     def row(summary: dict) -> dict:  # the figures, and each reset seed's outcome for the pairing with "none"
         return {**measured(summary), "outcome_by_reset_seed": outcome_by_reset_seed(summary)}

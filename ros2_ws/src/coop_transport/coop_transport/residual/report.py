@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from coop_transport.residual.architectures import ARCHS
-from coop_transport.utils.stats import mcnemar_exact, wilson_interval
+from coop_transport.utils.stats import discordant_pairs, mcnemar_exact, wilson_interval
 
 RESULT_JSON = "result.json"
 ABLATION_JSON = "ablation.json"
@@ -125,15 +125,17 @@ def find_results(paths: list[Path]) -> dict[str, list[dict]]:
     return out
 
 
-def episode_outcomes(result: dict) -> dict[int, bool] | None:
-    """reset seed -> success of the evaluation behind ``result`` (as ``find_results`` loads it), or None where
-    nothing records it. Results record it themselves (``outcome_by_reset_seed``); for those written before they did,
-    it is read from their evaluation's summary.json in the layout training/residual.py writes (a trained seed's
-    best checkpoint under eval/<checkpoint>, B1 / B2 under eval/final, an evaluation in which the critics choose
-    under its run's eval/best_<selection>), and only if that summary counts the same successes and episodes."""
-    recorded = result.get("outcome_by_reset_seed")
-    if recorded is not None:
-        return {int(k): bool(v) for k, v in recorded.items()}
+def episode_outcomes(result: dict) -> dict[str, bool] | None:
+    """reset seed (as a string, JSON's key) -> success of the evaluation behind ``result`` (as ``find_results``
+    loads it), or None where nothing records it. Results record it themselves (``outcome_by_reset_seed``); for those
+    written before they did, it is read from their evaluation's summary.json in the layout training/residual.py
+    writes (a trained seed's best checkpoint under eval/<checkpoint>, B1 / B2 under eval/final, an evaluation in
+    which the critics choose under its run's eval/best_<selection>), and only if that summary counts the same
+    successes and episodes."""
+    from coop_transport.evaluation import outcome_by_reset_seed
+
+    if result.get("outcome_by_reset_seed") is not None:
+        return result["outcome_by_reset_seed"]
     where = Path(result.get("_dir", ""))
     if "evaluated_checkpoint" in result:  # <run>/<selection>/result.json
         summary_file = where.parent / "eval" / f"best_{where.name}" / "summary.json"
@@ -144,9 +146,10 @@ def episode_outcomes(result: dict) -> dict[int, bool] | None:
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
-    if (summary.get("successes"), summary.get("episodes")) != (result.get("successes"), result.get("episodes")):
+    if ("per_seed" not in summary
+            or (summary.get("successes"), summary.get("episodes")) != (result.get("successes"), result.get("episodes"))):
         return None
-    return {int(r["seed"]): bool(r["success"]) for r in summary.get("per_seed", [])}
+    return outcome_by_reset_seed(summary)
 
 
 def selection_pairs(results: dict[str, list[dict]]) -> dict[str, dict]:
@@ -166,10 +169,7 @@ def selection_pairs(results: dict[str, list[dict]]) -> dict[str, dict]:
             own = episode_outcomes(plain[r["seed"]]) if r["seed"] in plain else None
             if chosen is None or own is None:
                 continue
-            shared = sorted(set(chosen) & set(own))
-            per_seed.append({"seed": r["seed"], "episodes": len(shared),
-                             "won": sum(chosen[k] and not own[k] for k in shared),
-                             "lost": sum(own[k] and not chosen[k] for k in shared)})
+            per_seed.append({"seed": r["seed"], **discordant_pairs(chosen, own)})
         if per_seed:
             won, lost = sum(p["won"] for p in per_seed), sum(p["lost"] for p in per_seed)
             pairs[method] = {"against": base_arch(method), "per_seed": per_seed, "won": won, "lost": lost,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coop_transport.evaluation import outcome_by_reset_seed
 from coop_transport.residual.architectures import get_arch
 from coop_transport.residual.buffers import ReplayBuffer, RLPDSampler, transition_fields
 from coop_transport.residual.checkpoint import (BEST_JSON, STATE_JSON, load_train_state, save_policy,
@@ -124,12 +125,6 @@ def measured(summary: dict) -> dict:
     """The figures of an evaluation summary that a result.json, best.json and the report carry."""
     return {k: summary[k] for k in ("success_rate", "successes", "episodes", "wilson95", "milestone_rates",
                                     "handover_outcomes")}
-
-
-def outcome_by_reset_seed(summary: dict) -> dict[str, bool]:
-    """Each evaluated reset seed's success (keys are the seeds as strings, JSON's keys): what pairs two evaluations
-    of one checkpoint episode by episode in the report (``report.selection_pairs``)."""
-    return {str(r["seed"]): bool(r["success"]) for r in sorted(summary["per_seed"], key=lambda r: r["seed"])}
 
 
 def continues_cut_off(config: ResidualConfig, out: Path) -> bool:

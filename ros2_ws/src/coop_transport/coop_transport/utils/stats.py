@@ -18,6 +18,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def discordant_pairs(outcomes: dict, others: dict) -> dict:
+    """Two evaluations' binary outcomes paired by key (a reset seed): the keys they share, the pairs ``outcomes``
+    won (True where ``others`` is False) and lost (the reverse), the counts ``mcnemar_exact`` takes."""
+    shared = [k for k in outcomes if k in others]
+    return {"episodes": len(shared), "won": sum(outcomes[k] and not others[k] for k in shared),
+            "lost": sum(others[k] and not outcomes[k] for k in shared)}
+
+
 def mcnemar_exact(won: int, lost: int) -> float:
     """Two-sided exact McNemar p of paired binary outcomes with ``won`` and ``lost`` discordant pairs: under no
     difference each discordant pair goes either way with probability 1/2 (a binomial test on won + lost)."""
