@@ -406,9 +406,20 @@ def test_best_of_k_evaluation_of_a_trained_run(assets, pool, runs):
     rate = summary["candidates"]["switch_rate"]
     md = (run / "eval" / "best_best_of_2" / "summary.md").read_text()
     assert (f"| critics' choice | 2 π0 draws: {100 * rate:.1f}% of {chunks} agent chunks took another than the "
-            "first (a choice at random: 50.0%) |") in md
+            "first (any ranking of exchangeable draws: 50.0%) |") in md
+    split = summary["time_split"]  # where the evaluation's wall time went
+    assert split["boundaries"] >= chunks // 2 and split["policy_s"] > 0 and split["simulation_s"] > 0
+    assert split["policy_s"] + split["simulation_s"] <= summary["wall_s"]
+    assert (f"| time split | policy {split['policy_s']:.0f} s ({1000 * split['policy_s'] / split['boundaries']:.1f} "
+            f"ms per batched chunk boundary, {split['boundaries']} boundaries), simulation "
+            f"{split['simulation_s']:.0f} s |") in md
     spread, gap = summary["candidates"]["mean_value_spread"], summary["candidates"]["mean_critic_gap"]
     assert spread > 0 and gap > 0 and f"| critics' values over the draws | spread {spread:.4g} " in md
+    agree, varying = summary["candidates"]["mean_critics_agree"], summary["candidates"]["mean_critic_gap_spread"]
+    assert 0.0 <= agree <= 1.0 and 0.0 <= varying <= 2 * gap  # max - min of Q1 - Q2 is at most twice its mean |.|
+    assert (f"| twin critics on the draws | their difference changes by {varying:.4g} from draw to draw (max − min "
+            f"of Q1 − Q2); Q1 and Q2 alone pick the same draw in {100 * agree:.1f}% of agent chunks (at random: "
+            "50.0%) |") in md
     registry = evaluate(ControllerSpec("residual", {"checkpoint": str(run), "device": "cpu", "candidates": 2}),
                         EvalConfig(episodes=1, workers=1, horizon=HORIZON), progress=False)  # evaluate.py's path
     assert registry["candidates"] == summary["candidates"]
@@ -562,7 +573,7 @@ def test_an_evaluation_cut_off_by_the_deadline_continues_where_it_stopped(assets
         b = train(timed, 0, pool)
     assert ran == [[2, 3], [1, 2, 3]]  # the rest of chunk 2's evaluation, then chunk 4's
     assert "| resumed | 1 of the 3 episodes came from an earlier call; counted over the other 2 alone: clip " \
-        "activation rate, wall time |" in (timed.run_dir(0) / "eval" / "chunk_000002" / "summary.md").read_text()
+        "activation rate, wall time, time split |" in (timed.run_dir(0) / "eval" / "chunk_000002" / "summary.md").read_text()
     assert [e["chunks"] for e in b["evals"]] == [e["chunks"] for e in a["evals"]] == [2, 4]
     assert (b["chunks"], b["updates"], b["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
 

@@ -386,6 +386,30 @@ def test_choose_candidate_takes_the_draw_the_doubting_critic_rates_highest():
     # 1.1 three times. |Q1 - Q2| = 10 * a[0, 0]: row 0 1, 3, 1; row 1 1, 11, 1.5; row 2 1, 1, 1
     assert counters.value_spread == pytest.approx((3.3 - 1.1) + (1.65 + 3.9) + 0.0, abs=1e-5)
     assert counters.critic_gap == pytest.approx(5 / 3 + 13.5 / 3 + 1.0, abs=1e-5)
+    # Q1 - Q2 changes over the draws by 3 - 1 (row 0), 11 - 1 (row 1), 0 (row 2). Q1 alone takes draw 1 in rows 0
+    # and 1, Q2 alone draw 1 in row 0 and draw 2 in row 1; in row 2 both take the first: they agree in rows 0, 2
+    assert counters.critic_gap_spread == pytest.approx(2.0 + 10.0, abs=1e-5)
+    assert counters.critics_agree == 2
+
+
+def test_choice_summary_means_count_only_the_episodes_that_recorded_them():
+    """A resumed evaluation can mix episodes logged before a counter existed with newer ones: a mean divides by the
+    agent chunks of the episodes that recorded it, and is None where none did (not a made-up 0)."""
+    from coop_transport.evaluation import choice_summary
+
+    def episode(chunks, switched, **means):
+        return {"stats": {"candidate_chunks": chunks, "candidate_switched_chunks": switched,
+                          "candidate_settings": {"candidates": 4},
+                          **{f"candidate_{k}": v for k, v in means.items()}}}
+
+    old, new = episode(10, 7, value_spread=0.5), episode(30, 21, value_spread=1.5, critics_agree=12)
+    out = choice_summary([old, new], "candidate", "switched", "switch_rate", "candidates",
+                         means=("value_spread", "critics_agree"))
+    assert out["agent_chunks"] == 40 and out["switch_rate"] == pytest.approx(28 / 40) and out["candidates"] == 4
+    assert out["mean_value_spread"] == pytest.approx(2.0 / 40)
+    assert out["mean_critics_agree"] == pytest.approx(12 / 30)  # the old episode's 10 chunks are not counted
+    only_old = choice_summary([old], "candidate", "switched", "switch_rate", "candidates", means=("critics_agree",))
+    assert only_old["mean_critics_agree"] is None
 
 
 @pytest.mark.parametrize("arch", ["V3", "V4", "V5", "V6"])

@@ -303,7 +303,7 @@ def summarize(spec: ControllerSpec, config: EvalConfig, results: list[dict], wal
     clipped = sum(r["stats"].get("clip_clipped_actions", 0) for r in results)
     gate = choice_summary(results, "gate", "residual", "residual_rate", "margin")  # residual policies' critic gate
     candidates = choice_summary(results, "candidate", "switched", "switch_rate", "candidates",  # choice of π0 draws
-                                means=("value_spread", "critic_gap"))
+                                means=("value_spread", "critic_gap", "critic_gap_spread", "critics_agree"))
     return {
         "controller": {"kind": spec.kind, "label": spec.name, "args": to_jsonable(spec.args)},
         "config": asdict(config),
@@ -337,7 +337,8 @@ def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting:
     ``rate``, each of ``means`` (``<name>_<mean>``, a sum over agent chunks) as ``mean_<mean>`` per agent chunk, and
     the ``setting`` passed through from ``<name>_settings`` (a setting, not summed like the counters). None for a
     policy without it; a policy with it and no chunk at all (every episode came from an earlier call) keeps its
-    setting."""
+    setting. A mean counts only the episodes that recorded it (episodes logged before it existed lack it), and is
+    None where none did."""
     chunks = sum(r["stats"].get(f"{name}_chunks", 0) for r in results)
     hits = sum(r["stats"].get(f"{name}_{hit}_chunks", 0) for r in results)
     settings = {r["stats"][f"{name}_settings"][setting] for r in results if f"{name}_settings" in r["stats"]}
@@ -345,8 +346,9 @@ def choice_summary(results: list[dict], name: str, hit: str, rate: str, setting:
         return None
     out = {"agent_chunks": chunks, rate: hits / chunks if chunks else None}
     for key in means:
-        total = sum(r["stats"].get(f"{name}_{key}", 0.0) for r in results)
-        out[f"mean_{key}"] = total / chunks if chunks else None
+        have = [r["stats"] for r in results if f"{name}_{key}" in r["stats"]]
+        counted = sum(st.get(f"{name}_chunks", 0) for st in have)
+        out[f"mean_{key}"] = sum(st[f"{name}_{key}"] for st in have) / counted if counted else None
     if len(settings) == 1:
         out[setting] = settings.pop()
     return out
@@ -369,6 +371,17 @@ def handover_outcomes(results: list[dict]) -> dict[str, int]:
     return {o: recorded.count(o) for o in HANDOVER_OUTCOMES} if recorded else {}
 
 
+def time_split_lines(split: dict | None) -> list[str]:
+    """The summary line that splits a batched evaluation's wall time between the policy (π0 and the networks, per
+    batched chunk boundary) and the simulation workers; none where it was not measured (the registry's
+    evaluations, older summaries) or no boundary ran."""
+    if not split or not split.get("boundaries"):
+        return []
+    per = 1000 * split["policy_s"] / split["boundaries"]
+    return [f"| time split | policy {split['policy_s']:.0f} s ({per:.1f} ms per batched chunk boundary, "
+            f"{split['boundaries']} boundaries), simulation {split['simulation_s']:.0f} s |"]
+
+
 def markdown_summary(summary: dict) -> str:
     rate = format_rate(summary["successes"], summary["episodes"])
     clip = summary["clip_activation_rate"]
@@ -382,6 +395,7 @@ def markdown_summary(summary: dict) -> str:
         f"| mean episode length | {summary['mean_length']:.1f} steps |",
         f"| clip activation rate | {'—' if clip is None else f'{100 * clip:.1f}% of executed actions'} |",
         f"| wall time | {summary['wall_s']:.0f} s ({summary['config']['workers']} workers) |",
+        *time_split_lines(summary.get("time_split")),
     ]
     resumed = summary.get("resumed_episodes") or 0
     if resumed:  # a continued evaluation: some figures saw this call's episodes only
@@ -398,13 +412,22 @@ def markdown_summary(summary: dict) -> str:
         draws = f"{chosen['candidates']} π0 draws: " if chosen.get("candidates") is not None else ""
         rate = "—" if chosen["switch_rate"] is None else f"{100 * chosen['switch_rate']:.1f}%"
         k = chosen.get("candidates")
-        at_random = f" (a choice at random: {100 * (1 - 1 / k):.1f}%)" if k else ""  # what no preference gives
+        # π0's draws are exchangeable, so any ranking of them, informed or random, keeps the first in 1/K of chunks:
+        # this share checks the plumbing, not the critics (the twin critics' agreement below does that)
+        at_random = f" (any ranking of exchangeable draws: {100 * (1 - 1 / k):.1f}%)" if k else ""
         lines.append(f"| critics' choice | {draws}{rate} of {chosen['agent_chunks']} agent chunks took another "
                      f"than the first{at_random} |")
-        if chosen.get("mean_value_spread") is not None:  # a ranking within the critics' own disagreement is noise
+        if chosen.get("mean_value_spread") is not None:
             lines.append(f"| critics' values over the draws | spread {chosen['mean_value_spread']:.4g} (max − min of "
                          f"the lower critic, mean per agent chunk); the twin critics differ by "
                          f"{chosen['mean_critic_gap']:.4g} (mean abs(Q1 − Q2)) |")
+        if chosen.get("mean_critics_agree") is not None:  # evaluations from before these counters lack them
+            # An offset shared by a chunk's draws cannot reorder them; what changes from draw to draw can, and
+            # whether the twins pick the same draw more often than chance says if the ranking is more than noise.
+            lines.append(f"| twin critics on the draws | their difference changes by "
+                         f"{chosen['mean_critic_gap_spread']:.4g} from draw to draw (max − min of Q1 − Q2); Q1 and "
+                         f"Q2 alone pick the same draw in {100 * chosen['mean_critics_agree']:.1f}% of agent chunks"
+                         + (f" (at random: {100 / k:.1f}%)" if k else "") + " |")
     lines.append("")
     rates = summary.get("milestone_rates") or {}
     if rates:

@@ -421,7 +421,8 @@ def episode_generator(noise_seed: int, seed: int) -> torch.Generator:
 
 
 def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, message_override=None, recorder=None,
-                 progress=None, on_episode=None, deadline: float | None = None) -> list[dict]:
+                 progress=None, on_episode=None, deadline: float | None = None,
+                 timing: dict | None = None) -> list[dict]:
     """Closed-loop episodes from ``seeds`` with the deterministic policy (no exploration, message means), each with
     π0 noise from ``episode_generator(noise_seed, seed)``.
 
@@ -432,6 +433,9 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, messa
     Returns one {seed, success, length, milestones, handover} per finished seed, in seed order (``milestones``:
     those of ``sim.labels.MILESTONES`` the episode reached at any step, in task order; ``handover``: how robot0's
     hold of the payload ended; both as ``evaluation.run_episode``'s).
+    ``timing``, a dict, accumulates where the wall time went: ``boundaries`` (batched chunk boundaries),
+    ``policy_s`` (π0 and the networks, up to the executed chunks on the host) and ``simulation_s`` (the pool's
+    steps and resets, the simulation workers' share).
     """
     import time
 
@@ -443,7 +447,12 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, messa
             active[e] = {"seed": resets[e], "obs": out["obs"], "labels": out["labels"], "k": 0, "length": 0,
                          "success": False, "generator": episode_generator(noise_seed, resets[e])}
 
+    clock = timing if timing is not None else {}
+    for key in ("boundaries", "policy_s", "simulation_s"):
+        clock.setdefault(key, 0)
+    t = time.perf_counter()
     start({e: queue.pop(0) for e in range(min(pool.num_envs, len(queue)))})
+    clock["simulation_s"] += time.perf_counter() - t
     results = []
     while active:
         if deadline is not None and time.perf_counter() >= deadline:
@@ -452,12 +461,18 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, messa
         context = {"envs": envs, "seeds": [active[e]["seed"] for e in envs],
                    "boundary_index": [active[e]["k"] for e in envs],
                    "labels": [active[e]["labels"] for e in envs]}
+        t = time.perf_counter()
         b = system.boundary([active[e]["obs"] for e in envs], [active[e]["generator"] for e in envs],
                             explore=False, deterministic=True, message_override=message_override, context=context)
         if recorder is not None:
             recorder(b, context)
-        actions = b.joint_action()
+        actions = b.joint_action()  # on the host: the device's work is done
+        t_policy = time.perf_counter()
         out = pool.step({e: actions[i] for i, e in enumerate(envs)}, milestones=True)
+        t_sim = time.perf_counter()
+        clock["boundaries"] += 1
+        clock["policy_s"] += t_policy - t
+        clock["simulation_s"] += t_sim - t_policy
         resets = {}
         for e in envs:
             r, ep = out[e], active[e]
@@ -475,5 +490,7 @@ def run_episodes(system, pool: EnvPool, seeds: list[int], noise_seed: int, messa
                 del active[e]
                 if queue:
                     resets[e] = queue.pop(0)
+        t = time.perf_counter()
         start(resets)
+        clock["simulation_s"] += time.perf_counter() - t
     return sorted(results, key=lambda r: r["seed"])

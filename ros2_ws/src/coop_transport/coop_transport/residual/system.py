@@ -77,14 +77,19 @@ class GateCounters:
 @dataclass
 class CandidateCounters:
     """How often the critics chose another of π0's draws than the first: agent chunks chosen, and of those, the
-    ones that switched. Beside them, summed over the agent chunks, two sizes that say whether the choice rests on
-    more than the critics' own disagreement: the spread of the lower critic's values over the K draws (max - min)
-    and the twin critics' mean absolute difference over the draws."""
+    ones that switched. Beside them, summed over the agent chunks, what says whether the ranking rests on more than
+    the twin critics' disagreement: the spread of the lower critic's values over the K draws (max - min); the twin
+    critics' mean absolute difference (``critic_gap``), most of which can be an offset shared by all draws of a
+    chunk and so cannot reorder them; the part of their difference that changes from draw to draw
+    (``critic_gap_spread``: max - min over the draws of Q1 - Q2); and the chunks in which Q1 and Q2 alone would
+    pick the same draw (``critics_agree``; at random 1/K of them)."""
 
     chunks: int = 0
     switched_chunks: int = 0
     value_spread: float = 0.0
     critic_gap: float = 0.0
+    critic_gap_spread: float = 0.0
+    critics_agree: int = 0
 
     @property
     def switch_rate(self) -> float:
@@ -110,7 +115,10 @@ def choose_candidate(agent, latent, proprio, candidates, received,
         counters.chunks += b
         counters.switched_chunks += int((best != 0).sum())
         counters.value_spread += float((value.max(dim=1).values - value.min(dim=1).values).sum())
-        counters.critic_gap += float((q1 - q2).abs().view(b, k).mean(dim=1).sum())
+        gap = (q1 - q2).view(b, k)
+        counters.critic_gap += float(gap.abs().mean(dim=1).sum())
+        counters.critic_gap_spread += float((gap.max(dim=1).values - gap.min(dim=1).values).sum())
+        counters.critics_agree += int((q1.view(b, k).argmax(dim=1) == q2.view(b, k).argmax(dim=1)).sum())
     rows = torch.arange(b, device=best.device)
     return refs.view(b, k, *refs.shape[1:])[rows, best], actions.view(b, k, *actions.shape[1:])[rows, best]
 
@@ -240,6 +248,7 @@ class ResidualSystem:
             c = self.candidate_counters
             out.update(candidate_chunks=c.chunks, candidate_switched_chunks=c.switched_chunks,
                        candidate_value_spread=c.value_spread, candidate_critic_gap=c.critic_gap,
+                       candidate_critic_gap_spread=c.critic_gap_spread, candidate_critics_agree=c.critics_agree,
                        candidate_settings={"candidates": self.config.candidates})
         return out
 

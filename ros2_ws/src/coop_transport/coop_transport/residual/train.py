@@ -96,8 +96,10 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
         wins = sum(r["success"] for r in results) + sum(r["success"] for r in done.values())
         bar.set_postfix(success=f"{wins}/{len(results) + len(done)}")
 
+    timing = {}
     new = run_episodes(system, pool, todo, EVAL_NOISE_SEED, message_override=message_override, recorder=recorder,
-                       progress=tick, on_episode=log.append if log is not None else None, deadline=deadline)
+                       progress=tick, on_episode=log.append if log is not None else None, deadline=deadline,
+                       timing=timing)
     bar.close()
     if len(new) < len(todo):
         return None
@@ -111,7 +113,8 @@ def evaluate_system(system, pool: EnvPool, episodes: int, out: Path | None, labe
     summary = summarize(spec, EvalConfig(episodes=episodes, workers=pool.num_envs,
                                          horizon=system.config.horizon), results, time.perf_counter() - start)
     summary["resumed_episodes"] = len(done)
-    summary["this_call_only"] = ["clip activation rate", "wall time"]
+    summary["time_split"] = timing
+    summary["this_call_only"] = ["clip activation rate", "wall time", "time split"]
     if system.config.gate_margin is not None:
         summary["this_call_only"].append("critic gate share")
     if system.config.candidates > 1:
