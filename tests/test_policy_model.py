@@ -6,7 +6,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: any download attempt fails
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -227,6 +226,39 @@ def test_sample_actions_shapes_noise_and_sample_order():
     assert cache.prefix_hidden.shape == (2, config.num_prefix_tokens, config.vlm.width)
     with pytest.raises(ValueError, match="noise has shape"):
         model.sample_actions(batch, noise=noise[:, :, : config.action_dim], num_samples=3)
+
+
+def test_policy_samples_in_groups_as_each_group_alone():
+    """Pi0Policy.sample_batch(..., groups=G): the critics' K draws of N samples take K passes over one prefix.
+    Group g of a row is computed exactly as N samples alone on its noise, and all together agree with one pass of
+    G x N samples (which may round differently)."""
+    from coop_transport.adapters import arm_images, policy_state
+    from coop_transport.constants import PROPRIO_DIM
+    from coop_transport.pi0_policy import Pi0Policy
+
+    policy = Pi0Policy.load(device="cpu")  # the shipped per-arm default
+    rng = np.random.default_rng(0)
+    size, rows, n, groups = policy.image_size, 2, 4, 3
+    observations = []
+    for _ in range(rows):
+        proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
+        observations.append({"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                             "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                             "proprio": proprio, "proprio_history": np.repeat(proprio[None], 8, axis=0)})
+    batch = policy.make_batch([arm_images(o) for o in observations],
+                              [policy_state(o, policy.state_history) for o in observations],
+                              [policy.prompts["robot0"], policy.prompts["robot1"]])
+    pad = (policy.config.action_horizon, policy.config.action_pad_dim)
+    noise = torch.randn(rows * groups * n, *pad, generator=torch.Generator().manual_seed(0))
+    grouped, cache = policy.sample_batch(batch, n, noise=noise, return_prefix=True, groups=groups)
+    assert grouped.shape == (rows, groups * n, policy.horizon, 7)
+    for g in range(groups):
+        alone = policy.sample_batch(batch, n, noise=noise.view(rows, groups, n, *pad)[:, g].reshape(rows * n, *pad))
+        assert np.array_equal(grouped[:, g * n:(g + 1) * n], alone)
+    np.testing.assert_allclose(grouped, policy.sample_batch(batch, groups * n, noise=noise), atol=1e-4)
+    _, single = policy.sample_batch(batch, n, noise=noise[: rows * n], return_prefix=True)
+    assert torch.equal(cache.prefix_hidden, single.prefix_hidden) and torch.equal(cache.prefix_mask,
+                                                                                  single.prefix_mask)
 
 
 def test_regionally_compiled_sampler_matches_eager_and_compiles_each_region_once():

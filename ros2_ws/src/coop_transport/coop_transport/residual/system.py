@@ -338,7 +338,8 @@ class ResidualSystem:
         # (rows of a generator, draws, N) in the row-major order sample_batch takes (a row's samples together)
         noise = torch.cat([torch.stack([torch.randn((per, per_draw, *shape), generator=g) for _ in range(draws)], 1)
                            for g in generators]).reshape(rows * n, *shape)
-        samples, cache = vla.sample_batch(batch, n, noise=noise.to(self.device), return_prefix=True)
+        samples, cache = vla.sample_batch(batch, per_draw, noise=noise.to(self.device), return_prefix=True,
+                                          groups=draws)  # one pass per draw: N samples, as a single draw's
         refs = np.stack([[reduce_chunk(s[k * per_draw:(k + 1) * per_draw], self.recipe, vla.action_mean,
                                        vla.action_std, self.counters, vla.action_min, vla.action_max)
                           for k in range(draws)] for s in samples])  # (R, K, C, D)
