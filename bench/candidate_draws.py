@@ -43,31 +43,15 @@ class Config:
     """CPU threads for torch (0: torch's default)."""
 
 
-def observation_batch(vla, rows: int, rng: np.random.Generator) -> dict:
-    """A model batch of ``rows`` random per-arm observations (speed does not depend on the pixels)."""
-    from coop_transport.adapters import arm_images, policy_state
-    from coop_transport.constants import PROPRIO_DIM
-
-    size = vla.image_size
-    observations = []
-    for _ in range(rows):
-        proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
-        observations.append({"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                             "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                             "proprio": proprio, "proprio_history": np.repeat(proprio[None], 8, axis=0)})
-    return vla.make_batch([arm_images(o) for o in observations], [policy_state(o, vla.state_history)
-                                                                  for o in observations],
-                          [vla.prompts["robot0"]] * rows)
-
-
 def main(config: Config) -> list[dict]:
     from coop_transport.pi0_policy import Pi0Policy, resolve_device
+    from coop_transport.utils.synthetic import random_arm_batch
 
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     vla = Pi0Policy.load(config.vla, device=str(device))
-    batch = observation_batch(vla, config.rows, np.random.default_rng(0))
+    batch = random_arm_batch(vla, config.rows, np.random.default_rng(0))
     pad = (vla.config.action_horizon, vla.config.action_pad_dim)
     load_before = os.getloadavg()
 

@@ -232,22 +232,12 @@ def test_policy_samples_in_groups_as_each_group_alone():
     """Pi0Policy.sample_batch(..., groups=G): the critics' K draws of N samples take K passes over one prefix.
     Group g of a row is computed exactly as N samples alone on its noise, and all together agree with one pass of
     G x N samples (which may round differently)."""
-    from coop_transport.adapters import arm_images, policy_state
-    from coop_transport.constants import PROPRIO_DIM
     from coop_transport.pi0_policy import Pi0Policy
+    from coop_transport.utils.synthetic import random_arm_batch
 
     policy = Pi0Policy.load(device="cpu")  # the shipped per-arm default
-    rng = np.random.default_rng(0)
-    size, rows, n, groups = policy.image_size, 2, 4, 3
-    observations = []
-    for _ in range(rows):
-        proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
-        observations.append({"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                             "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                             "proprio": proprio, "proprio_history": np.repeat(proprio[None], 8, axis=0)})
-    batch = policy.make_batch([arm_images(o) for o in observations],
-                              [policy_state(o, policy.state_history) for o in observations],
-                              [policy.prompts["robot0"], policy.prompts["robot1"]])
+    rows, n, groups = 2, 4, 3
+    batch = random_arm_batch(policy, rows, np.random.default_rng(0))  # prompted as robot0, robot1
     pad = (policy.config.action_horizon, policy.config.action_pad_dim)
     noise = torch.randn(rows * groups * n, *pad, generator=torch.Generator().manual_seed(0))
     grouped, cache = policy.sample_batch(batch, n, noise=noise, return_prefix=True, groups=groups)

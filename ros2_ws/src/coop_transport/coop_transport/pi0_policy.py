@@ -123,7 +123,7 @@ class Pi0Policy:
         With ``groups`` G > 1 the G * N samples of a row are integrated in G passes of N over one prefix cache. One
         pass puts all of a row's samples into one token sequence, whose attention grows with the square of their
         number, so the critics' K draws of N samples each take K passes (``bench/candidate_draws.py``: 8 draws of
-        4 for 20 rows took 1.8x as long in one pass on the 2-core CPU). Sample n of group g of row b is row
+        4 for 20 rows took 1.8-2.0x as long in one pass on the 2-core CPU). Sample n of group g of row b is row
         b * G * N + g * N + n of ``noise``, as in one pass of G * N, and group g is computed exactly as N samples
         alone on its noise."""
         b = batch["state"].shape[0]

@@ -1,0 +1,23 @@
+"""Random inputs for benchmarks and tests, where speed and shapes do not depend on what the pixels show."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_arm_batch(policy, rows: int, rng: np.random.Generator, history: int = 8) -> dict:
+    """A per-arm π0 policy's model batch of ``rows`` random observations (wrist and agentview images at its size, a
+    still arm's proprioception repeated over ``history`` earlier states), prompted as robot0 and robot1 in turn."""
+    from coop_transport.adapters import arm_images, policy_state
+    from coop_transport.constants import ARMS, PROPRIO_DIM
+
+    size = policy.image_size
+    observations = []
+    for _ in range(rows):
+        proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
+        observations.append({"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                             "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                             "proprio": proprio, "proprio_history": np.repeat(proprio[None], history, axis=0)})
+    return policy.make_batch([arm_images(o) for o in observations],
+                             [policy_state(o, policy.state_history) for o in observations],
+                             [policy.prompts[ARMS[i % len(ARMS)]] for i in range(rows)])
