@@ -138,21 +138,16 @@ def time_collection(config, system, rc, vla, device) -> dict:
 
 def time_boundaries(config, system, vla, device) -> dict:
     """π0 + encoders + messages + actors for ``envs`` synthetic observations (no simulation)."""
-    from coop_transport.constants import ARMS, PROPRIO_DIM
+    from coop_transport.constants import ARMS
+    from coop_transport.utils.synthetic import random_arm_observation
 
     rng = np.random.default_rng(0)
     size = vla.image_size
 
-    def observation():
-        def arm():
-            proprio = rng.normal(size=PROPRIO_DIM).astype(np.float32)
-            return {"wrist_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                    "agentview_image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-                    "proprio": proprio, "proprio_history": proprio[None]}  # a still arm (π0 with a state history)
-
+    def observation():  # still arms: each state history is the present state once
         if system.spec.vla_variant == "per-arm":
-            return {a: arm() for a in ARMS}
-        views = [arm() for _ in ARMS]
+            return {a: random_arm_observation(size, rng, history=1) for a in ARMS}
+        views = [random_arm_observation(size, rng, history=1) for _ in ARMS]
         joint = np.concatenate([v["proprio"] for v in views])
         return {"joint": {"images": {"robot0_wrist": views[0]["wrist_image"], "robot1_wrist": views[1]["wrist_image"],
                                      "agentview": views[0]["agentview_image"]},

@@ -6,7 +6,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: any download attempt fails
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-
 import numpy as np
 import pytest
 import torch

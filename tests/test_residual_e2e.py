@@ -574,7 +574,8 @@ def test_an_evaluation_cut_off_by_the_deadline_continues_where_it_stopped(assets
         b = train(timed, 0, pool)
     assert ran == [[2, 3], [1, 2, 3]]  # the rest of chunk 2's evaluation, then chunk 4's
     assert "| resumed | 1 of the 3 episodes came from an earlier call; counted over the other 2 alone: clip " \
-        "activation rate, wall time, time split |" in (timed.run_dir(0) / "eval" / "chunk_000002" / "summary.md").read_text()
+        "activation rate, wall time, time split |" in (timed.run_dir(0) / "eval" / "chunk_000002" /
+                                                       "summary.md").read_text()
     assert [e["chunks"] for e in b["evals"]] == [e["chunks"] for e in a["evals"]] == [2, 4]
     assert (b["chunks"], b["updates"], b["success_rate"]) == (a["chunks"], a["updates"], a["success_rate"])
 

@@ -321,11 +321,14 @@ class ResidualSystem:
 
     @torch.no_grad()
     def vla_draws(self, images, states, prompts, generator: torch.Generator | list[torch.Generator],
-                  draws: int, keep_prefix: bool = True):
+                  draws: int, keep_prefix: bool = True, one_pass: bool = False):
         """``vla_infer`` with ``draws`` reference chunks per row, each the recipe's mean of its own N samples:
         (R, K, C, D). π0's prefix is computed once per row. Each generator draws the noise of draw 0 of all its rows
         first, as ``vla_infer`` would, then draw 1's, and so on: draw 0 is the reference of one draw. The clip
-        counters count every draw's actions."""
+        counters count every draw's actions. Each draw's N samples run in a pass of their own (``Pi0Policy.
+        sample_batch(groups=K)``), which is faster for batched rows; ``one_pass`` puts all K x N samples of a row
+        into one pass instead, which is faster for a single row (``bench/candidate_draws.py --rows 1``), the same
+        actions up to float rounding."""
         vla, per_draw = self.vla, self.recipe.num_samples
         n = per_draw * draws
         batch = vla.make_batch(images, states, prompts)
@@ -338,8 +341,9 @@ class ResidualSystem:
         # (rows of a generator, draws, N) in the row-major order sample_batch takes (a row's samples together)
         noise = torch.cat([torch.stack([torch.randn((per, per_draw, *shape), generator=g) for _ in range(draws)], 1)
                            for g in generators]).reshape(rows * n, *shape)
-        samples, cache = vla.sample_batch(batch, per_draw, noise=noise.to(self.device), return_prefix=True,
-                                          groups=draws)  # one pass per draw: N samples, as a single draw's
+        passes = 1 if one_pass else draws
+        samples, cache = vla.sample_batch(batch, n // passes, noise=noise.to(self.device), return_prefix=True,
+                                          groups=passes)
         refs = np.stack([[reduce_chunk(s[k * per_draw:(k + 1) * per_draw], self.recipe, vla.action_mean,
                                        vla.action_std, self.counters, vla.action_min, vla.action_max)
                           for k in range(draws)] for s in samples])  # (R, K, C, D)
@@ -446,7 +450,7 @@ class ResidualSystem:
             raise ValueError(f"{self.spec.name} is not a per-arm architecture")
         draws = self.config.candidates if self.agents is not None else 1
         refs, prefix, mask = self.vla_draws([arm_images(arm_obs)], [policy_state(arm_obs, self.vla.state_history)],
-                                            [self.vla.prompts[arm]], generator, draws)
+                                            [self.vla.prompts[arm]], generator, draws, one_pass=True)  # one row
         ref = refs[:, 0]
         if self.agents is None:
             return ref[0].cpu().numpy(), None
